@@ -1,0 +1,1 @@
+"""The per-node agent: supervises workers and relays between them and the controller."""

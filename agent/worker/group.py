@@ -1,0 +1,267 @@
+"""A process group whose in-flight collectives can be aborted on the controller's word.
+
+gloo cannot abort a rank blocked in a recv (abort(), shutdown() and destroying the group
+all leave it waiting until the group's timeout). So every collective is issued
+asynchronously and waited on through its future *or* an abort event, whichever fires
+first. An aborted epoch's gloo group is parked, never joined or destroyed on the hot path:
+its threads run out on their own timeout. Each epoch gets a fresh gloo group that meets
+in the controller's store under an epoch-specific prefix.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("splice.worker")
+
+
+class CollectiveAborted(Exception):
+    """A collective of this epoch will never complete; recover into the next epoch."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EpochSpec:
+    epoch: int
+    rank: int
+    world_size: int
+    store_host: str
+    store_port: int
+    store_prefix: str
+
+
+class GroupBuild:
+    """Builds one epoch's gloo group on a thread, so that building can be abandoned."""
+
+    def __init__(self, spec: EpochSpec, gloo_host: str, timeout_s: float,
+                 on_done: Callable[[], None] = lambda: None) -> None:
+        self.spec = spec
+        self._on_done = on_done
+        self.done = threading.Event()
+        self.pg: Any = None
+        self.error: BaseException | None = None
+        self._gloo_host = gloo_host
+        self._timeout_s = timeout_s
+        if spec.world_size == 1:
+            self.done.set()
+            on_done()
+        else:
+            threading.Thread(target=self._run, daemon=True,
+                             name=f"splice-build-e{spec.epoch}").start()
+
+    def _run(self) -> None:
+        s = self.spec
+        try:
+            timeout = datetime.timedelta(seconds=self._timeout_s)
+            # A store client per epoch and per thread: clients are not shared across threads.
+            store = dist.TCPStore(s.store_host, s.store_port, is_master=False, timeout=timeout,
+                                  use_libuv=True)
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = timeout
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self._gloo_host)]
+            self.pg = dist.ProcessGroupGloo(dist.PrefixStore(s.store_prefix, store),
+                                            s.rank, s.world_size, opts)
+        except BaseException as e:  # reported to the waiter, which decides what next
+            self.error = e
+        finally:
+            self.done.set()
+            self._on_done()
+
+
+_settle_lock = threading.Lock()
+
+
+def _settle(fut: torch.futures.Future[Any], *, result: Any = None,
+            error: BaseException | None = None) -> None:
+    """Complete `fut` once; the second of completion and abort is a no-op."""
+    with _settle_lock:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+
+class ResilientGroup:
+    """All-reduce and broadcast over the current epoch's members, abortable at any time."""
+
+    def __init__(self, *, gloo_host: str = "127.0.0.1", timeout_s: float = 300.0) -> None:
+        self._gloo_host = gloo_host
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._pg: Any = None
+        self._waiters: set[threading.Event] = set()
+        self._pending: set[torch.futures.Future[Any]] = set()
+        self._abort_reason: str | None = None
+        self._parked: list[Any] = []
+        self.epoch = 0
+        self.rank = 0
+        self.world_size = 1
+
+    # ---- membership ---------------------------------------------------------------------
+    def begin_build(self, spec: EpochSpec, on_done: Callable[[], None] = lambda: None
+                    ) -> GroupBuild:
+        return GroupBuild(spec, self._gloo_host, self._timeout_s, on_done)
+
+    def adopt(self, build: GroupBuild) -> None:
+        """Switch to a built group. The previous one is parked, not destroyed."""
+        assert build.done.is_set() and build.error is None
+        with self._lock:
+            if self._pg is not None:
+                self._parked.append(self._pg)
+            self._pg = build.pg
+            self.epoch = build.spec.epoch
+            self.rank = build.spec.rank
+            self.world_size = build.spec.world_size
+            self._abort_reason = None
+
+    def abort(self, reason: str, *, below_epoch: int) -> None:
+        """Fail every collective of epochs older than `below_epoch`, now and from now on.
+
+        Thread-safe; called from the agent channel's reader thread.
+        """
+        with self._lock:
+            if self.epoch >= below_epoch:
+                return
+            self._abort_reason = reason
+            waiters = list(self._waiters)
+            pending = list(self._pending)
+            self._pending.clear()
+        for w in waiters:
+            w.set()
+        for f in pending:
+            _settle(f, error=CollectiveAborted(reason))
+
+    @property
+    def aborted(self) -> str | None:
+        return self._abort_reason
+
+    def check(self) -> None:
+        reason = self._abort_reason
+        if reason is not None:
+            raise CollectiveAborted(reason)
+
+    # ---- collectives --------------------------------------------------------------------
+    def _issue(self, start: Any) -> torch.futures.Future[Any] | None:
+        with self._lock:
+            if self._abort_reason is not None:
+                raise CollectiveAborted(self._abort_reason)
+            if self.world_size == 1:
+                return None
+            return start(self._pg).get_future()
+
+    def wait(self, fut: torch.futures.Future[Any] | None) -> None:
+        """Block until `fut` completes or this epoch is aborted."""
+        if fut is None:
+            return
+        done = threading.Event()
+        with self._lock:
+            if self._abort_reason is not None:
+                raise CollectiveAborted(self._abort_reason)
+            self._waiters.add(done)
+        try:
+            fut.add_done_callback(lambda _f: done.set())
+            if not done.wait(self._timeout_s):
+                raise CollectiveAborted(f"collective timed out after {self._timeout_s:.0f} s")
+            self.check()
+            try:
+                fut.wait()
+            except Exception as e:  # a peer's connection reset: its loss is being handled
+                raise CollectiveAborted(f"collective failed: {e}") from e
+        finally:
+            with self._lock:
+                self._waiters.discard(done)
+
+    def all_reduce_async(self, tensor: torch.Tensor) -> torch.futures.Future[Any] | None:
+        """Start a SUM all-reduce in place; None when there is nobody to reduce with."""
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.SUM
+        return self._issue(lambda pg: pg.allreduce([tensor], opts))
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """SUM all-reduce in place, abortable. Returns `tensor`.
+
+        Reduces a private copy: an aborted epoch's parked gloo work may still write into
+        its buffer later, and that must never be the caller's tensor.
+        """
+        work = tensor.detach().clone()
+        self.wait(self.all_reduce_async(work))
+        with torch.no_grad():
+            tensor.copy_(work)
+        return tensor
+
+    def all_reduce_future(self, tensor: torch.Tensor) -> torch.futures.Future[Any]:
+        """SUM all-reduce of a private copy of `tensor`, as a future that resolves to the
+        reduced copy, or fails with CollectiveAborted when the epoch is aborted. Never
+        raises: wrappers such as DDP's reducer wait on it from C++."""
+        out: torch.futures.Future[Any] = torch.futures.Future()
+        work = tensor.detach().clone()
+        try:
+            fut = self.all_reduce_async(work)
+        except CollectiveAborted as e:
+            out.set_exception(e)
+            return out
+        if fut is None:
+            out.set_result(work)
+            return out
+        with self._lock:
+            self._pending.add(out)
+
+        def done(f: torch.futures.Future[Any]) -> None:
+            with self._lock:
+                self._pending.discard(out)
+            try:
+                f.wait()
+            except Exception as e:
+                _settle(out, error=CollectiveAborted(f"collective failed: {e}"))
+                return
+            _settle(out, result=work)
+
+        fut.add_done_callback(done)
+        return out
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        opts.rootTensor = 0
+        self.wait(self._issue(lambda pg: pg.broadcast([tensor], opts)))
+        return tensor
+
+    def broadcast_tensors(self, tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+        """Broadcast several tensors through one flat buffer (one collective)."""
+        if self.world_size == 1 or not tensors:
+            self.check()
+            return
+        flat = torch._utils._flatten_dense_tensors([t.detach() for t in tensors])
+        self.broadcast(flat, src)
+        for t, new in zip(tensors, torch._utils._unflatten_dense_tensors(flat, list(tensors)),
+                          strict=True):
+            with torch.no_grad():
+                t.copy_(new)
+
+    def close(self) -> None:
+        """Release the current epoch's group (its collectives are all complete).
+
+        Parked groups of aborted epochs are deliberately kept alive: destroying one joins
+        threads that stay blocked until the group's own timeout.
+        """
+        with self._lock:
+            pg, self._pg = self._pg, None
+        if pg is not None and hasattr(pg, "shutdown"):
+            pg.shutdown()
+        del pg
+
+    def local_group(self) -> Any:
+        """A one-rank gloo group for wrappers (DDP) that need a ProcessGroup object of their
+        own: their internal collectives become local no-ops and can never block, while the
+        real reduction goes through this group via a communication hook."""
+        store = dist.HashStore()
+        return dist.ProcessGroupGloo(store, 0, 1, datetime.timedelta(seconds=self._timeout_s))

@@ -1,0 +1,386 @@
+"""The worker hook: `splice.init()` and the training-step API that recovers in place.
+
+    session = splice.init()
+    session.register(model=model, optimizer=opt, dataset=ds, loss_fn=loss_fn,
+                     global_batch_size=64, micro_batch_size=8)
+    while session.step < num_steps:
+        result = session.run_step()   # None when the step was rolled back by a recovery
+
+Each step: snapshot the state (before the step runs), run this rank's micro-batches with
+exact sample weighting, all-reduce gradients and the loss through the resilient group,
+apply the optimizer. When the controller announces a new epoch, the in-flight collective
+aborts, the worker joins the new group, restores the consistent step the controller chose,
+re-partitions the data and carries on. No process restarts, nothing is read from disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from splice.agent.worker.batching import BatchConfig, assign_micro_batches
+from splice.agent.worker.channel import AgentLink, AgentLost
+from splice.agent.worker.group import CollectiveAborted, EpochSpec, ResilientGroup
+from splice.checkpoint.snapshot import SnapshotRing
+from splice.proto import controller_pb2 as pb
+from splice.proto import local_pb2 as lpb
+
+log = logging.getLogger("splice.worker")
+
+__all__ = ["CollectiveAborted", "Evicted", "HookConfig", "RecoveryFailed", "Session",
+           "StepResult", "init"]
+
+
+class Evicted(Exception):
+    """The controller formed a membership without this worker; it must stop training."""
+
+
+class RecoveryFailed(Exception):
+    """No usable membership arrived in time after a fault; the job cannot go on here."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class HookConfig:
+    # Waiting for the first membership: the whole world must start and connect.
+    join_timeout_s: float = 600.0
+    # After a fault, how long to wait for the controller's next membership and resume.
+    recovery_timeout_s: float = 120.0
+    # Backstop for a gloo collective that neither completes nor gets aborted.
+    collective_timeout_s: float = 300.0
+    # Interface address gloo binds to (the agent passes its node's address).
+    gloo_host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int            # the step that completed
+    loss: float          # mean loss over the whole global batch
+    step_time_s: float
+    num_samples: int     # samples this rank processed
+    epoch: int
+    world_size: int
+
+
+def _seed_for(seed: int, step: int, micro_batch: int) -> int:
+    """RNG seed of one global micro-batch: the same on whichever rank runs it."""
+    return (seed * 0x9E3779B1 + step * 1_000_003 + micro_batch) % (2**63 - 1)
+
+
+class Session:
+    def __init__(self, *, worker_id: str, link: AgentLink | None, config: HookConfig) -> None:
+        self.worker_id = worker_id
+        self.config = config
+        self.group = ResilientGroup(gloo_host=config.gloo_host,
+                                    timeout_s=config.collective_timeout_s)
+        self._link = link
+        self._snapshots = SnapshotRing()
+        self.step = 0
+        self._shares: tuple[float, ...] = (1.0,)
+        self._needs_sync = True  # broadcast rank 0's model before step 0
+        self._registered = False
+        self.recoveries = 0
+
+    # ---- membership ---------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.group.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.group.world_size
+
+    @property
+    def epoch(self) -> int:
+        return self.group.epoch
+
+    def _on_membership(self, m: pb.Membership) -> None:
+        """Reader thread: a newer epoch aborts this one's collectives immediately."""
+        self.group.abort(f"epoch {m.epoch} announced: {m.reason}", below_epoch=m.epoch)
+
+    def _join(self, why: str, deadline_s: float) -> None:
+        """Join the newest membership: build its group, agree on the step, restore it."""
+        link = self._link
+        assert link is not None
+        while True:
+            current = self.group.epoch
+            if not link.wait(lambda: link.membership_newer_than(current) is not None,
+                             max(0.0, deadline_s - time.monotonic())):
+                raise RecoveryFailed(f"no new membership within the timeout after: {why}")
+            m = link.membership_newer_than(current)
+            assert m is not None
+            if self.worker_id not in m.members:
+                raise Evicted(f"epoch {m.epoch} does not include {self.worker_id}: {m.reason}")
+            spec = EpochSpec(epoch=m.epoch, rank=list(m.members).index(self.worker_id),
+                             world_size=len(m.members), store_host=m.store_host,
+                             store_port=m.store_port, store_prefix=m.store_prefix)
+            build = self.group.begin_build(spec, on_done=link.notify)
+            if not m.initial:
+                link.send(lpb.WorkerToAgent(recovery_ready=pb.RecoveryReady(
+                    worker_id=self.worker_id, epoch=m.epoch,
+                    snapshot_steps=self._snapshots.steps())))
+            epoch = m.epoch
+
+            def settled() -> bool:
+                if link.membership_newer_than(epoch) is not None:
+                    return True
+                return build.done.is_set() and (m.initial or link.resume_for(epoch) is not None)
+
+            if not link.wait(settled, max(0.0, deadline_s - time.monotonic())):
+                raise RecoveryFailed(f"epoch {epoch} did not settle in time after: {why}")
+            if link.membership_newer_than(epoch) is not None:
+                log.info("epoch %d superseded while joining; moving on", epoch)
+                continue
+            if build.error is not None:
+                # A peer vanished while the group formed; its loss makes a newer epoch.
+                log.warning("building the group of epoch %d failed (%s); waiting for the "
+                            "next membership", epoch, build.error)
+                current = epoch
+                if not link.wait(lambda: link.membership_newer_than(epoch) is not None,
+                                 max(0.0, deadline_s - time.monotonic())):
+                    raise RecoveryFailed(f"group of epoch {epoch} failed: {build.error}")
+                continue
+            self.group.adopt(build)
+            newer = link.membership_newer_than(epoch)
+            if newer is not None:  # raced with the adopt: abort what we just adopted
+                self.group.abort(f"epoch {newer.epoch} announced", below_epoch=newer.epoch)
+                continue
+            self._shares = tuple(m.shares) or (1.0,) * len(m.members)
+            if m.initial:
+                self.step = 0
+                self._needs_sync = True
+            else:
+                resume = link.resume_for(epoch)
+                assert resume is not None
+                self._restore(resume.step)
+                log.info("worker %s: epoch %d, rank %d of %d, resuming at step %d (%s)",
+                         self.worker_id, epoch, self.rank, self.world_size, resume.step,
+                         resume.reason)
+            return
+
+    # ---- registration -------------------------------------------------------------------
+    def register(self, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 dataset: Sequence[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+                 global_batch_size: int, micro_batch_size: int, seed: int = 0,
+                 collate_fn: Callable[[list[Any]], Any] | None = None,
+                 ddp: bool = False) -> None:
+        """Hand the hook what it snapshots, restores and steps.
+
+        `loss_fn(model, batch)` returns the mean loss over `batch`; the hook weights it by
+        the micro-batch's size so gradients are the mean over the global batch. With
+        `ddp=True` the model is wrapped in DistributedDataParallel whose gradient buckets
+        are reduced by this session's abortable group.
+        """
+        if self._registered:
+            raise RuntimeError("register() was already called on this session")
+        if len(dataset) == 0:
+            raise ValueError("dataset is empty")
+        self.batch = BatchConfig(global_batch_size=global_batch_size,
+                                 micro_batch_size=micro_batch_size)
+        self.model = model
+        self.optimizer = optimizer
+        self.dataset = dataset
+        self.loss_fn = loss_fn
+        self.seed = seed
+        self.collate_fn = collate_fn or torch.utils.data.default_collate
+        self._perm_cache: dict[int, torch.Tensor] = {}
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
+        if ddp:
+            from splice.agent.worker.ddp import wrap_ddp
+            self.ddp = wrap_ddp(model, self.group)
+        self._registered = True
+        # Snapshot of step 0 exists before any collective, so a fault during the first
+        # step still leaves every member a common step to resume from.
+        self._snapshots.capture(0, self._state())
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "step": self.step,
+            "samples_seen": self.step * self.batch.global_batch_size,
+        }
+
+    def _restore(self, step: int) -> None:
+        snap = self._snapshots.restore(step)
+        self.model.load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        torch.set_rng_state(snap["rng"]["torch"])
+        random.setstate(snap["rng"]["python"])
+        self.step = snap["step"]
+        assert self.step == step, (self.step, step)
+        self._snapshots.discard_after(step)
+        if self.ddp is not None:
+            from splice.agent.worker.ddp import reset_ddp
+            reset_ddp(self.ddp, self.group)
+        self._needs_sync = step == 0
+
+    # ---- data ---------------------------------------------------------------------------
+    def _sample_index(self, position: int) -> int:
+        n = len(self.dataset)
+        data_epoch, offset = divmod(position, n)
+        perm = self._perm_cache.get(data_epoch)
+        if perm is None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + data_epoch)
+            perm = torch.randperm(n, generator=g)
+            self._perm_cache = {data_epoch: perm}
+        return int(perm[offset])
+
+    def my_micro_batches(self) -> range:
+        return assign_micro_batches(self.batch.num_micro_batches, self._shares)[self.rank]
+
+    # ---- the step -----------------------------------------------------------------------
+    def run_step(self) -> StepResult | None:
+        """Run one optimizer step; None if a fault interrupted it (the session has then
+        recovered and `step` is the consistent step to run next)."""
+        if not self._registered:
+            raise RuntimeError("call register() before run_step()")
+        t0 = time.perf_counter()
+        try:
+            self.group.check()
+            if self._needs_sync:
+                self._sync_from_rank0()
+            self._snapshots.capture(self.step, self._state())
+            loss, num_samples = self._forward_backward()
+            self.optimizer.step()
+        except Exception as e:
+            if not (isinstance(e, CollectiveAborted) or self.group.aborted is not None):
+                raise
+            self._recover(str(e))
+            return None
+        result = StepResult(self.step, loss, time.perf_counter() - t0, num_samples,
+                            self.epoch, self.world_size)
+        self.step += 1
+        self._report(result)
+        return result
+
+    def _sync_from_rank0(self) -> None:
+        tensors = [t for t in self.model.state_dict().values() if isinstance(t, torch.Tensor)]
+        self.group.broadcast_tensors(tensors, src=0)
+        self._needs_sync = False
+
+    def _forward_backward(self) -> tuple[float, int]:
+        g = self.batch.global_batch_size
+        mine = self.my_micro_batches()
+        module: nn.Module = self.ddp if self.ddp is not None else self.model
+        self.optimizer.zero_grad(set_to_none=False)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        num_samples = 0
+        for j in mine:
+            positions = self.batch.micro_batch_positions(self.step, j)
+            batch = self.collate_fn([self.dataset[self._sample_index(p)] for p in positions])
+            torch.manual_seed(_seed_for(self.seed, self.step, j))
+            last = j == mine[-1]
+            if self.ddp is not None and not last:
+                with self.ddp.no_sync():
+                    loss = self.loss_fn(module, batch)
+                    (loss * (len(positions) / g)).backward()
+            else:
+                loss = self.loss_fn(module, batch)
+                (loss * (len(positions) / g)).backward()
+            loss_sum += loss.detach().double() * len(positions)
+            num_samples += len(positions)
+            self.group.check()
+        if self.ddp is not None:
+            total = self.group.all_reduce(loss_sum.reshape(1))
+        else:
+            total = self._all_reduce_grads(loss_sum)
+        return float(total[0]) / g, num_samples
+
+    def _all_reduce_grads(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """One SUM all-reduce of every gradient plus the loss, through a fresh flat buffer."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if grads:
+            flat = torch._utils._flatten_dense_tensors(
+                [*grads, loss_sum.to(grads[0].dtype).reshape(1)])
+        else:
+            flat = loss_sum.reshape(1).clone()
+        self.group.wait(self.group.all_reduce_async(flat))
+        if grads:
+            reduced = torch._utils._unflatten_dense_tensors(flat[:-1], grads)
+            with torch.no_grad():
+                for p, r in zip(params, reduced, strict=True):
+                    if p.grad is None:
+                        p.grad = r.clone()
+                    else:
+                        p.grad.copy_(r)
+        return flat[-1:].double()
+
+    def _recover(self, why: str) -> None:
+        if self._link is None:
+            raise RecoveryFailed(f"collective failed outside any job: {why}")
+        t0 = time.monotonic()
+        log.warning("worker %s: step %d interrupted (%s); recovering", self.worker_id,
+                    self.step, why)
+        self._join(why, time.monotonic() + self.config.recovery_timeout_s)
+        self.recoveries += 1
+        log.info("worker %s: recovered in %.3f s", self.worker_id, time.monotonic() - t0)
+
+    def _report(self, r: StepResult) -> None:
+        if self._link is None:
+            return
+        try:
+            self._link.send(lpb.WorkerToAgent(step_report=pb.StepReport(
+                worker_id=self.worker_id, epoch=r.epoch, step=r.step, loss=r.loss,
+                step_time_s=r.step_time_s, completed_at_s=time.time(),
+                num_samples=r.num_samples)))
+        except AgentLost:
+            log.warning("agent gone; training on without reporting")
+
+    def train(self, num_steps: int, on_step: Callable[[StepResult], None] | None = None
+              ) -> StepResult | None:
+        """Run steps until `num_steps` have completed; returns the last result."""
+        last = None
+        while self.step < num_steps:
+            r = self.run_step()
+            if r is not None:
+                last = r
+                if on_step is not None:
+                    on_step(r)
+        return last
+
+    def close(self) -> None:
+        """Tell the agent this worker finished training (not a fault) and disconnect."""
+        if self._link is not None:
+            try:
+                self._link.send(lpb.WorkerToAgent(finished=lpb.WorkerFinished(
+                    worker_id=self.worker_id, step=self.step)))
+            except AgentLost:
+                pass
+            self._link.close()
+            self._link = None
+        self.group.close()
+
+
+def init(config: HookConfig | None = None) -> Session:
+    """Join the job this process was started for by `splice agent`, or, when not started
+    by an agent, a one-rank session (handy for debugging and reference runs).
+
+    Blocks until the controller has formed the initial membership."""
+    env = os.environ
+    path = env.get("SPLICE_AGENT_SOCKET")
+    if config is None:
+        config = HookConfig(gloo_host=env.get("SPLICE_GLOO_HOST", "127.0.0.1"))
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not path:
+        return Session(worker_id="standalone/0", link=None, config=config)
+    wid = env["SPLICE_WORKER_ID"]
+    holder: list[Session] = []
+    link = AgentLink(path, wid, on_membership=lambda m: holder[0]._on_membership(m)
+                     if holder else None)
+    session = Session(worker_id=wid, link=link, config=config)
+    holder.append(session)
+    session._join("initial membership", time.monotonic() + config.join_timeout_s)
+    return session

@@ -1,0 +1,1 @@
+"""State capture: per-step in-memory snapshots of model, optimizer, RNG and data position."""

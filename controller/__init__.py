@@ -1,0 +1,1 @@
+"""The job controller: membership, epochs, recovery planning, rendezvous and its gRPC service."""

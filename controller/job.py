@@ -1,0 +1,295 @@
+"""A job's control state machine: events in, a `Ready` (what to persist, what to send) out.
+
+`step(state, event, now)` is pure. The controller's loop executes its result in order:
+persist the new epoch (compare-and-swap on the old one), then send. If the persist fails
+the loop keeps the old state, so nothing is announced that was not persisted.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+from splice.controller import planner
+from splice.controller.membership import Membership, node_of
+
+
+class Phase(enum.Enum):
+    FORMING = "forming"        # waiting for the initial world to be ready
+    RUNNING = "running"
+    RECOVERING = "recovering"  # a new epoch is announced; waiting for members to be ready
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"        # hook connected, not (yet) a member
+    MEMBER = "member"
+    EXITED = "exited"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    job_id: str
+    # The world the job starts with: it forms once this many workers are ready.
+    world_size: int
+    # Below this many survivors the job stops instead of shrinking further.
+    min_world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.job_id or "/" in self.job_id:
+            raise ValueError(f"job id must be non-empty and contain no '/': {self.job_id!r}")
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
+        if not 1 <= self.min_world_size <= self.world_size:
+            raise ValueError(
+                f"min_world_size must be in [1, world_size={self.world_size}], "
+                f"got {self.min_world_size}"
+            )
+
+
+# ---- events -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WorkerReady:
+    worker_id: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class WorkerExited:
+    worker_id: str
+    exit_code: int
+    signal: int
+
+
+@dataclass(frozen=True)
+class WorkerFinished:
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class NodeLost:
+    node_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RecoveryReady:
+    worker_id: str
+    epoch: int
+    snapshot_steps: tuple[int, ...]
+
+
+Event = WorkerReady | WorkerExited | WorkerFinished | NodeLost | RecoveryReady
+
+
+# ---- effects ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Resume:
+    epoch: int
+    step: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Tell the sender its input was not accepted. `code` names a proto Refusal code."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    kind: str
+    epoch: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Ready:
+    persist: Membership | None = None
+    # (nodes to send to, message); the loop sends them after `persist` succeeded.
+    send: tuple[tuple[frozenset[str], Membership | Resume], ...] = ()
+    refuse: Refuse | None = None
+    timeline: tuple[TimelineEntry, ...] = ()
+
+
+# ---- state --------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerRecord:
+    pid: int
+    state: WorkerState
+    exit_code: int = 0
+    signal: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobState:
+    spec: JobSpec
+    phase: Phase = Phase.FORMING
+    membership: Membership | None = None
+    workers: Mapping[str, WorkerRecord] = field(default_factory=lambda: MappingProxyType({}))
+    # During RECOVERING: snapshot steps each member reported for the current epoch.
+    ready: Mapping[str, tuple[int, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    resume_step: int | None = None
+    recoveries: int = 0
+    message: str = ""
+
+    @property
+    def epoch(self) -> int:
+        return 0 if self.membership is None else self.membership.epoch
+
+
+def _with_worker(state: JobState, wid: str, record: WorkerRecord) -> JobState:
+    workers = dict(state.workers)
+    workers[wid] = record
+    return replace(state, workers=MappingProxyType(workers))
+
+
+def describe_exit(exit_code: int, signal: int) -> str:
+    return f"killed by signal {signal}" if signal else f"exited with code {exit_code}"
+
+
+def step(state: JobState, event: Event, now: float) -> tuple[JobState, Ready]:
+    """Advance the job by one event. Pure: `now` is only recorded, never read from a clock."""
+    del now  # decisions do not depend on time yet; detectors with timeouts will use it
+    if isinstance(event, WorkerReady):
+        return _on_ready(state, event)
+    if isinstance(event, WorkerExited):
+        return _on_exit(state, event)
+    if isinstance(event, WorkerFinished):
+        return _on_finished(state, event)
+    if isinstance(event, NodeLost):
+        return _on_node_lost(state, event)
+    if isinstance(event, RecoveryReady):
+        return _on_recovery_ready(state, event)
+    raise TypeError(f"unknown event {event!r}")
+
+
+def _on_ready(state: JobState, ev: WorkerReady) -> tuple[JobState, Ready]:
+    known = state.workers.get(ev.worker_id)
+    if known is not None and known.state in (WorkerState.MEMBER, WorkerState.READY):
+        return state, Ready(refuse=Refuse(
+            "MALFORMED", f"worker {ev.worker_id} is already registered (pid {known.pid})"))
+    state = _with_worker(state, ev.worker_id, WorkerRecord(pid=ev.pid, state=WorkerState.READY))
+    if state.phase is not Phase.FORMING:
+        return state, Ready(timeline=(TimelineEntry(
+            "standby", state.epoch, f"{ev.worker_id} is ready and stands by"),))
+    ready = [w for w, r in state.workers.items() if r.state is WorkerState.READY]
+    membership = planner.plan_initial(ready, state.spec.world_size)
+    if membership is None:
+        return state, Ready()
+    return _announce(state, membership, Phase.RUNNING, kind="epoch")
+
+
+def _announce(state: JobState, membership: Membership, phase: Phase, *, kind: str
+              ) -> tuple[JobState, Ready]:
+    workers = dict(state.workers)
+    for wid in membership.members:
+        workers[wid] = replace(workers[wid], state=WorkerState.MEMBER)
+    new = replace(state, membership=membership, phase=phase,
+                  workers=MappingProxyType(workers), ready=MappingProxyType({}),
+                  resume_step=0 if membership.initial else None)
+    return new, Ready(
+        persist=membership,
+        send=((membership.nodes(), membership),),
+        timeline=(TimelineEntry(kind, membership.epoch,
+                                f"epoch {membership.epoch}: world {membership.world_size}; "
+                                f"{membership.reason}"),),
+    )
+
+
+def _lose(state: JobState, lost: dict[str, WorkerRecord], why: str) -> tuple[JobState, Ready]:
+    """Record the lost workers; if any was a member, plan the next epoch without them."""
+    workers = dict(state.workers)
+    workers.update(lost)
+    state = replace(state, workers=MappingProxyType(workers))
+    current = state.membership
+    members_lost = [] if current is None else [w for w in lost if w in current.members]
+    fault = TimelineEntry("fault", state.epoch, why)
+    if current is None or not members_lost or state.phase not in (Phase.RUNNING, Phase.RECOVERING):
+        return state, Ready(timeline=(fault,))
+    plan = planner.plan_without(current, members_lost, min_world_size=state.spec.min_world_size)
+    if isinstance(plan, planner.NoQuorum):
+        failed = replace(state, phase=Phase.FAILED, message=plan.reason)
+        return failed, Ready(timeline=(fault, TimelineEntry("failed", state.epoch, plan.reason)))
+    new, ready = _announce(state, plan, Phase.RECOVERING, kind="epoch")
+    return new, replace(ready, timeline=(fault, *ready.timeline))
+
+
+def _on_exit(state: JobState, ev: WorkerExited) -> tuple[JobState, Ready]:
+    known = state.workers.get(ev.worker_id)
+    if known is None:
+        return state, Ready(refuse=Refuse(
+            "UNKNOWN_WORKER", f"exit of unknown worker {ev.worker_id}"))
+    if known.state in (WorkerState.EXITED,):
+        return state, Ready()
+    record = WorkerRecord(pid=known.pid, state=WorkerState.EXITED,
+                          exit_code=ev.exit_code, signal=ev.signal)
+    if known.state is WorkerState.FINISHED and ev.exit_code == 0 and not ev.signal:
+        return _with_worker(state, ev.worker_id, replace(record, state=WorkerState.FINISHED)), Ready()
+    why = f"worker {ev.worker_id} (pid {known.pid}) {describe_exit(ev.exit_code, ev.signal)}"
+    return _lose(state, {ev.worker_id: record}, why)
+
+
+def _on_finished(state: JobState, ev: WorkerFinished) -> tuple[JobState, Ready]:
+    known = state.workers.get(ev.worker_id)
+    if known is None:
+        return state, Ready(refuse=Refuse(
+            "UNKNOWN_WORKER", f"finish of unknown worker {ev.worker_id}"))
+    state = _with_worker(state, ev.worker_id, replace(known, state=WorkerState.FINISHED))
+    members = () if state.membership is None else state.membership.members
+    if members and all(state.workers[w].state is WorkerState.FINISHED for w in members):
+        return replace(state, phase=Phase.COMPLETE, message="all members finished"), Ready(
+            timeline=(TimelineEntry("complete", state.epoch,
+                                    f"all {len(members)} members finished training"),))
+    return state, Ready()
+
+
+def _on_node_lost(state: JobState, ev: NodeLost) -> tuple[JobState, Ready]:
+    lost = {
+        w: WorkerRecord(pid=r.pid, state=WorkerState.EXITED, exit_code=-1)
+        for w, r in state.workers.items()
+        if node_of(w) == ev.node_id and r.state in (WorkerState.READY, WorkerState.MEMBER,
+                                                     WorkerState.STARTING)
+    }
+    if not lost:
+        return state, Ready()
+    return _lose(state, lost, f"node {ev.node_id} lost ({ev.reason}); "
+                              f"its workers {', '.join(sorted(lost))} are gone")
+
+
+def _on_recovery_ready(state: JobState, ev: RecoveryReady) -> tuple[JobState, Ready]:
+    if ev.epoch != state.epoch:
+        return state, Ready(refuse=Refuse(
+            "STALE_EPOCH", f"recovery-ready of {ev.worker_id} for epoch {ev.epoch}; "
+                           f"the job is at epoch {state.epoch}"))
+    assert state.membership is not None
+    if ev.worker_id not in state.membership.members:
+        return state, Ready(refuse=Refuse(
+            "UNKNOWN_WORKER", f"{ev.worker_id} is not a member of epoch {state.epoch}"))
+    if state.phase is not Phase.RECOVERING:
+        return state, Ready()
+    ready = dict(state.ready)
+    ready[ev.worker_id] = tuple(sorted(ev.snapshot_steps))
+    state = replace(state, ready=MappingProxyType(ready))
+    if set(ready) != set(state.membership.members):
+        return state, Ready()
+    plan = planner.plan_resume(ready)
+    if isinstance(plan, planner.NoCommonSnapshot):
+        failed = replace(state, phase=Phase.FAILED, message=plan.reason)
+        return failed, Ready(timeline=(TimelineEntry("failed", state.epoch, plan.reason),))
+    resumed = replace(state, phase=Phase.RUNNING, resume_step=plan.step,
+                      recoveries=state.recoveries + 1)
+    return resumed, Ready(
+        send=((state.membership.nodes(), Resume(state.epoch, plan.step, plan.reason)),),
+        timeline=(TimelineEntry("resume", state.epoch, plan.reason),),
+    )

@@ -1,0 +1,105 @@
+"""Recovery planning: who trains in the next epoch, and from which step.
+
+Pure functions of the job's state; they never touch the network, the clock or the store.
+Each returns its verdict with a sentence a human can read in the timeline and the logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from splice.controller.membership import Membership, rank_order
+
+
+@dataclass(frozen=True)
+class NoQuorum:
+    """The planner cannot form a membership; the job cannot go on in place."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    step: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class NoCommonSnapshot:
+    reason: str
+
+
+def plan_initial(ready: Iterable[str], world_size: int) -> Membership | None:
+    """The first membership once `world_size` workers are ready, else None (keep waiting).
+
+    If more than `world_size` are ready the extra ones (in rank order) stand by.
+    """
+    candidates = sorted(ready, key=rank_order)
+    if len(candidates) < world_size:
+        return None
+    members = tuple(candidates[:world_size])
+    return Membership(
+        epoch=1,
+        members=members,
+        shares=(1.0,) * world_size,
+        reason=f"initial membership of {world_size} workers",
+        initial=True,
+    )
+
+
+def plan_without(
+    current: Membership, lost: Iterable[str], *, min_world_size: int = 1
+) -> Membership | NoQuorum:
+    """The next membership after `lost` workers left: survivors keep their relative order.
+
+    Ranks are reassigned densely (a survivor's new rank is its index among survivors), and
+    shares of survivors are kept, so a rebalanced job stays rebalanced.
+    """
+    gone = set(lost) & set(current.members)
+    assert gone, "plan_without needs at least one member to remove"
+    kept = [(w, s) for w, s in zip(current.members, current.shares, strict=True) if w not in gone]
+    names = ", ".join(sorted(gone, key=rank_order))
+    ranks = ", ".join(str(current.rank_of(w)) for w in sorted(gone, key=current.rank_of))
+    if len(kept) < max(1, min_world_size):
+        return NoQuorum(
+            f"lost {names} (rank {ranks}); {len(kept)} survivors is below the minimum "
+            f"world size {max(1, min_world_size)}"
+        )
+    return Membership(
+        epoch=current.epoch + 1,
+        members=tuple(w for w, _ in kept),
+        shares=tuple(s for _, s in kept),
+        reason=(
+            f"lost {names} (rank {ranks} of epoch {current.epoch}); "
+            f"{len(kept)} survivors continue"
+        ),
+    )
+
+
+def plan_resume(held: Mapping[str, Iterable[int]]) -> ResumePlan | NoCommonSnapshot:
+    """The consistent step: the newest step whose snapshot every member holds.
+
+    A snapshot of step k is the state before step k runs, so resuming there re-runs step k
+    on the new membership and no optimizer update is applied on some ranks and not others.
+    """
+    assert held, "plan_resume needs at least one member"
+    sets = {w: set(steps) for w, steps in held.items()}
+    common = set.intersection(*sets.values())
+    if not common:
+        described = "; ".join(f"{w}: {sorted(s) or 'none'}" for w, s in sorted(sets.items()))
+        return NoCommonSnapshot(
+            f"no snapshot step is held by every member ({described}); "
+            "resume from a persistent checkpoint"
+        )
+    step = max(common)
+    newest = max(max(s) for s in sets.values() if s)
+    ahead = sorted(w for w, s in sets.items() if s and max(s) > step)
+    if ahead:
+        reason = (
+            f"resume at step {step}, the newest snapshot all {len(sets)} members hold; "
+            f"{', '.join(ahead)} roll back from step {newest}"
+        )
+    else:
+        reason = f"resume at step {step}, the newest snapshot all {len(sets)} members hold"
+    return ResumePlan(step=step, reason=reason)

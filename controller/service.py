@@ -1,0 +1,367 @@
+"""The controller process: gRPC service, one event loop per controller, and the job states.
+
+Agents attach with one bidirectional stream each. Everything they send becomes an event on
+a single queue; one loop thread applies events to the pure job state machine, persists new
+epochs through the state store and only then sends. Decisions are thus serialised and never
+announced unpersisted.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+
+from splice.controller import job as jobs
+from splice.controller.membership import Membership, node_of, parse_worker_id
+from splice.controller.rendezvous import RendezvousStore
+from splice.controller.status import JobView
+from splice.controller.store import EpochConflict, EpochRecord, StateStore
+from splice.proto import controller_pb2 as pb
+from splice.proto import controller_pb2_grpc as pb_grpc
+
+log = logging.getLogger("splice.controller")
+
+PROTOCOL_VERSION = pb.PROTOCOL_VERSION_1
+
+
+@dataclass(frozen=True, kw_only=True)
+class ControllerConfig:
+    # host:port to serve gRPC on; port 0 picks a free one (see Controller.port).
+    listen: str = "127.0.0.1:29400"
+    # The address workers dial for the rendezvous store; must be reachable from every node.
+    advertise_host: str = "127.0.0.1"
+    # Port of the rendezvous store; 0 picks a free one.
+    store_port: int = 0
+    # Agents send a heartbeat this often; the controller tells them in its welcome.
+    heartbeat_interval_s: float = 1.0
+    # An agent silent this long (no heartbeat, no event) is declared lost with its workers.
+    node_timeout_s: float = 10.0
+    # Larger messages are refused by gRPC before they reach any handler.
+    max_message_bytes: int = 4 * 1024 * 1024
+    jobs: tuple[jobs.JobSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"listen address must be HOST:PORT, got {self.listen!r}")
+        if self.node_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError("node_timeout_s must exceed heartbeat_interval_s")
+        if not self.jobs:
+            raise ValueError("a controller needs at least one job")
+        ids = [j.job_id for j in self.jobs]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate job ids: {ids}")
+
+
+def refusal(code: str, message: str) -> pb.ControllerMessage:
+    return pb.ControllerMessage(refusal=pb.Refusal(code=pb.Refusal.Code.Value(code), message=message))
+
+
+@dataclass(eq=False)
+class AgentSession:
+    job_id: str
+    node_id: str
+    outbox: queue.SimpleQueue[pb.ControllerMessage | None] = field(default_factory=queue.SimpleQueue)
+    last_seen_s: float = 0.0
+    closed: bool = False
+
+
+@dataclass
+class _JobRuntime:
+    state: jobs.JobState
+    view: JobView
+
+
+# Queue items: (session that sent it or None, job id, event or callable run on the loop).
+_Item = tuple[AgentSession | None, str, "jobs.Event | Callable[[], None]"]
+
+
+class Controller:
+    def __init__(self, config: ControllerConfig, store: StateStore,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._store = store
+        self._clock = clock
+        self._jobs = {
+            spec.job_id: _JobRuntime(jobs.JobState(spec=spec), JobView()) for spec in config.jobs
+        }
+        for spec in config.jobs:
+            if store.load_epoch(spec.job_id) is not None:
+                # Resuming a job across controller restarts needs the agents' resync (HA).
+                raise RuntimeError(f"job {spec.job_id!r} already has epochs in the state store")
+        self._sessions: dict[tuple[str, str], AgentSession] = {}
+        self._sessions_lock = threading.Lock()
+        self._events: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._server: grpc.Server | None = None
+        self._loop: threading.Thread | None = None
+        self.rendezvous: RendezvousStore | None = None
+        self.port = 0
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        host, _, port = self.config.listen.rpartition(":")
+        self.rendezvous = RendezvousStore(self.config.advertise_host, self.config.store_port)
+        opts = [("grpc.max_receive_message_length", self.config.max_message_bytes),
+                ("grpc.max_send_message_length", self.config.max_message_bytes),
+                ("grpc.so_reuseport", 0)]
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=256), options=opts)
+        pb_grpc.add_ControllerServicer_to_server(_Servicer(self), self._server)
+        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        self._loop = threading.Thread(target=self._run_loop, name="splice-controller-loop",
+                                      daemon=True)
+        self._loop.start()
+        self._server.start()
+        log.info("controller serving on %s:%d, rendezvous store on %s:%d", host, self.port,
+                 self.rendezvous.host, self.rendezvous.port)
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        with self._sessions_lock:
+            for s in self._sessions.values():
+                s.outbox.put(None)
+        if self._server is not None:
+            self._server.stop(grace_s).wait()
+        self._events.put(None)
+        if self._loop is not None:
+            self._loop.join(timeout=5)
+
+    def wait_for_termination(self) -> None:
+        assert self._server is not None
+        self._server.wait_for_termination()
+
+    # ---- read side ----------------------------------------------------------------------
+    def job_state(self, job_id: str) -> jobs.JobState:
+        return self._jobs[job_id].state
+
+    def job_status(self, job_id: str) -> pb.JobStatus:
+        rt = self._jobs.get(job_id)
+        if rt is None:
+            raise KeyError(job_id)
+        state = rt.state
+        m = state.membership
+        status = pb.JobStatus(job_id=job_id, phase=state.phase.value, epoch=state.epoch,
+                              members=list(m.members) if m else [],
+                              recoveries=state.recoveries, message=state.message)
+        rt.view.fill(status)
+        for w in status.workers:
+            rec = state.workers.get(w.worker_id)
+            w.state = rec.state.value if rec else "starting"
+            w.rank = m.rank_of(w.worker_id) if m and w.worker_id in m.members else -1
+        return status
+
+    # ---- sessions -----------------------------------------------------------------------
+    def open_session(self, hello: pb.AgentHello) -> AgentSession | pb.ControllerMessage:
+        if hello.protocol_version != PROTOCOL_VERSION:
+            return refusal("PROTOCOL_MISMATCH",
+                           f"agent speaks protocol {hello.protocol_version}, "
+                           f"this controller speaks {PROTOCOL_VERSION}")
+        if hello.job_id not in self._jobs:
+            return refusal("UNKNOWN_JOB", f"unknown job {hello.job_id!r}; this controller "
+                                          f"serves {sorted(self._jobs)}")
+        if not hello.node_id or "/" in hello.node_id:
+            return refusal("MALFORMED", f"node id must be non-empty without '/': "
+                                        f"{hello.node_id!r}")
+        key = (hello.job_id, hello.node_id)
+        with self._sessions_lock:
+            if key in self._sessions:
+                return refusal("MALFORMED", f"node {hello.node_id!r} is already attached to "
+                                            f"job {hello.job_id!r}")
+            session = AgentSession(hello.job_id, hello.node_id, last_seen_s=self._clock())
+            self._sessions[key] = session
+        log.info("agent %s attached to job %s with %d workers", hello.node_id, hello.job_id,
+                 hello.num_workers)
+        return session
+
+    def close_session(self, session: AgentSession, reason: str) -> None:
+        with self._sessions_lock:
+            if session.closed:
+                return
+            session.closed = True
+            self._sessions.pop((session.job_id, session.node_id), None)
+        session.outbox.put(None)
+        log.info("agent %s detached: %s", session.node_id, reason)
+        self._events.put((None, session.job_id, jobs.NodeLost(session.node_id, reason)))
+
+    def on_agent_message(self, session: AgentSession, msg: pb.AgentMessage) -> None:
+        """Validate one message from an agent and queue what it means. Called per stream."""
+        session.last_seen_s = self._clock()
+        kind = msg.WhichOneof("kind")
+        job_id = session.job_id
+        if kind == "heartbeat":
+            return
+        if kind == "worker_event":
+            ev = msg.worker_event
+            problem = self._check_worker_id(session, ev.worker_id)
+            if problem:
+                session.outbox.put(refusal("MALFORMED", problem))
+                return
+            K = pb.WorkerEvent.Kind
+            if ev.kind == K.READY:
+                self._jobs[job_id].view.worker_seen(ev.worker_id, session.node_id, ev.pid)
+                self._events.put((session, job_id, jobs.WorkerReady(ev.worker_id, ev.pid)))
+            elif ev.kind == K.EXITED:
+                self._events.put((session, job_id,
+                                  jobs.WorkerExited(ev.worker_id, ev.exit_code, ev.signal)))
+            elif ev.kind == K.FINISHED:
+                self._events.put((session, job_id, jobs.WorkerFinished(ev.worker_id)))
+            elif ev.kind == K.STARTED:
+                self._jobs[job_id].view.worker_seen(ev.worker_id, session.node_id, ev.pid)
+            else:
+                session.outbox.put(refusal("MALFORMED", f"worker event without a kind from "
+                                                        f"{session.node_id}"))
+            return
+        if kind == "step_report":
+            rep = msg.step_report
+            rt = self._jobs[job_id]
+            if rep.epoch != rt.state.epoch:
+                session.outbox.put(refusal("STALE_EPOCH", f"step report of {rep.worker_id} for "
+                                           f"epoch {rep.epoch}; the job is at epoch "
+                                           f"{rt.state.epoch}"))
+                return
+            rt.view.step_reported(rep, rt.state.epoch)
+            return
+        if kind == "recovery_ready":
+            rr = msg.recovery_ready
+            problem = self._check_worker_id(session, rr.worker_id)
+            if problem:
+                session.outbox.put(refusal("MALFORMED", problem))
+                return
+            self._events.put((session, job_id, jobs.RecoveryReady(
+                rr.worker_id, rr.epoch, tuple(rr.snapshot_steps))))
+            return
+        session.outbox.put(refusal("MALFORMED", f"unexpected message {kind!r} after hello"))
+
+    @staticmethod
+    def _check_worker_id(session: AgentSession, wid: str) -> str:
+        try:
+            parse_worker_id(wid)
+        except ValueError as e:
+            return str(e)
+        if node_of(wid) != session.node_id:
+            return f"agent {session.node_id} cannot speak for worker {wid} of another node"
+        return ""
+
+    # ---- the loop -----------------------------------------------------------------------
+    def _run_loop(self) -> None:
+        tick_s = min(0.5, self.config.heartbeat_interval_s)
+        while True:
+            try:
+                item = self._events.get(timeout=tick_s)
+            except queue.Empty:
+                self._check_liveness()
+                continue
+            if item is None:
+                return
+            try:
+                self._apply(*item)
+            except Exception:  # a bug in one event must not stop the controller
+                log.exception("controller failed to apply %r", item)
+            self._check_liveness()
+
+    def _check_liveness(self) -> None:
+        now = self._clock()
+        with self._sessions_lock:
+            silent = [s for s in self._sessions.values()
+                      if now - s.last_seen_s > self.config.node_timeout_s]
+        for s in silent:
+            self.close_session(s, f"no heartbeat for {now - s.last_seen_s:.1f} s")
+
+    def _apply(self, sender: AgentSession | None, job_id: str, event: jobs.Event) -> None:
+        rt = self._jobs[job_id]
+        now = self._clock()
+        old = rt.state
+        new, ready = jobs.step(old, event, now)
+        if ready.persist is not None:
+            m = ready.persist
+            record = EpochRecord(job_id=job_id, epoch=m.epoch, members=m.members,
+                                 shares=m.shares, reason=m.reason, decided_at_s=now)
+            try:
+                self._store.commit_epoch(record, expected_epoch=old.epoch)
+            except EpochConflict as e:
+                log.error("not announcing epoch %d of job %s: %s", m.epoch, job_id, e)
+                return
+        rt.state = new
+        for entry in ready.timeline:
+            rt.view.add_event(now, entry.kind, entry.epoch, entry.text)
+            self._store.append_decision(job_id, f"{now:.6f} {entry.kind} e{entry.epoch} {entry.text}")
+            log.info("[%s] %s: %s", job_id, entry.kind, entry.text)
+        if ready.refuse is not None and sender is not None:
+            sender.outbox.put(refusal(ready.refuse.code, ready.refuse.message))
+        for nodes, message in ready.send:
+            out = self._to_proto(job_id, message)
+            with self._sessions_lock:
+                targets = [s for (j, n), s in self._sessions.items() if j == job_id and n in nodes]
+            for s in targets:
+                s.outbox.put(out)
+
+    def _to_proto(self, job_id: str, message: Membership | jobs.Resume) -> pb.ControllerMessage:
+        if isinstance(message, jobs.Resume):
+            return pb.ControllerMessage(resume=pb.Resume(
+                epoch=message.epoch, step=message.step, reason=message.reason))
+        assert self.rendezvous is not None
+        return pb.ControllerMessage(membership=pb.Membership(
+            epoch=message.epoch, members=list(message.members), shares=list(message.shares),
+            store_host=self.rendezvous.host, store_port=self.rendezvous.port,
+            store_prefix=self.rendezvous.prefix(job_id, message.epoch),
+            reason=message.reason, initial=message.initial))
+
+
+class _Servicer(pb_grpc.ControllerServicer):
+    def __init__(self, controller: Controller) -> None:
+        self._c = controller
+
+    def Attach(self, request_iterator: Iterator[pb.AgentMessage],
+               context: grpc.ServicerContext) -> Iterator[pb.ControllerMessage]:
+        try:
+            first = next(request_iterator)
+        except (StopIteration, grpc.RpcError):
+            return
+        if first.WhichOneof("kind") != "hello":
+            yield refusal("NOT_ATTACHED", "the first message on a stream must be a hello")
+            return
+        opened = self._c.open_session(first.hello)
+        if isinstance(opened, pb.ControllerMessage):
+            yield opened
+            return
+        session = opened
+        c = self._c
+
+        def read() -> None:
+            reason = "agent stream closed"
+            try:
+                for msg in request_iterator:
+                    c.on_agent_message(session, msg)
+            except grpc.RpcError as e:
+                reason = f"agent stream broke: {e.code().name if hasattr(e, 'code') else e}"
+            except Exception as e:  # malformed input must not take the controller down
+                log.exception("agent %s sent something unreadable", session.node_id)
+                reason = f"agent stream failed: {e}"
+            c.close_session(session, reason)
+
+        context.add_callback(lambda: c.close_session(session, "agent stream cancelled"))
+        threading.Thread(target=read, name=f"splice-agent-{session.node_id}", daemon=True).start()
+        state = c.job_state(session.job_id)
+        yield pb.ControllerMessage(welcome=pb.Welcome(
+            job_id=session.job_id, node_id=session.node_id,
+            heartbeat_interval_s=c.config.heartbeat_interval_s, epoch=state.epoch))
+        while True:
+            out = session.outbox.get()
+            if out is None:
+                return
+            yield out
+
+    def GetJobStatus(self, request: pb.JobStatusRequest,
+                     context: grpc.ServicerContext) -> pb.JobStatus:
+        try:
+            return self._c.job_status(request.job_id)
+        except KeyError:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
+            raise  # unreachable: abort raises

@@ -1,0 +1,63 @@
+"""What the controller shows about a job: per-worker progress and a timeline of events.
+
+Kept beside the state machine rather than in it: step reports arrive every step from every
+rank and only feed this view, never a decision.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+from splice.proto import controller_pb2 as pb
+
+
+@dataclass
+class _Progress:
+    node_id: str
+    pid: int = 0
+    last_step: int = 0
+    last_loss: float = 0.0
+    last_step_time_s: float = 0.0
+
+
+class JobView:
+    """Thread-safe record of progress and timeline; bounded in memory."""
+
+    def __init__(self, max_timeline: int = 1000) -> None:
+        self._lock = threading.Lock()
+        self._timeline: deque[pb.TimelineEvent] = deque(maxlen=max_timeline)
+        self._progress: dict[str, _Progress] = {}
+        self._first_step_seen: set[int] = set()
+
+    def add_event(self, at_s: float, kind: str, epoch: int, text: str) -> None:
+        with self._lock:
+            self._timeline.append(pb.TimelineEvent(at_s=at_s, kind=kind, epoch=epoch, text=text))
+
+    def worker_seen(self, worker_id: str, node_id: str, pid: int) -> None:
+        with self._lock:
+            p = self._progress.setdefault(worker_id, _Progress(node_id=node_id))
+            p.pid = pid
+
+    def step_reported(self, report: pb.StepReport, current_epoch: int) -> None:
+        with self._lock:
+            p = self._progress.get(report.worker_id)
+            if p is not None:
+                p.last_step = report.step
+                p.last_loss = report.loss
+                p.last_step_time_s = report.step_time_s
+            if report.epoch == current_epoch and report.epoch not in self._first_step_seen:
+                self._first_step_seen.add(report.epoch)
+                self._timeline.append(pb.TimelineEvent(
+                    at_s=report.completed_at_s, kind="first_step", epoch=report.epoch,
+                    text=f"epoch {report.epoch}: first step completed (step {report.step}, "
+                         f"loss {report.loss:.5f}, by {report.worker_id})"))
+
+    def fill(self, status: pb.JobStatus) -> None:
+        with self._lock:
+            status.timeline.extend(self._timeline)
+            for wid, p in sorted(self._progress.items()):
+                status.workers.append(pb.WorkerStatus(
+                    worker_id=wid, node_id=p.node_id, pid=p.pid, last_step=p.last_step,
+                    last_loss=p.last_loss, last_step_time_s=p.last_step_time_s, rank=-1))

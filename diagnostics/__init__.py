@@ -1,0 +1,1 @@
+"""Diagnostics: readable timelines and reports of what happened to a job."""

@@ -1,0 +1,1 @@
+"""Example training scripts and the small models and data sets they use."""

@@ -1,0 +1,60 @@
+"""Train the toy regression MLP with splice: the job the demo and the benchmarks run.
+
+    splice agent --controller 127.0.0.1:29400 --nproc 2 -- python -m splice.examples.train_mlp
+
+Run without an agent it trains as a single process (the same global batch, one rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+import splice
+from splice.examples.toy import TeacherDataset, make_mlp, mse_loss
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--global-batch", type=int, default=64)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--ddp", action="store_true", help="wrap the model in DDP")
+    p.add_argument("--step-sleep-s", type=float, default=0.0,
+                   help="extra compute time per step (makes a demo's timeline readable)")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--result", help="write the final step's result as JSON to this file")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(1)
+    session = splice.init()
+    model = make_mlp(hidden=args.hidden, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    session.register(model=model, optimizer=optimizer, dataset=TeacherDataset(),
+                     loss_fn=mse_loss, global_batch_size=args.global_batch,
+                     micro_batch_size=args.micro_batch, seed=0, ddp=args.ddp)
+
+    def progress(r: splice.StepResult) -> None:  # type: ignore[name-defined]
+        if args.step_sleep_s:
+            time.sleep(args.step_sleep_s)  # stands in for more compute; not synchronisation
+        if session.rank == 0 and (r.step % args.log_every == 0 or r.step == args.steps - 1):
+            print(f"step {r.step:5d}  loss {r.loss:.5f}  world {r.world_size}  "
+                  f"epoch {r.epoch}  {r.step_time_s * 1e3:.1f} ms", flush=True)
+
+    last = session.train(args.steps, on_step=progress)
+    if args.result and last is not None and session.rank == 0:
+        with open(args.result, "w") as f:
+            json.dump({"step": last.step, "loss": last.loss, "world_size": last.world_size,
+                       "epoch": last.epoch, "recoveries": session.recoveries}, f)
+    session.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

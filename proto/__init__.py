@@ -1,0 +1,1 @@
+"""Wire protocol: .proto files and the stubs generated from them (see scripts/genproto.py)."""

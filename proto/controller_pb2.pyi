@@ -1,0 +1,251 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ProtocolVersion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROTOCOL_VERSION_UNSPECIFIED: _ClassVar[ProtocolVersion]
+    PROTOCOL_VERSION_1: _ClassVar[ProtocolVersion]
+PROTOCOL_VERSION_UNSPECIFIED: ProtocolVersion
+PROTOCOL_VERSION_1: ProtocolVersion
+
+class AgentMessage(_message.Message):
+    __slots__ = ("hello", "heartbeat", "worker_event", "step_report", "recovery_ready")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    WORKER_EVENT_FIELD_NUMBER: _ClassVar[int]
+    STEP_REPORT_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_READY_FIELD_NUMBER: _ClassVar[int]
+    hello: AgentHello
+    heartbeat: Heartbeat
+    worker_event: WorkerEvent
+    step_report: StepReport
+    recovery_ready: RecoveryReady
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., worker_event: _Optional[_Union[WorkerEvent, _Mapping]] = ..., step_report: _Optional[_Union[StepReport, _Mapping]] = ..., recovery_ready: _Optional[_Union[RecoveryReady, _Mapping]] = ...) -> None: ...
+
+class AgentHello(_message.Message):
+    __slots__ = ("protocol_version", "job_id", "node_id", "num_workers", "hostname")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: ProtocolVersion
+    job_id: str
+    node_id: str
+    num_workers: int
+    hostname: str
+    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., job_id: _Optional[str] = ..., node_id: _Optional[str] = ..., num_workers: _Optional[int] = ..., hostname: _Optional[str] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("epoch", "sent_at_s")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_S_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    sent_at_s: float
+    def __init__(self, epoch: _Optional[int] = ..., sent_at_s: _Optional[float] = ...) -> None: ...
+
+class WorkerEvent(_message.Message):
+    __slots__ = ("worker_id", "kind", "pid", "exit_code", "signal", "at_s")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[WorkerEvent.Kind]
+        STARTED: _ClassVar[WorkerEvent.Kind]
+        READY: _ClassVar[WorkerEvent.Kind]
+        EXITED: _ClassVar[WorkerEvent.Kind]
+        FINISHED: _ClassVar[WorkerEvent.Kind]
+    KIND_UNSPECIFIED: WorkerEvent.Kind
+    STARTED: WorkerEvent.Kind
+    READY: WorkerEvent.Kind
+    EXITED: WorkerEvent.Kind
+    FINISHED: WorkerEvent.Kind
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    AT_S_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    kind: WorkerEvent.Kind
+    pid: int
+    exit_code: int
+    signal: int
+    at_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., kind: _Optional[_Union[WorkerEvent.Kind, str]] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., at_s: _Optional[float] = ...) -> None: ...
+
+class StepReport(_message.Message):
+    __slots__ = ("worker_id", "epoch", "step", "loss", "step_time_s", "completed_at_s", "num_samples")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_AT_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    epoch: int
+    step: int
+    loss: float
+    step_time_s: float
+    completed_at_s: float
+    num_samples: int
+    def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., step_time_s: _Optional[float] = ..., completed_at_s: _Optional[float] = ..., num_samples: _Optional[int] = ...) -> None: ...
+
+class RecoveryReady(_message.Message):
+    __slots__ = ("worker_id", "epoch", "snapshot_steps")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    epoch: int
+    snapshot_steps: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., snapshot_steps: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ControllerMessage(_message.Message):
+    __slots__ = ("welcome", "membership", "resume", "refusal", "shutdown")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
+    welcome: Welcome
+    membership: Membership
+    resume: Resume
+    refusal: Refusal
+    shutdown: Shutdown
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., membership: _Optional[_Union[Membership, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("job_id", "node_id", "heartbeat_interval_s", "epoch")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    node_id: str
+    heartbeat_interval_s: float
+    epoch: int
+    def __init__(self, job_id: _Optional[str] = ..., node_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class Membership(_message.Message):
+    __slots__ = ("epoch", "members", "shares", "store_host", "store_port", "store_prefix", "reason", "initial")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    STORE_HOST_FIELD_NUMBER: _ClassVar[int]
+    STORE_PORT_FIELD_NUMBER: _ClassVar[int]
+    STORE_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    members: _containers.RepeatedScalarFieldContainer[str]
+    shares: _containers.RepeatedScalarFieldContainer[float]
+    store_host: str
+    store_port: int
+    store_prefix: str
+    reason: str
+    initial: bool
+    def __init__(self, epoch: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., shares: _Optional[_Iterable[float]] = ..., store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., store_prefix: _Optional[str] = ..., reason: _Optional[str] = ..., initial: _Optional[bool] = ...) -> None: ...
+
+class Resume(_message.Message):
+    __slots__ = ("epoch", "step", "reason")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    step: int
+    reason: str
+    def __init__(self, epoch: _Optional[int] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Refusal(_message.Message):
+    __slots__ = ("code", "message")
+    class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CODE_UNSPECIFIED: _ClassVar[Refusal.Code]
+        MALFORMED: _ClassVar[Refusal.Code]
+        UNKNOWN_JOB: _ClassVar[Refusal.Code]
+        STALE_EPOCH: _ClassVar[Refusal.Code]
+        UNKNOWN_WORKER: _ClassVar[Refusal.Code]
+        PROTOCOL_MISMATCH: _ClassVar[Refusal.Code]
+        NOT_ATTACHED: _ClassVar[Refusal.Code]
+    CODE_UNSPECIFIED: Refusal.Code
+    MALFORMED: Refusal.Code
+    UNKNOWN_JOB: Refusal.Code
+    STALE_EPOCH: Refusal.Code
+    UNKNOWN_WORKER: Refusal.Code
+    PROTOCOL_MISMATCH: Refusal.Code
+    NOT_ATTACHED: Refusal.Code
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: Refusal.Code
+    message: str
+    def __init__(self, code: _Optional[_Union[Refusal.Code, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Shutdown(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class JobStatusRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("worker_id", "node_id", "pid", "state", "rank", "last_step", "last_loss", "last_step_time_s")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    node_id: str
+    pid: int
+    state: str
+    rank: int
+    last_step: int
+    last_loss: float
+    last_step_time_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., rank: _Optional[int] = ..., last_step: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_step_time_s: _Optional[float] = ...) -> None: ...
+
+class TimelineEvent(_message.Message):
+    __slots__ = ("at_s", "kind", "epoch", "text")
+    AT_S_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    at_s: float
+    kind: str
+    epoch: int
+    text: str
+    def __init__(self, at_s: _Optional[float] = ..., kind: _Optional[str] = ..., epoch: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
+
+class JobStatus(_message.Message):
+    __slots__ = ("job_id", "phase", "epoch", "members", "workers", "timeline", "recoveries", "message")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
+    RECOVERIES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    phase: str
+    epoch: int
+    members: _containers.RepeatedScalarFieldContainer[str]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
+    timeline: _containers.RepeatedCompositeFieldContainer[TimelineEvent]
+    recoveries: int
+    message: str
+    def __init__(self, job_id: _Optional[str] = ..., phase: _Optional[str] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., timeline: _Optional[_Iterable[_Union[TimelineEvent, _Mapping]]] = ..., recoveries: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
