@@ -24,5 +24,8 @@ class RendezvousStore:
         self.host = host
         self.port = int(self._store.port)
 
+    def close(self) -> None:
+        self._store = None  # the server stops when its last reference goes
+
     def prefix(self, job_id: str, epoch: int) -> str:
         return f"{job_id}/epoch-{epoch}"

@@ -132,6 +132,8 @@ class Controller:
         self._events.put(None)
         if self._loop is not None:
             self._loop.join(timeout=5)
+        if self.rendezvous is not None:
+            self.rendezvous.close()
 
     def wait_for_termination(self) -> None:
         assert self._server is not None

@@ -171,13 +171,15 @@ class Session:
                  dataset: Sequence[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor],
                  global_batch_size: int, micro_batch_size: int, seed: int = 0,
                  collate_fn: Callable[[list[Any]], Any] | None = None,
-                 ddp: bool = False) -> None:
+                 ddp: bool = False, exact_reduction: bool = True) -> None:
         """Hand the hook what it snapshots, restores and steps.
 
         `loss_fn(model, batch)` returns the mean loss over `batch`; the hook weights it by
         the micro-batch's size so gradients are the mean over the global batch. With
         `ddp=True` the model is wrapped in DistributedDataParallel whose gradient buckets
-        are reduced by this session's abortable group.
+        are reduced by this session's abortable group. `exact_reduction` (default, not
+        with DDP) accumulates and reduces gradients in float64 so that results do not
+        depend on the world size; turn it off to reduce in the parameters' dtype.
         """
         if self._registered:
             raise RuntimeError("register() was already called on this session")
@@ -190,6 +192,7 @@ class Session:
         self.dataset = dataset
         self.loss_fn = loss_fn
         self.seed = seed
+        self.exact_reduction = exact_reduction
         self.collate_fn = collate_fn or torch.utils.data.default_collate
         self._perm_cache: dict[int, torch.Tensor] = {}
         self.ddp: nn.parallel.DistributedDataParallel | None = None
@@ -272,7 +275,16 @@ class Session:
         g = self.batch.global_batch_size
         mine = self.my_micro_batches()
         module: nn.Module = self.ddp if self.ddp is not None else self.model
+        params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer.zero_grad(set_to_none=False)
+        # Exact mode sums each micro-batch's float32 gradient into a float64 accumulator:
+        # those sums are (nearly always) exact, so the result does not depend on how the
+        # micro-batches were spread over ranks, and a run that lost a rank follows the
+        # uninterrupted run's loss curve to the last bit.
+        exact = self.exact_reduction and self.ddp is None and bool(params)
+        acc = None
+        if exact:
+            acc = torch.zeros(sum(p.numel() for p in params) + 1, dtype=torch.float64)
         loss_sum = torch.zeros((), dtype=torch.float64)
         num_samples = 0
         for j in mine:
@@ -287,18 +299,40 @@ class Session:
             else:
                 loss = self.loss_fn(module, batch)
                 (loss * (len(positions) / g)).backward()
+            if acc is not None:
+                acc[:-1] += torch._utils._flatten_dense_tensors(
+                    [p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.zero_()
             loss_sum += loss.detach().double() * len(positions)
             num_samples += len(positions)
             self.group.check()
         if self.ddp is not None:
             total = self.group.all_reduce(loss_sum.reshape(1))
+        elif acc is not None:
+            acc[-1] = loss_sum
+            self.group.wait(self.group.all_reduce_async(acc))
+            self._set_grads(params, acc[:-1])
+            total = acc[-1:]
         else:
-            total = self._all_reduce_grads(loss_sum)
+            total = self._all_reduce_grads(params, loss_sum)
         return float(total[0]) / g, num_samples
 
-    def _all_reduce_grads(self, loss_sum: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _set_grads(params: list[nn.Parameter], flat: torch.Tensor) -> None:
+        templates = [p.detach() for p in params]
+        reduced = torch._utils._unflatten_dense_tensors(flat, templates)
+        with torch.no_grad():
+            for p, r in zip(params, reduced, strict=True):
+                if p.grad is None:
+                    p.grad = r.to(p.dtype).clone()
+                else:
+                    p.grad.copy_(r)
+
+    def _all_reduce_grads(self, params: list[nn.Parameter],
+                          loss_sum: torch.Tensor) -> torch.Tensor:
         """One SUM all-reduce of every gradient plus the loss, through a fresh flat buffer."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if grads:
             flat = torch._utils._flatten_dense_tensors(
@@ -307,13 +341,7 @@ class Session:
             flat = loss_sum.reshape(1).clone()
         self.group.wait(self.group.all_reduce_async(flat))
         if grads:
-            reduced = torch._utils._unflatten_dense_tensors(flat[:-1], grads)
-            with torch.no_grad():
-                for p, r in zip(params, reduced, strict=True):
-                    if p.grad is None:
-                        p.grad = r.clone()
-                    else:
-                        p.grad.copy_(r)
+            self._set_grads(params, flat[:-1])
         return flat[-1:].double()
 
     def _recover(self, why: str) -> None:

@@ -1,0 +1,5 @@
+import sys
+
+from splice.cli import main
+
+sys.exit(main())
