@@ -31,13 +31,17 @@ def encode(message: Message) -> bytes:
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    """Exactly `n` bytes; None if the stream ended before the first byte."""
     chunks = []
-    while n:
-        chunk = sock.recv(n)
+    want = n
+    while want:
+        chunk = sock.recv(want)
         if not chunk:
-            return None
+            if want == n:
+                return None
+            raise FrameError(f"stream ended inside a frame: {n - want} of {n} bytes read")
         chunks.append(chunk)
-        n -= len(chunk)
+        want -= len(chunk)
     return b"".join(chunks)
 
 
@@ -49,7 +53,7 @@ def read_frame(sock: socket.socket, into: type[M]) -> M | None:
     (size,) = _HEADER.unpack(header)
     if size > MAX_FRAME_BYTES:
         raise FrameError(f"frame of {size} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
-    payload = _recv_exact(sock, size)
+    payload = _recv_exact(sock, size) if size else b""
     if payload is None:
         raise FrameError(f"stream ended inside a {size}-byte frame")
     message = into()

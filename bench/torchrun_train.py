@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from splice.examples.toy import TeacherDataset, make_mlp, mse_loss
 from torch.nn.parallel import DistributedDataParallel
+
+from splice.examples.toy import TeacherDataset, make_mlp, mse_loss
 
 GLOBAL_BATCH = 64
 CKPT_NAME = "ckpt.pt"

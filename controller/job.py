@@ -246,6 +246,8 @@ def _on_finished(state: JobState, ev: WorkerFinished) -> tuple[JobState, Ready]:
         return state, Ready(refuse=Refuse(
             "UNKNOWN_WORKER", f"finish of unknown worker {ev.worker_id}"))
     state = _with_worker(state, ev.worker_id, replace(known, state=WorkerState.FINISHED))
+    if state.phase in (Phase.FAILED, Phase.COMPLETE):
+        return state, Ready()  # a finished worker does not undo (or redo) the verdict
     members = () if state.membership is None else state.membership.members
     if members and all(state.workers[w].state is WorkerState.FINISHED for w in members):
         return replace(state, phase=Phase.COMPLETE, message="all members finished"), Ready(
@@ -268,7 +270,7 @@ def _on_node_lost(state: JobState, ev: NodeLost) -> tuple[JobState, Ready]:
 
 
 def _on_recovery_ready(state: JobState, ev: RecoveryReady) -> tuple[JobState, Ready]:
-    if ev.epoch != state.epoch:
+    if state.membership is None or ev.epoch != state.epoch:
         return state, Ready(refuse=Refuse(
             "STALE_EPOCH", f"recovery-ready of {ev.worker_id} for epoch {ev.epoch}; "
                            f"the job is at epoch {state.epoch}"))

@@ -26,7 +26,7 @@ def worker_id(node_id: str, local_rank: int) -> str:
 def parse_worker_id(wid: str) -> tuple[str, int]:
     """Split `node/local_rank`; raises ValueError for anything else."""
     node, sep, local = wid.rpartition("/")
-    if not sep or not node or not local.isdigit():
+    if not sep or not node or not (local.isascii() and local.isdigit()) or str(int(local)) != local:
         raise ValueError(f"malformed worker id {wid!r}: expected NODE/LOCAL_RANK")
     return node, int(local)
 

@@ -12,7 +12,14 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from splice.agent.worker.session import (
-        CollectiveAborted, Evicted, HookConfig, RecoveryFailed, Session, StepResult, init)
+        CollectiveAborted,
+        Evicted,
+        HookConfig,
+        RecoveryFailed,
+        Session,
+        StepResult,
+        init,
+    )
 
 __all__ = ["CollectiveAborted", "Evicted", "HookConfig", "RecoveryFailed", "Session",
            "StepResult", "__version__", "init"]

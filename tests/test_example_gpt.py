@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from splice.examples.train_gpt import CharDataset, lm_loss, make_corpus, make_gpt, unigram_entropy
 
 import splice
+from splice.examples.train_gpt import CharDataset, lm_loss, make_corpus, make_gpt, unigram_entropy
 
 
 def test_corpus_and_dataset_are_deterministic() -> None:

@@ -285,9 +285,6 @@ def test_unknown_event_type_is_a_type_error() -> None:
         step(fresh(), object(), 0.0)  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: RecoveryReady with epoch 0 before the job formed passes the stale-epoch check "
-    "(0 == state.epoch) and hits `assert state.membership is not None` instead of a Refuse"))
 def test_recovery_ready_before_any_membership_is_refused() -> None:
     state = ready_all(fresh(), FOUR[:2])
     after, ready = step(state, RecoveryReady("a/0", 0, (1,)), 0.0)
@@ -295,9 +292,6 @@ def test_recovery_ready_before_any_membership_is_refused() -> None:
     assert ready.refuse is not None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: _on_finished ignores the phase: once every member of a FAILED job reports "
-    "finished, the job turns COMPLETE and the failure reason is overwritten"))
 def test_failed_is_terminal() -> None:
     state = ready_all(fresh(world_size=2), ("a/0", "a/1"))
     state, _ = apply(state, WorkerExited("a/0", 1, 0))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,8 +41,9 @@ class BatchConfig:
 def assign_micro_batches(num_micro_batches: int, shares: Sequence[float]) -> list[range]:
     """Contiguous ranges of micro-batch indices per rank, proportional to `shares`.
 
-    Largest-remainder apportionment, ties to the lower rank, and every rank gets at least
-    one micro-batch (a rank with none could not take part in the gradient reduction).
+    Largest-remainder apportionment in exact arithmetic, ties to the lower rank; then any
+    rank left with none takes one from the rank most above its quota (a rank with no
+    micro-batch could not take part in the gradient reduction).
     """
     world = len(shares)
     if world == 0:
@@ -49,17 +51,22 @@ def assign_micro_batches(num_micro_batches: int, shares: Sequence[float]) -> lis
     if num_micro_batches < world:
         raise ValueError(f"{num_micro_batches} micro-batches cannot be spread over {world} "
                          "ranks; lower micro_batch_size or raise global_batch_size")
-    if any(not s > 0 or math.isinf(s) for s in shares):
+    if any(not (s > 0 and math.isfinite(s)) for s in shares):
         raise ValueError(f"shares must be positive and finite, got {list(shares)}")
-    total = sum(shares)
-    # Every rank is owed one micro-batch; the rest is apportioned by share.
-    spare = num_micro_batches - world
-    quotas = [spare * s / total for s in shares]
-    counts = [1 + math.floor(q) for q in quotas]
+    exact = [Fraction(s) for s in shares]
+    total = sum(exact)
+    quotas = [num_micro_batches * s / total for s in exact]
+    counts = [math.floor(q) for q in quotas]
     left = num_micro_batches - sum(counts)
-    by_remainder = sorted(range(world), key=lambda r: (-(quotas[r] - math.floor(quotas[r])), r))
+    by_remainder = sorted(range(world), key=lambda r: (-(quotas[r] - counts[r]), r))
     for r in by_remainder[:left]:
         counts[r] += 1
+    for r in range(world):
+        if counts[r] == 0:
+            donor = max((d for d in range(world) if counts[d] > 1),
+                        key=lambda d: (counts[d] - quotas[d], -d))
+            counts[donor] -= 1
+            counts[r] = 1
     ranges, start = [], 0
     for c in counts:
         ranges.append(range(start, start + c))

@@ -8,18 +8,16 @@ fails when the controller aborts the epoch, and that failure surfaces from
 `loss.backward()`.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from splice.agent.worker.group import ResilientGroup
 
 
-def _hook(group: ResilientGroup, bucket: Any) -> torch.futures.Future[torch.Tensor]:
+# No `from __future__ import annotations` here: DDP checks the hook's annotations as types.
+def _hook(group: ResilientGroup, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     # Gradients are already weighted by sample count, so the reduction is a plain sum.
     return group.all_reduce_future(bucket.buffer())
 

@@ -101,7 +101,11 @@ class ResilientGroup:
         self._waiters: set[threading.Event] = set()
         self._pending: set[torch.futures.Future[Any]] = set()
         self._abort_reason: str | None = None
+        # Set when a collective of this epoch failed on its own (a peer's connection reset
+        # before the controller's word arrived): the epoch is as good as aborted.
+        self._failure: str | None = None
         self._parked: list[Any] = []
+        self._local: Any = None
         self.epoch = 0
         self.rank = 0
         self.world_size = 1
@@ -122,6 +126,7 @@ class ResilientGroup:
             self.rank = build.spec.rank
             self.world_size = build.spec.world_size
             self._abort_reason = None
+            self._failure = None
 
     def abort(self, reason: str, *, below_epoch: int) -> None:
         """Fail every collective of epochs older than `below_epoch`, now and from now on.
@@ -142,10 +147,18 @@ class ResilientGroup:
 
     @property
     def aborted(self) -> str | None:
-        return self._abort_reason
+        """Why this epoch can no longer make progress, or None while it can."""
+        return self._abort_reason or self._failure
+
+    def _record_failure(self, error: BaseException) -> str:
+        reason = f"collective failed: {error}"
+        with self._lock:
+            if self._failure is None:
+                self._failure = reason
+        return reason
 
     def check(self) -> None:
-        reason = self._abort_reason
+        reason = self.aborted
         if reason is not None:
             raise CollectiveAborted(reason)
 
@@ -175,7 +188,7 @@ class ResilientGroup:
             try:
                 fut.wait()
             except Exception as e:  # a peer's connection reset: its loss is being handled
-                raise CollectiveAborted(f"collective failed: {e}") from e
+                raise CollectiveAborted(self._record_failure(e)) from e
         finally:
             with self._lock:
                 self._waiters.discard(done)
@@ -221,7 +234,7 @@ class ResilientGroup:
             try:
                 f.wait()
             except Exception as e:
-                _settle(out, error=CollectiveAborted(f"collective failed: {e}"))
+                _settle(out, error=CollectiveAborted(self._record_failure(e)))
                 return
             _settle(out, result=work)
 
@@ -255,13 +268,22 @@ class ResilientGroup:
         """
         with self._lock:
             pg, self._pg = self._pg, None
-        if pg is not None and hasattr(pg, "shutdown"):
-            pg.shutdown()
-        del pg
+            local, self._local = self._local, None
+        for group in (pg, local):
+            if group is not None and hasattr(group, "shutdown"):
+                group.shutdown()
 
     def local_group(self) -> Any:
-        """A one-rank gloo group for wrappers (DDP) that need a ProcessGroup object of their
-        own: their internal collectives become local no-ops and can never block, while the
-        real reduction goes through this group via a communication hook."""
-        store = dist.HashStore()
-        return dist.ProcessGroupGloo(store, 0, 1, datetime.timedelta(seconds=self._timeout_s))
+        """A one-rank process group for wrappers (DDP) that need a ProcessGroup object of
+        their own: their internal collectives become local no-ops and can never block,
+        while the real reduction goes through this group via a communication hook."""
+        if self._local is None:
+            store = dist.HashStore()
+            backend = dist.ProcessGroupGloo(store, 0, 1,
+                                            datetime.timedelta(seconds=self._timeout_s))
+            pg = dist.ProcessGroup(store, 0, 1)
+            pg._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+            pg._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO,
+                                 backend)
+            self._local = pg
+        return self._local

@@ -107,64 +107,76 @@ class Session:
         self.group.abort(f"epoch {m.epoch} announced: {m.reason}", below_epoch=m.epoch)
 
     def _join(self, why: str, deadline_s: float) -> None:
-        """Join the newest membership: build its group, agree on the step, restore it."""
+        """Join the newest membership: build its group, agree on the step, restore it.
+
+        Loops when a newer membership supersedes the one being joined (a fault during the
+        recovery): the half-built group is abandoned and the newer epoch joined instead.
+        """
+        while not self._join_newest(why, deadline_s):
+            pass
+
+    def _wait_link(self, predicate: Callable[[], bool], deadline_s: float) -> bool:
+        assert self._link is not None
+        return self._link.wait(predicate, max(0.0, deadline_s - time.monotonic()))
+
+    def _join_newest(self, why: str, deadline_s: float) -> bool:
+        """One attempt; True once joined, False if superseded and worth another attempt."""
         link = self._link
         assert link is not None
-        while True:
-            current = self.group.epoch
-            if not link.wait(lambda: link.membership_newer_than(current) is not None,
-                             max(0.0, deadline_s - time.monotonic())):
-                raise RecoveryFailed(f"no new membership within the timeout after: {why}")
-            m = link.membership_newer_than(current)
-            assert m is not None
-            if self.worker_id not in m.members:
-                raise Evicted(f"epoch {m.epoch} does not include {self.worker_id}: {m.reason}")
-            spec = EpochSpec(epoch=m.epoch, rank=list(m.members).index(self.worker_id),
-                             world_size=len(m.members), store_host=m.store_host,
-                             store_port=m.store_port, store_prefix=m.store_prefix)
-            build = self.group.begin_build(spec, on_done=link.notify)
-            if not m.initial:
-                link.send(lpb.WorkerToAgent(recovery_ready=pb.RecoveryReady(
-                    worker_id=self.worker_id, epoch=m.epoch,
-                    snapshot_steps=self._snapshots.steps())))
-            epoch = m.epoch
+        current = self.group.epoch
+        if not self._wait_link(lambda: link.membership_newer_than(current) is not None,
+                               deadline_s):
+            raise RecoveryFailed(f"no new membership within the timeout after: {why}")
+        m = link.membership_newer_than(current)
+        assert m is not None
+        if self.worker_id not in m.members:
+            raise Evicted(f"epoch {m.epoch} does not include {self.worker_id}: {m.reason}")
+        epoch = m.epoch
+        spec = EpochSpec(epoch=epoch, rank=list(m.members).index(self.worker_id),
+                         world_size=len(m.members), store_host=m.store_host,
+                         store_port=m.store_port, store_prefix=m.store_prefix)
+        build = self.group.begin_build(spec, on_done=link.notify)
+        if not m.initial:
+            link.send(lpb.WorkerToAgent(recovery_ready=pb.RecoveryReady(
+                worker_id=self.worker_id, epoch=epoch,
+                snapshot_steps=self._snapshots.steps())))
 
-            def settled() -> bool:
-                if link.membership_newer_than(epoch) is not None:
-                    return True
-                return build.done.is_set() and (m.initial or link.resume_for(epoch) is not None)
+        def superseded() -> bool:
+            return link.membership_newer_than(epoch) is not None
 
-            if not link.wait(settled, max(0.0, deadline_s - time.monotonic())):
-                raise RecoveryFailed(f"epoch {epoch} did not settle in time after: {why}")
-            if link.membership_newer_than(epoch) is not None:
-                log.info("epoch %d superseded while joining; moving on", epoch)
-                continue
-            if build.error is not None:
-                # A peer vanished while the group formed; its loss makes a newer epoch.
-                log.warning("building the group of epoch %d failed (%s); waiting for the "
-                            "next membership", epoch, build.error)
-                current = epoch
-                if not link.wait(lambda: link.membership_newer_than(epoch) is not None,
-                                 max(0.0, deadline_s - time.monotonic())):
-                    raise RecoveryFailed(f"group of epoch {epoch} failed: {build.error}")
-                continue
-            self.group.adopt(build)
-            newer = link.membership_newer_than(epoch)
-            if newer is not None:  # raced with the adopt: abort what we just adopted
-                self.group.abort(f"epoch {newer.epoch} announced", below_epoch=newer.epoch)
-                continue
-            self._shares = tuple(m.shares) or (1.0,) * len(m.members)
-            if m.initial:
-                self.step = 0
-                self._needs_sync = True
-            else:
-                resume = link.resume_for(epoch)
-                assert resume is not None
-                self._restore(resume.step)
-                log.info("worker %s: epoch %d, rank %d of %d, resuming at step %d (%s)",
-                         self.worker_id, epoch, self.rank, self.world_size, resume.step,
-                         resume.reason)
-            return
+        def settled() -> bool:
+            return superseded() or (build.done.is_set()
+                                    and (m.initial or link.resume_for(epoch) is not None))
+
+        if not self._wait_link(settled, deadline_s):
+            raise RecoveryFailed(f"epoch {epoch} did not settle in time after: {why}")
+        if superseded():
+            log.info("epoch %d superseded while joining; moving on", epoch)
+            return False
+        if build.error is not None:
+            # A peer vanished while the group formed; its loss makes a newer epoch.
+            log.warning("building the group of epoch %d failed (%s); waiting for the next "
+                        "membership", epoch, build.error)
+            if not self._wait_link(superseded, deadline_s):
+                raise RecoveryFailed(f"group of epoch {epoch} failed: {build.error}")
+            return False
+        self.group.adopt(build)
+        newer = link.membership_newer_than(epoch)
+        if newer is not None:  # raced with the adopt: abort what was just adopted
+            self.group.abort(f"epoch {newer.epoch} announced", below_epoch=newer.epoch)
+            return False
+        self._shares = tuple(m.shares) or (1.0,) * len(m.members)
+        if m.initial:
+            self.step = 0
+            self._needs_sync = True
+        else:
+            resume = link.resume_for(epoch)
+            assert resume is not None
+            self._restore(resume.step)
+            log.info("worker %s: epoch %d, rank %d of %d, resuming at step %d (%s)",
+                     self.worker_id, epoch, self.rank, self.world_size, resume.step,
+                     resume.reason)
+        return True
 
     # ---- registration -------------------------------------------------------------------
     def register(self, *, model: nn.Module, optimizer: torch.optim.Optimizer,

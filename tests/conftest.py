@@ -1,0 +1,67 @@
+"""Shared fixtures: local jobs (in-process controller, agent subprocesses) for integration
+tests. Every process a test starts is killed when the test ends."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from splice.localjob import LocalJob, LocalJobConfig, worker_argv
+
+JOB_TIMEOUT_S = 120.0
+
+
+def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool = False,
+                  nodes: int = 2, nproc: int = 2) -> tuple[dict, dict[str, dict]]:
+    """Run the fault-injection worker as a local job to completion.
+
+    Returns the controller's final status (as a dict) and each surviving worker's record.
+    """
+    out = tmp / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    args = ["--steps", str(steps), "--out", str(out)]
+    for d in die:
+        args += ["--die", d]
+    if ddp:
+        args.append("--ddp")
+    cfg = LocalJobConfig(worker_command=worker_argv("tests.workers.fault_worker", args),
+                         nodes=nodes, nproc=nproc, log_dir=str(tmp),
+                         extra_env=(("PYTHONPATH", str(Path(__file__).parent.parent)),))
+    with LocalJob(cfg) as job:
+        try:
+            status = job.wait_until(lambda s: s.phase in ("complete", "failed"), JOB_TIMEOUT_S,
+                                    "the job to end")
+            job.wait_agents(30)
+        except BaseException:
+            print(job.logs())
+            raise
+        logs = job.logs()
+    records = {}
+    for f in out.glob("*.json"):
+        rec = json.loads(f.read_text())
+        rec["losses"] = {int(k): v for k, v in rec["losses"].items()}
+        records[rec["worker_id"]] = rec
+    summary = {
+        "phase": status.phase, "epoch": status.epoch, "members": list(status.members),
+        "recoveries": status.recoveries, "message": status.message,
+        "timeline": [(e.kind, e.epoch, e.text) for e in status.timeline],
+        "pids": {w.worker_id: w.pid for w in status.workers}, "logs": logs,
+    }
+    return summary, records
+
+
+@pytest.fixture
+def job_dir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Integration tests start real processes; run them after the fast unit tests.
+    items.sort(key=lambda it: 1 if it.get_closest_marker("integration") else 0)
+
+
+__all__ = ["JOB_TIMEOUT_S", "os", "run_fault_job"]

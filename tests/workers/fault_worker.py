@@ -1,0 +1,96 @@
+"""A training worker for integration tests that can SIGKILL itself at an exact point.
+
+    --die WORKER_ID:STEP:PHASE   (repeatable)
+
+PHASE is where, within step STEP, the worker kills itself:
+  before    before its gradient all-reduce is issued (its peers wait in the collective)
+  during    right after issuing it (peers have part of its data, the rest never comes)
+  after     after the all-reduce completed, before the optimizer update
+  recovery  while joining epoch STEP (STEP names an epoch here), i.e. during a recovery
+At the end every surviving worker writes {step: loss} and its recovery count to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+import torch
+
+import splice
+from splice.examples.toy import TeacherDataset, make_mlp, mse_loss
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--out", required=True)
+    p.add_argument("--die", action="append", default=[])
+    p.add_argument("--ddp", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    me = os.environ.get("SPLICE_WORKER_ID", "standalone/0")
+    plans = []
+    for spec in args.die:
+        wid, step, phase = spec.rsplit(":", 2)
+        if wid == me:
+            plans.append((int(step), phase))
+
+    session = splice.init()
+    model = make_mlp(hidden=64, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    session.register(model=model, optimizer=optimizer, dataset=TeacherDataset(num_samples=1024),
+                     loss_fn=mse_loss, global_batch_size=32, micro_batch_size=4, seed=0,
+                     ddp=args.ddp)
+
+    group = session.group
+    issue, opt_step, build = group.all_reduce_async, optimizer.step, group.begin_build
+
+    def at(phase: str) -> bool:
+        return any(s == session.step and ph == phase for s, ph in plans)
+
+    def issue_hook(tensor: torch.Tensor):  # type: ignore[no-untyped-def]
+        if at("before"):
+            _die()
+        fut = issue(tensor)
+        if at("during"):
+            _die()
+        return fut
+
+    def opt_hook(*a, **k):  # type: ignore[no-untyped-def]
+        if at("after"):
+            _die()
+        return opt_step(*a, **k)
+
+    def build_hook(spec, *a, **k):  # type: ignore[no-untyped-def]
+        if any(s == spec.epoch and ph == "recovery" for s, ph in plans):
+            _die()
+        return build(spec, *a, **k)
+
+    # DDP's buckets and the loss go through all_reduce_async too, so one hook covers both.
+    group.all_reduce_async = issue_hook  # type: ignore[method-assign]
+    optimizer.step = opt_hook  # type: ignore[method-assign]
+    group.begin_build = build_hook  # type: ignore[method-assign]
+
+    losses: dict[int, float] = {}
+    while session.step < args.steps:
+        r = session.run_step()
+        if r is not None:
+            losses[r.step] = r.loss
+    with open(os.path.join(args.out, me.replace("/", "_") + ".json"), "w") as f:
+        json.dump({"worker_id": me, "losses": losses, "recoveries": session.recoveries,
+                   "world_size": session.world_size, "epoch": session.epoch,
+                   "pid": os.getpid()}, f)
+    session.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
