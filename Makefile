@@ -19,7 +19,7 @@ test: setup-test  ## proto drift check + the whole test suite
 
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q tests/test_layers.py
 	$(PY) scripts/genproto.py --check
 
 proto: setup      ## regenerate proto/*_pb2*.py from proto/*.proto
