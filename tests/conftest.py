@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +17,11 @@ JOB_TIMEOUT_S = 120.0
 
 
 def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool = False,
-                  nodes: int = 2, nproc: int = 2) -> tuple[dict, dict[str, dict]]:
+                  nodes: int = 2, nproc: int = 2, lose_node_at_step: int | None = None
+                  ) -> tuple[dict, dict[str, dict]]:
     """Run the fault-injection worker as a local job to completion.
+
+    `lose_node_at_step`: SIGKILL the last node's agent and all its workers at that step.
 
     Returns the controller's final status (as a dict) and each surviving worker's record.
     """
@@ -33,6 +37,10 @@ def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool 
                          extra_env=(("PYTHONPATH", str(Path(__file__).parent.parent)),))
     with LocalJob(cfg) as job:
         try:
+            if lose_node_at_step is not None:
+                job.wait_until(lambda s: max((w.last_step for w in s.workers), default=0)
+                               >= lose_node_at_step, JOB_TIMEOUT_S, "the step to lose a node")
+                os.killpg(job.agents[-1].pid, signal.SIGKILL)
             status = job.wait_until(lambda s: s.phase in ("complete", "failed"), JOB_TIMEOUT_S,
                                     "the job to end")
             job.wait_agents(30)

@@ -107,3 +107,13 @@ def test_ddp_recovers_from_a_crash(tmp_path: Path) -> None:
         # DDP reduces float32 buckets: equal up to float32 summation order.
         for step, loss in rec["losses"].items():
             assert math.isclose(loss, ref_curve[step], rel_tol=1e-3), (step, loss)
+
+
+def test_node_lost_with_its_agent(tmp_path: Path, reference: dict[int, float]) -> None:
+    """The whole node goes (agent and workers SIGKILLed): the agent's stream breaks, the
+    controller drops both its workers in one new epoch, the other node trains on."""
+    summary, records = run_fault_job(tmp_path, steps=STEPS, lose_node_at_step=10)
+    assert_recovered(summary, records, reference, world=2, epoch=2,
+                     killed={"node-1/0", "node-1/1"})
+    faults = [text for kind, _, text in summary["timeline"] if kind == "fault"]
+    assert any("node node-1 lost" in f for f in faults), faults

@@ -26,7 +26,8 @@ class AgentLost(Exception):
 
 class AgentLink:
     def __init__(self, path: str, worker_id: str,
-                 on_membership: Callable[[pb.Membership], None]) -> None:
+                 on_membership: Callable[[pb.Membership], None],
+                 on_closed: Callable[[str], None] = lambda reason: None) -> None:
         self.worker_id = worker_id
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.connect(path)
@@ -36,6 +37,7 @@ class AgentLink:
         self._resumes: dict[int, pb.Resume] = {}
         self._closed: str | None = None
         self._on_membership = on_membership
+        self._on_closed = on_closed
         self.send(lpb.WorkerToAgent(hello=lpb.WorkerHello(worker_id=worker_id, pid=os.getpid())))
         threading.Thread(target=self._read, name="splice-agent-link", daemon=True).start()
 
@@ -71,6 +73,7 @@ class AgentLink:
         with self._cond:
             self._closed = reason
             self._cond.notify_all()
+        self._on_closed(reason)
 
     def _take_membership(self, m: pb.Membership) -> None:
         with self._cond:

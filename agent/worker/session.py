@@ -106,6 +106,13 @@ class Session:
         """Reader thread: a newer epoch aborts this one's collectives immediately."""
         self.group.abort(f"epoch {m.epoch} announced: {m.reason}", below_epoch=m.epoch)
 
+    def _on_agent_lost(self, why: str) -> None:
+        """Reader thread: without its agent this worker cannot be steered, and the
+        controller has already counted it lost. Fail the collective it may be blocked in;
+        recovery then raises AgentLost instead of training on alone."""
+        if self._link is not None:  # not a clean close()
+            self.group.abort(f"agent lost: {why}", below_epoch=self.group.epoch + 1)
+
     def _join(self, why: str, deadline_s: float) -> None:
         """Join the newest membership: build its group, agree on the step, restore it.
 
@@ -391,14 +398,14 @@ class Session:
 
     def close(self) -> None:
         """Tell the agent this worker finished training (not a fault) and disconnect."""
-        if self._link is not None:
+        link, self._link = self._link, None
+        if link is not None:
             try:
-                self._link.send(lpb.WorkerToAgent(finished=lpb.WorkerFinished(
+                link.send(lpb.WorkerToAgent(finished=lpb.WorkerFinished(
                     worker_id=self.worker_id, step=self.step)))
             except AgentLost:
                 pass
-            self._link.close()
-            self._link = None
+            link.close()
         self.group.close()
 
 
@@ -418,8 +425,9 @@ def init(config: HookConfig | None = None) -> Session:
         return Session(worker_id="standalone/0", link=None, config=config)
     wid = env["SPLICE_WORKER_ID"]
     holder: list[Session] = []
-    link = AgentLink(path, wid, on_membership=lambda m: holder[0]._on_membership(m)
-                     if holder else None)
+    link = AgentLink(path, wid,
+                     on_membership=lambda m: holder[0]._on_membership(m) if holder else None,
+                     on_closed=lambda why: holder[0]._on_agent_lost(why) if holder else None)
     session = Session(worker_id=wid, link=link, config=config)
     holder.append(session)
     session._join("initial membership", time.monotonic() + config.join_timeout_s)
