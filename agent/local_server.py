@@ -105,11 +105,17 @@ class LocalServer:
             self.send(w, message)
 
     def close(self) -> None:
+        # shutdown() before close(): closing alone does not wake a thread blocked in
+        # accept() or recv() on Linux.
         self._closed = True
-        self._sock.close()
         with self._lock:
-            for c in self._conns.values():
-                c.close()
+            conns = list(self._conns.values())
+        for s in (self._sock, *conns):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
         try:
             os.unlink(self.path)
         except FileNotFoundError:

@@ -111,7 +111,9 @@ class Controller:
         opts = [("grpc.max_receive_message_length", self.config.max_message_bytes),
                 ("grpc.max_send_message_length", self.config.max_message_bytes),
                 ("grpc.so_reuseport", 0)]
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=256), options=opts)
+        self._executor = futures.ThreadPoolExecutor(max_workers=256,
+                                                    thread_name_prefix="splice-grpc")
+        self._server = grpc.server(self._executor, options=opts)
         pb_grpc.add_ControllerServicer_to_server(_Servicer(self), self._server)
         self.port = self._server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
@@ -129,6 +131,7 @@ class Controller:
                 s.outbox.put(None)
         if self._server is not None:
             self._server.stop(grace_s).wait()
+            self._executor.shutdown(wait=False)
         self._events.put(None)
         if self._loop is not None:
             self._loop.join(timeout=5)
@@ -207,7 +210,6 @@ class Controller:
                 return
             K = pb.WorkerEvent.Kind
             if ev.kind == K.READY:
-                self._jobs[job_id].view.worker_seen(ev.worker_id, session.node_id, ev.pid)
                 self._events.put((session, job_id, jobs.WorkerReady(ev.worker_id, ev.pid)))
             elif ev.kind == K.EXITED:
                 self._events.put((session, job_id,
@@ -222,6 +224,10 @@ class Controller:
             return
         if kind == "step_report":
             rep = msg.step_report
+            problem = self._check_worker_id(session, rep.worker_id)
+            if problem:
+                session.outbox.put(refusal("MALFORMED", problem))
+                return
             rt = self._jobs[job_id]
             if rep.epoch != rt.state.epoch:
                 session.outbox.put(refusal("STALE_EPOCH", f"step report of {rep.worker_id} for "
@@ -295,8 +301,11 @@ class Controller:
             rt.view.add_event(now, entry.kind, entry.epoch, entry.text)
             self._store.append_decision(job_id, f"{now:.6f} {entry.kind} e{entry.epoch} {entry.text}")
             log.info("[%s] %s: %s", job_id, entry.kind, entry.text)
-        if ready.refuse is not None and sender is not None:
-            sender.outbox.put(refusal(ready.refuse.code, ready.refuse.message))
+        if ready.refuse is not None:
+            if sender is not None:
+                sender.outbox.put(refusal(ready.refuse.code, ready.refuse.message))
+        elif isinstance(event, jobs.WorkerReady):
+            rt.view.worker_seen(event.worker_id, node_of(event.worker_id), event.pid)
         for nodes, message in ready.send:
             out = self._to_proto(job_id, message)
             with self._sessions_lock:

@@ -338,9 +338,6 @@ def test_event_without_a_kind_is_refused(h: Harness) -> None:
     assert h.snapshot() == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a refused duplicate READY still overwrites the "
-                   "worker's pid in the job view (service.py on_agent_message calls "
-                   "view.worker_seen before the state machine refuses)")
 def test_duplicate_ready_is_refused_without_changing_the_worker(h: Harness) -> None:
     a = h.agent()
     h.form(a)
@@ -351,9 +348,6 @@ def test_duplicate_ready_is_refused_without_changing_the_worker(h: Harness) -> N
     assert h.snapshot() == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: step reports' worker ids are not checked "
-                   "(service.py on_agent_message, step_report branch): agent b can "
-                   "overwrite a/0's progress or log a first_step for a made-up worker")
 @pytest.mark.parametrize("wid", ["a/0", "zzz"], ids=["other_node", "malformed"])
 def test_step_report_for_a_worker_not_of_the_sender_is_refused(h: Harness, wid: str) -> None:
     a = h.agent()

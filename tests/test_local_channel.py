@@ -9,9 +9,12 @@ real event (a delivered message, a closed socket) with a bounded timeout.
 from __future__ import annotations
 
 import os
+import platform
 import queue
 import socket
 import struct
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -267,12 +270,83 @@ def test_link_sends_to_the_agent(server: LocalServer, rec: Recorder,
     assert rec.next() == ("message", "a/0", msg)
 
 
+def test_link_raises_agent_lost_when_the_agent_goes_away(tmp_path: Path,
+                                                         links: list[AgentLink]) -> None:
+    """An agent that dies: its end of the socket closes under the worker."""
+    path = str(tmp_path / "raw.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        listener.listen(1)
+        listener.settimeout(TIMEOUT_S)
+        closed: queue.Queue[str] = queue.Queue()
+        links.append(AgentLink(path, "a/0", lambda m: None, on_closed=closed.put))
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(TIMEOUT_S)
+            assert read_frame(conn, lpb.WorkerToAgent).hello.worker_id == "a/0"
+    finally:
+        listener.close()
+    with pytest.raises(AgentLost):
+        links[-1].wait(lambda: False, TIMEOUT_S)
+    assert closed.get(timeout=TIMEOUT_S)  # on_closed ran, with a reason
+    assert closed.empty()
+
+
+# Kernel state of a thread blocked in a socket call, read from /proc (Linux only).
+_SYSCALLS = {"x86_64": {"recvfrom": 45, "accept4": 288},
+             "aarch64": {"recvfrom": 207, "accept4": 242}}
+
+
+def wait_blocked_in(threads: list[threading.Thread], syscall: str) -> None:
+    """Wait (bounded) until each thread is blocked in `syscall`, as the kernel reports it."""
+    numbers = _SYSCALLS.get(platform.machine())
+    if numbers is None or not os.path.exists(f"/proc/self/task/{threading.get_native_id()}"):
+        pytest.skip("needs Linux /proc/<pid>/task/<tid>/syscall on x86_64 or aarch64")
+    assert threads, "no thread to wait for"
+    want = str(numbers[syscall])
+    deadline = time.monotonic() + TIMEOUT_S
+    for t in threads:
+        while True:
+            try:
+                with open(f"/proc/self/task/{t.native_id}/syscall") as f:
+                    if f.read().split(" ", 1)[0] == want:
+                        break
+            except OSError:
+                pytest.skip("cannot read the thread's /proc syscall entry")
+            assert time.monotonic() < deadline, f"{t.name} never blocked in {syscall}"
+            os.sched_yield()
+
+
+def new_threads(before: set[threading.Thread], name: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t not in before and t.name == name]
+
+
+# Only 3 s: with the fix the end of stream arrives within microseconds of close().
+BUG_TIMEOUT_S = 3.0
+
+
 def test_link_raises_agent_lost_when_the_server_closes(server: LocalServer, rec: Recorder,
                                                        links: list[AgentLink]) -> None:
+    before = set(threading.enumerate())
     link, _ = open_link(server, rec, links)
+    # The race that matters in production: the server's thread waits for the next frame.
+    wait_blocked_in(new_threads(before, "splice-local-conn"), "recvfrom")
     server.close()
     with pytest.raises(AgentLost):
-        link.wait(lambda: False, TIMEOUT_S)
+        link.wait(lambda: False, BUG_TIMEOUT_S)
+
+
+def test_close_stops_the_accept_thread(tmp_path: Path, rec: Recorder) -> None:
+    before = set(threading.enumerate())
+    s = LocalServer(str(tmp_path / "s.sock"), set(EXPECTED), rec.on_message,
+                    rec.on_disconnect)
+    acceptors = new_threads(before, "splice-local-accept")
+    assert len(acceptors) == 1
+    wait_blocked_in(acceptors, "accept4")
+    s.close()
+    acceptors[0].join(BUG_TIMEOUT_S)
+    assert not acceptors[0].is_alive(), "the accept thread outlived close()"
 
 
 def test_link_raises_agent_lost_on_shutdown(server: LocalServer, rec: Recorder,
