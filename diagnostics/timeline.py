@@ -10,7 +10,7 @@ def format_timeline(status: pb.JobStatus, origin_s: float | None = None,
     """One line per event, times relative to `origin_s` (default: the first event)."""
     events = [(e.at_s, e.kind, e.text) for e in status.timeline]
     events += extra or []
-    events.sort()
+    events.sort(key=lambda e: e[0])  # stable: same-time events keep their causal order
     if not events:
         return "(no events yet)"
     t0 = events[0][0] if origin_s is None else origin_s
