@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the fault-free reference run")
     d.add_argument("--json", action="store_true", help="print one JSON summary object")
     d.set_defaults(func=_demo)
+
+    from splice.kube.cli import add_parser as add_operator_parser
+
+    add_operator_parser(sub)
     return p
 
 

@@ -1,0 +1,1 @@
+"""The Kubernetes operator: the SpliceJob resource reconciled into controller and worker pods."""
