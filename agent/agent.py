@@ -3,7 +3,9 @@
 `splice agent --controller HOST:PORT --nproc N -- python train.py ...` starts N workers,
 each told (through the environment) its worker id and the agent's Unix socket. Worker exits
 are reported to the controller the moment they happen; controller messages (memberships,
-resume decisions) are relayed to the workers at once. Survivors are never killed.
+resume decisions) are relayed to the workers at once. Survivors are never killed. If the
+controller goes away the workers train on and the agent reconnects to whichever controller
+replica leads, telling it what happened meanwhile.
 """
 
 from __future__ import annotations
@@ -17,29 +19,26 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
 
 from splice.agent.local_server import LocalServer
 from splice.agent.supervisor import Exit, Supervisor
+from splice.agent.upstream import AgentRefused, Attached, Upstream
 from splice.controller.membership import worker_id
 from splice.proto import controller_pb2 as pb
-from splice.proto import controller_pb2_grpc as pb_grpc
 from splice.proto import local_pb2 as lpb
 
 log = logging.getLogger("splice.agent")
 
-
-class AgentRefused(Exception):
-    """The controller refused this agent (unknown job, duplicate node, protocol); fix the
-    command line rather than retrying."""
+__all__ = ["Agent", "AgentConfig", "AgentRefused", "run_agent"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class AgentConfig:
-    controller: str                 # HOST:PORT of the controller
+    # HOST:PORT of the controller, or a comma-separated list of controller replicas.
+    controller: str
     command: tuple[str, ...]        # the worker command line
     nproc: int = 1                  # workers on this node
     job_id: str = "default"
@@ -57,97 +56,139 @@ class AgentConfig:
             raise ValueError("no worker command given (put it after --)")
         if not self.node_id or "/" in self.node_id:
             raise ValueError(f"node id must be non-empty without '/': {self.node_id!r}")
-        host, sep, port = self.controller.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"--controller must be HOST:PORT, got {self.controller!r}")
+        for address in self.addresses:
+            host, sep, port = address.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"--controller must be HOST:PORT[,HOST:PORT...], "
+                                 f"got {self.controller!r}")
+
+    @property
+    def addresses(self) -> list[str]:
+        return [a.strip() for a in self.controller.split(",") if a.strip()]
+
+
+@dataclass
+class _Worker:
+    pid: int = 0
+    state: int = pb.WorkerResync.STARTING
+    exit_code: int = 0
+    signal: int = 0
 
 
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.config = config
-        self._up: queue.SimpleQueue[pb.AgentMessage | None] = queue.SimpleQueue()
         self._workers = [worker_id(config.node_id, i) for i in range(config.nproc)]
         self._dir = tempfile.mkdtemp(prefix="splice-agent-")
         self._local = LocalServer(os.path.join(self._dir, "agent.sock"), set(self._workers),
                                   self._on_worker_message, self._on_worker_disconnect)
         self._supervisor = Supervisor(self._on_exit)
-        self._finished: set[str] = set()
-        self._latest: dict[str, lpb.AgentToWorker] = {}
+        self._upstream = Upstream(config.addresses, self._hello, credentials=credentials,
+                                  max_message_bytes=config.max_message_bytes)
         self._lock = threading.Lock()
+        self._state = {w: _Worker() for w in self._workers}
+        self._latest: dict[str, lpb.AgentToWorker] = {}
+        self._pending_ready: dict[str, pb.RecoveryReady] = {}
         self._epoch = 0
+        self._attached_once = False
+        self._outbox: queue.SimpleQueue[pb.AgentMessage | None] | None = None
+        self._stopping = threading.Event()
+        self.reconnects = 0
 
     # ---- upstream -----------------------------------------------------------------------
-    def _send_up(self, msg: pb.AgentMessage) -> None:
-        self._up.put(msg)
-
-    def _requests(self) -> Iterator[pb.AgentMessage]:
-        while True:
-            msg = self._up.get()
-            if msg is None:
-                return
-            yield msg
-
-    def _attach(self) -> Iterator[pb.ControllerMessage]:
-        opts = [("grpc.max_receive_message_length", self.config.max_message_bytes),
-                ("grpc.max_send_message_length", self.config.max_message_bytes)]
-        channel = grpc.insecure_channel(self.config.controller, options=opts)
-        try:
-            grpc.channel_ready_future(channel).result(timeout=self.config.connect_timeout_s)
-        except grpc.FutureTimeoutError:
-            raise ConnectionError(f"controller {self.config.controller} unreachable for "
-                                  f"{self.config.connect_timeout_s:.0f} s") from None
-        self._channel = channel
-        stub = pb_grpc.ControllerStub(channel)
-        self._send_up(pb.AgentMessage(hello=pb.AgentHello(
+    def _hello(self) -> pb.AgentHello:
+        hello = pb.AgentHello(
             protocol_version=pb.PROTOCOL_VERSION_1, job_id=self.config.job_id,
             node_id=self.config.node_id, num_workers=self.config.nproc,
-            hostname=socket.gethostname())))
-        responses: Iterator[pb.ControllerMessage] = stub.Attach(self._requests())
-        first = next(responses)
-        if first.WhichOneof("kind") == "refusal":
-            raise AgentRefused(first.refusal.message)
-        assert first.WhichOneof("kind") == "welcome", first
-        self._heartbeat_s = first.welcome.heartbeat_interval_s
-        log.info("agent %s attached to %s (job %s)", self.config.node_id,
-                 self.config.controller, self.config.job_id)
-        return responses
+            hostname=socket.gethostname())
+        with self._lock:
+            if self._attached_once:  # a re-attach: tell the controller what it missed
+                hello.epoch = self._epoch
+                for wid, w in self._state.items():
+                    hello.workers.append(pb.WorkerResync(
+                        worker_id=wid, state=w.state, pid=w.pid,  # type: ignore[arg-type]
+                        exit_code=w.exit_code, signal=w.signal))
+        return hello
 
-    def _relay_down(self, responses: Iterator[pb.ControllerMessage]) -> None:
+    def _resend_after_hello(self) -> list[pb.AgentMessage]:
+        with self._lock:
+            return [pb.AgentMessage(recovery_ready=r) for r in self._pending_ready.values()]
+
+    def _send_up(self, msg: pb.AgentMessage) -> None:
+        outbox = self._outbox
+        if outbox is not None:  # while detached, the resync on re-attach carries the state
+            outbox.put(msg)
+
+    def _relay_down(self, attached: Attached) -> None:
         try:
-            for msg in responses:
+            for msg in attached.responses:
                 kind = msg.WhichOneof("kind")
                 if kind == "refusal":
                     log.info("controller refused: %s: %s",
                              pb.Refusal.Code.Name(msg.refusal.code), msg.refusal.message)
                     continue
+                if kind == "shutdown":
+                    log.warning("controller asks to shut down: %s", msg.shutdown.reason)
+                    self._supervisor.signal_all(signal.SIGTERM)
+                    continue
                 if kind == "membership":
-                    self._epoch = max(self._epoch, msg.membership.epoch)
+                    with self._lock:
+                        self._epoch = max(self._epoch, msg.membership.epoch)
+                        self._pending_ready = {w: r for w, r in self._pending_ready.items()
+                                               if r.epoch >= msg.membership.epoch}
                     down = lpb.AgentToWorker(membership=msg.membership)
                 elif kind == "resume":
+                    with self._lock:
+                        self._pending_ready = {w: r for w, r in self._pending_ready.items()
+                                               if r.epoch > msg.resume.epoch}
                     down = lpb.AgentToWorker(resume=msg.resume)
-                elif kind == "shutdown":
-                    down = lpb.AgentToWorker(shutdown=msg.shutdown)
                 else:
                     continue
                 with self._lock:
                     self._latest[kind] = down
                 self._local.broadcast(down)
         except grpc.RpcError as e:
-            if not self._stopping:
-                log.warning("lost the controller stream (%s); workers keep training",
-                            e.code().name)
+            if not self._stopping.is_set():
+                log.warning("lost the controller stream to %s (%s); workers keep training",
+                            attached.address, e.code().name)
 
-    def _heartbeats(self) -> None:
-        while not self._stopping:
-            time.sleep(self._heartbeat_s)  # a period, not synchronisation
-            self._send_up(pb.AgentMessage(heartbeat=pb.Heartbeat(
+    def _stay_attached(self, first: Attached) -> None:
+        """Relay until the stream ends, then re-attach (to the new leader) and go on."""
+        attached: Attached | None = first
+        while attached is not None and not self._stopping.is_set():
+            self._outbox = attached.outbox
+            threading.Thread(target=self._heartbeats, args=(attached,), daemon=True,
+                             name="splice-heartbeat").start()
+            self._relay_down(attached)
+            self._outbox = None
+            attached.outbox.put(None)
+            attached.channel.close()
+            if self._stopping.is_set():
+                return
+            attached = self._upstream.attach(self._stopping, self._resend_after_hello,
+                                             deadline_s=None, first_time=False)
+            if attached is not None:
+                self.reconnects += 1
+                log.info("agent %s re-attached to %s", self.config.node_id, attached.address)
+
+    def _heartbeats(self, attached: Attached) -> None:
+        while not self._stopping.is_set() and self._outbox is attached.outbox:
+            self._stopping.wait(attached.heartbeat_interval_s)  # a period, not a sync
+            attached.outbox.put(pb.AgentMessage(heartbeat=pb.Heartbeat(
                 epoch=self._epoch, sent_at_s=time.time())))
 
     # ---- workers ------------------------------------------------------------------------
     def _on_exit(self, ex: Exit) -> None:
         how = f"signal {ex.signal}" if ex.signal else f"code {ex.exit_code}"
-        level = logging.INFO if (ex.exit_code == 0 and not ex.signal) else logging.WARNING
-        log.log(level, "worker %s (pid %d) exited: %s", ex.worker_id, ex.pid, how)
+        clean = ex.exit_code == 0 and not ex.signal
+        log.log(logging.INFO if clean else logging.WARNING,
+                "worker %s (pid %d) exited: %s", ex.worker_id, ex.pid, how)
+        with self._lock:
+            w = self._state[ex.worker_id]
+            if not (clean and w.state == pb.WorkerResync.FINISHED):
+                w.state, w.exit_code, w.signal = pb.WorkerResync.EXITED, ex.exit_code, ex.signal
+            self._pending_ready.pop(ex.worker_id, None)
         self._send_up(pb.AgentMessage(worker_event=pb.WorkerEvent(
             worker_id=ex.worker_id, kind=pb.WorkerEvent.EXITED, pid=ex.pid,
             exit_code=ex.exit_code, signal=ex.signal, at_s=time.time())))
@@ -155,10 +196,12 @@ class Agent:
     def _on_worker_message(self, wid: str, msg: lpb.WorkerToAgent) -> None:
         kind = msg.WhichOneof("kind")
         if kind == "hello":
+            with self._lock:
+                self._state[wid].state = pb.WorkerResync.CONNECTED
+                self._state[wid].pid = msg.hello.pid
+                latest = [self._latest[k] for k in ("membership", "resume") if k in self._latest]
             self._send_up(pb.AgentMessage(worker_event=pb.WorkerEvent(
                 worker_id=wid, kind=pb.WorkerEvent.READY, pid=msg.hello.pid, at_s=time.time())))
-            with self._lock:
-                latest = [self._latest[k] for k in ("membership", "resume") if k in self._latest]
             for down in latest:
                 self._local.send(wid, down)
         elif kind == "step_report":
@@ -166,10 +209,12 @@ class Agent:
                 self._send_up(pb.AgentMessage(step_report=msg.step_report))
         elif kind == "recovery_ready":
             if msg.recovery_ready.worker_id == wid:
+                with self._lock:
+                    self._pending_ready[wid] = msg.recovery_ready
                 self._send_up(pb.AgentMessage(recovery_ready=msg.recovery_ready))
         elif kind == "finished":
             with self._lock:
-                self._finished.add(wid)
+                self._state[wid].state = pb.WorkerResync.FINISHED
             self._send_up(pb.AgentMessage(worker_event=pb.WorkerEvent(
                 worker_id=wid, kind=pb.WorkerEvent.FINISHED, at_s=time.time())))
 
@@ -179,18 +224,29 @@ class Agent:
     # ---- main ---------------------------------------------------------------------------
     def run(self) -> int:
         """Run until every worker has ended. Returns 0 if any worker finished training."""
-        self._stopping = False
         try:
-            responses = self._attach()
-        except (AgentRefused, ConnectionError) as e:
+            attached = self._upstream.attach(
+                self._stopping, lambda: [],
+                deadline_s=time.monotonic() + self.config.connect_timeout_s, first_time=True)
+        except AgentRefused as e:
             log.error("agent %s: %s", self.config.node_id, e)
             self._local.close()
             return 2
-        threading.Thread(target=self._relay_down, args=(responses,), daemon=True,
-                         name="splice-agent-down").start()
-        threading.Thread(target=self._heartbeats, daemon=True, name="splice-heartbeat").start()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda s, _f: self._supervisor.signal_all(s))
+        if attached is None:
+            log.error("agent %s: no controller reachable at %s within %.0f s",
+                      self.config.node_id, self.config.controller, self.config.connect_timeout_s)
+            self._local.close()
+            return 2
+        log.info("agent %s attached to %s (job %s)", self.config.node_id, attached.address,
+                 self.config.job_id)
+        with self._lock:
+            self._attached_once = True
+        self._outbox = attached.outbox
+        threading.Thread(target=self._stay_attached, args=(attached,), daemon=True,
+                         name="splice-agent-upstream").start()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda s, _f: self._supervisor.signal_all(s))
         for local_rank, wid in enumerate(self._workers):
             env = dict(os.environ)
             env.update({
@@ -198,22 +254,26 @@ class Agent:
                 "SPLICE_JOB_ID": self.config.job_id, "SPLICE_NODE_ID": self.config.node_id,
                 "SPLICE_LOCAL_RANK": str(local_rank), "SPLICE_GLOO_HOST": self.config.gloo_host,
             })
+            env.setdefault("OMP_NUM_THREADS", "1")
             pid = self._supervisor.launch(wid, self.config.command, env)
+            with self._lock:
+                self._state[wid].pid = pid
             self._send_up(pb.AgentMessage(worker_event=pb.WorkerEvent(
                 worker_id=wid, kind=pb.WorkerEvent.STARTED, pid=pid, at_s=time.time())))
-        while not self._supervisor.wait_all(timeout_s=1.0):
-            pass
-        self._stopping = True
-        self._up.put(None)
+        self._supervisor.wait_all()
+        self._stopping.set()
+        outbox = self._outbox
+        if outbox is not None:
+            outbox.put(None)
         self._local.close()
         with self._lock:
-            finished = len(self._finished)
+            finished = sum(w.state == pb.WorkerResync.FINISHED for w in self._state.values())
         log.info("agent %s: all workers ended (%d finished training)", self.config.node_id,
                  finished)
         return 0 if finished else 1
 
 
-def run_agent(config: AgentConfig) -> int:
+def run_agent(config: AgentConfig, credentials: grpc.ChannelCredentials | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return Agent(config).run()
+    return Agent(config, credentials).run()

@@ -85,7 +85,15 @@ class RecoveryReady:
     snapshot_steps: tuple[int, ...]
 
 
-Event = WorkerReady | WorkerExited | WorkerFinished | NodeLost | RecoveryReady
+@dataclass(frozen=True)
+class WorkerResync:
+    """A re-attaching agent (after a controller failover) says its worker is alive."""
+
+    worker_id: str
+    pid: int
+
+
+Event = WorkerReady | WorkerExited | WorkerFinished | NodeLost | RecoveryReady | WorkerResync
 
 
 # ---- effects ------------------------------------------------------------------------------
@@ -115,6 +123,9 @@ class TimelineEntry:
 @dataclass(frozen=True)
 class Ready:
     persist: Membership | None = None
+    # A resume decision is persisted too (after `persist`, before `send`): a leader that
+    # takes over mid-recovery must not decide a different step than its predecessor.
+    persist_resume: Resume | None = None
     # (nodes to send to, message); the loop sends them after `persist` succeeded.
     send: tuple[tuple[frozenset[str], Membership | Resume], ...] = ()
     refuse: Refuse | None = None
@@ -171,6 +182,8 @@ def step(state: JobState, event: Event, now: float) -> tuple[JobState, Ready]:
         return _on_node_lost(state, event)
     if isinstance(event, RecoveryReady):
         return _on_recovery_ready(state, event)
+    if isinstance(event, WorkerResync):
+        return _on_resync(state, event)
     raise TypeError(f"unknown event {event!r}")
 
 
@@ -291,7 +304,38 @@ def _on_recovery_ready(state: JobState, ev: RecoveryReady) -> tuple[JobState, Re
         return failed, Ready(timeline=(TimelineEntry("failed", state.epoch, plan.reason),))
     resumed = replace(state, phase=Phase.RUNNING, resume_step=plan.step,
                       recoveries=state.recoveries + 1)
+    resume = Resume(state.epoch, plan.step, plan.reason)
     return resumed, Ready(
-        send=((state.membership.nodes(), Resume(state.epoch, plan.step, plan.reason)),),
+        persist_resume=resume,
+        send=((state.membership.nodes(), resume),),
         timeline=(TimelineEntry("resume", state.epoch, plan.reason),),
+    )
+
+
+def _on_resync(state: JobState, ev: WorkerResync) -> tuple[JobState, Ready]:
+    known = state.workers.get(ev.worker_id)
+    if known is not None and known.state in (WorkerState.EXITED, WorkerState.FINISHED):
+        return state, Ready(refuse=Refuse(
+            "MALFORMED", f"worker {ev.worker_id} already ended; it cannot be alive"))
+    members = () if state.membership is None else state.membership.members
+    if ev.worker_id in members:
+        return _with_worker(state, ev.worker_id,
+                            WorkerRecord(pid=ev.pid, state=WorkerState.MEMBER)), Ready()
+    return _on_ready(state, WorkerReady(ev.worker_id, ev.pid))
+
+
+def adopt(spec: JobSpec, record: Membership | None, resume: tuple[int, int] | None
+          ) -> JobState:
+    """The state a newly elected leader starts from: the persisted epoch, its members
+    assumed alive until their agents re-attach (or fail to, within a grace period), and
+    RECOVERING if no resume step was persisted for that epoch yet."""
+    if record is None:
+        return JobState(spec=spec)
+    workers = {w: WorkerRecord(pid=0, state=WorkerState.MEMBER) for w in record.members}
+    resumed = record.initial or (resume is not None and resume[0] == record.epoch)
+    return JobState(
+        spec=spec, membership=record,
+        phase=Phase.RUNNING if resumed else Phase.RECOVERING,
+        workers=MappingProxyType(workers),
+        resume_step=(0 if record.initial else resume[1] if resumed and resume else None),
     )

@@ -15,18 +15,42 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 
 from splice.controller import job as jobs
-from splice.controller.membership import Membership, node_of, parse_worker_id
+from splice.controller.membership import Membership, node_of, parse_worker_id, rank_order
 from splice.controller.rendezvous import RendezvousStore
 from splice.controller.status import JobView
-from splice.controller.store import EpochConflict, EpochRecord, StateStore
+from splice.controller.store import (
+    EpochConflict,
+    EpochRecord,
+    Fence,
+    NotLeader,
+    StateStore,
+    StoreUnavailable,
+)
 from splice.proto import controller_pb2 as pb
 from splice.proto import controller_pb2_grpc as pb_grpc
 
 log = logging.getLogger("splice.controller")
+
+
+class Election(Protocol):
+    """Leader election among controller replicas (controller/leader.py on etcd)."""
+
+    def campaign(self, stop: threading.Event) -> Fence | None: ...
+    def resign(self) -> None: ...
+    def leader(self) -> str | None: ...
+
+
+AdminCheck = Callable[[grpc.ServicerContext, str], None]
+
+
+def allow_everyone(context: grpc.ServicerContext, action: str) -> None:
+    """Without TLS there is no identity to check: whoever reaches the port is admin."""
+    del context, action
 
 PROTOCOL_VERSION = pb.PROTOCOL_VERSION_1
 
@@ -45,6 +69,9 @@ class ControllerConfig:
     node_timeout_s: float = 10.0
     # Larger messages are refused by gRPC before they reach any handler.
     max_message_bytes: int = 4 * 1024 * 1024
+    # After taking over as leader, how long members' agents have to re-attach before
+    # their workers are counted lost.
+    reattach_grace_s: float = 5.0
     jobs: tuple[jobs.JobSpec, ...] = ()
 
     def __post_init__(self) -> None:
@@ -60,8 +87,9 @@ class ControllerConfig:
             raise ValueError(f"duplicate job ids: {ids}")
 
 
-def refusal(code: str, message: str) -> pb.ControllerMessage:
-    return pb.ControllerMessage(refusal=pb.Refusal(code=pb.Refusal.Code.Value(code), message=message))
+def refusal(code: str, message: str, leader: str = "") -> pb.ControllerMessage:
+    return pb.ControllerMessage(refusal=pb.Refusal(code=pb.Refusal.Code.Value(code),
+                                                   message=message, leader=leader))
 
 
 @dataclass(eq=False)
@@ -85,17 +113,31 @@ _Item = tuple[AgentSession | None, str, "jobs.Event | Callable[[], None]"]
 
 class Controller:
     def __init__(self, config: ControllerConfig, store: StateStore,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *, election: Election | None = None,
+                 server_credentials: grpc.ServerCredentials | None = None,
+                 admin_check: AdminCheck = allow_everyone) -> None:
         self.config = config
         self._store = store
         self._clock = clock
+        self._election = election
+        self._credentials = server_credentials
+        self._admin_check = admin_check
         self._jobs = {
             spec.job_id: _JobRuntime(jobs.JobState(spec=spec), JobView()) for spec in config.jobs
         }
-        for spec in config.jobs:
-            if store.load_epoch(spec.job_id) is not None:
-                # Resuming a job across controller restarts needs the agents' resync (HA).
-                raise RuntimeError(f"job {spec.job_id!r} already has epochs in the state store")
+        if election is None:
+            for spec in config.jobs:
+                if store.load_epoch(spec.job_id) is not None:
+                    raise RuntimeError(
+                        f"job {spec.job_id!r} already has epochs in the state store; a job "
+                        "is taken over only by an elected controller (run with an election)")
+        self._fence: Fence | None = None
+        self._leading = threading.Event()
+        self._lost = threading.Event()
+        self._stop = threading.Event()
+        self.leader_since_s = 0.0
+        # (job, node) -> wall-clock deadline for re-attaching after a takeover
+        self._expected: dict[tuple[str, str], float] = {}
         self._sessions: dict[tuple[str, str], AgentSession] = {}
         self._sessions_lock = threading.Lock()
         self._events: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
@@ -115,17 +157,101 @@ class Controller:
                                                     thread_name_prefix="splice-grpc")
         self._server = grpc.server(self._executor, options=opts)
         pb_grpc.add_ControllerServicer_to_server(_Servicer(self), self._server)
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if self._credentials is not None:
+            self.port = self._server.add_secure_port(f"{host}:{port}", self._credentials)
+        else:
+            self.port = self._server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
+        self.address = f"{self.config.advertise_host}:{self.port}"
         self._loop = threading.Thread(target=self._run_loop, name="splice-controller-loop",
                                       daemon=True)
         self._loop.start()
         self._server.start()
+        if self._election is None:
+            self._become_leader(None)
+        else:
+            threading.Thread(target=self._lead, name="splice-election", daemon=True).start()
         log.info("controller serving on %s:%d, rendezvous store on %s:%d", host, self.port,
                  self.rendezvous.host, self.rendezvous.port)
 
+    # ---- leadership ---------------------------------------------------------------------
+    @property
+    def leading(self) -> bool:
+        return self._leading.is_set()
+
+    def wait_leading(self, timeout_s: float) -> bool:
+        return self._leading.wait(timeout_s)
+
+    def _lead(self) -> None:
+        """Campaign; lead until deposed; campaign again (as a standby) until stopped."""
+        assert self._election is not None
+        while not self._stop.is_set():
+            fence = self._election.campaign(self._stop)
+            if fence is None:
+                return
+            self._events.put((None, "", lambda f=fence: self._become_leader(f)))
+            self._lost.wait()
+            self._lost.clear()
+
+    def on_leadership_lost(self, reason: str) -> None:
+        """Called by the election (any thread) when this replica no longer leads."""
+        self._events.put((None, "", lambda: self._step_down(reason)))
+
+    def _become_leader(self, fence: Fence | None) -> None:
+        """Loop thread: adopt every job's persisted state and start serving agents."""
+        self._fence = fence
+        now = self._clock()
+        for job_id, rt in self._jobs.items():
+            spec = rt.state.spec
+            stored = self._store.load_epoch(job_id)
+            self._store.save_job_spec(job_id, {"job_id": spec.job_id,
+                                               "world_size": spec.world_size,
+                                               "min_world_size": spec.min_world_size})
+            if stored is None:
+                continue
+            record = Membership(epoch=stored.epoch, members=stored.members,
+                                shares=stored.shares, reason=stored.reason,
+                                initial=stored.epoch == 1)
+            rt.state = jobs.adopt(spec, record, self._store.load_resume(job_id))
+            for node in record.nodes():
+                self._expected[(job_id, node)] = now + self.config.reattach_grace_s
+            rt.view.add_event(now, "takeover", record.epoch,
+                              f"{self.address} leads; adopted epoch {record.epoch} "
+                              f"({rt.state.phase.value}); waiting for {len(record.nodes())} "
+                              f"agents to re-attach")
+        self.leader_since_s = now
+        self._leading.set()
+        log.info("controller %s is the leader", self.address)
+
+    def _step_down(self, reason: str) -> None:
+        if not self._leading.is_set():
+            return
+        log.error("controller %s is no longer the leader: %s", self.address, reason)
+        self._leading.clear()
+        self._fence = None
+        self._expected.clear()
+        for rt in self._jobs.values():
+            rt.state = jobs.JobState(spec=rt.state.spec)
+        with self._sessions_lock:
+            sessions = list(self._sessions.values())
+        for s in sessions:
+            s.outbox.put(refusal("NOT_LEADER", f"{self.address} stepped down: {reason}",
+                                 leader=self._leader_hint()))
+            s.outbox.put(None)
+        self._lost.set()
+
+    def _leader_hint(self) -> str:
+        if self._election is None:
+            return self.address if self.leading else ""
+        try:
+            return self._election.leader() or ""
+        except Exception:  # a hint only; the store may be down
+            return ""
+
     def stop(self, grace_s: float = 1.0) -> None:
+        self._stop.set()
+        self._lost.set()
         with self._sessions_lock:
             for s in self._sessions.values():
                 s.outbox.put(None)
@@ -154,13 +280,33 @@ class Controller:
         m = state.membership
         status = pb.JobStatus(job_id=job_id, phase=state.phase.value, epoch=state.epoch,
                               members=list(m.members) if m else [],
-                              recoveries=state.recoveries, message=state.message)
+                              recoveries=state.recoveries, message=state.message,
+                              controller=getattr(self, "address", ""), leader=self.leading,
+                              leader_since_s=self.leader_since_s)
+        if not self.leading:
+            status.phase = "standby"
+            status.message = f"standby; the leader is {self._leader_hint() or 'unknown'}"
         rt.view.fill(status)
         for w in status.workers:
             rec = state.workers.get(w.worker_id)
             w.state = rec.state.value if rec else "starting"
             w.rank = m.rank_of(w.worker_id) if m and w.worker_id in m.members else -1
         return status
+
+    def check_admin(self, context: grpc.ServicerContext, action: str) -> None:
+        self._admin_check(context, action)
+
+    def stop_job(self, job_id: str, reason: str) -> pb.JobStatus:
+        """Tell every agent of the job to shut its workers down."""
+        if job_id not in self._jobs:
+            raise KeyError(job_id)
+        with self._sessions_lock:
+            targets = [s for (j, _), s in self._sessions.items() if j == job_id]
+        self._jobs[job_id].view.add_event(self._clock(), "stop", self._jobs[job_id].state.epoch,
+                                          f"job stopped: {reason}")
+        for s in targets:
+            s.outbox.put(pb.ControllerMessage(shutdown=pb.Shutdown(reason=reason)))
+        return self.job_status(job_id)
 
     # ---- sessions -----------------------------------------------------------------------
     def open_session(self, hello: pb.AgentHello) -> AgentSession | pb.ControllerMessage:
@@ -174,6 +320,15 @@ class Controller:
         if not hello.node_id or "/" in hello.node_id:
             return refusal("MALFORMED", f"node id must be non-empty without '/': "
                                         f"{hello.node_id!r}")
+        if not self._leading.is_set():
+            hint = self._leader_hint()
+            return refusal("NOT_LEADER", f"{self.address} is a standby"
+                           + (f"; the leader is {hint}" if hint else "; no leader yet"),
+                           leader=hint)
+        for w in hello.workers:
+            problem = self._check_worker_id_of(hello.node_id, w.worker_id)
+            if problem:
+                return refusal("MALFORMED", f"resync: {problem}")
         key = (hello.job_id, hello.node_id)
         with self._sessions_lock:
             if key in self._sessions:
@@ -183,7 +338,36 @@ class Controller:
             self._sessions[key] = session
         log.info("agent %s attached to job %s with %d workers", hello.node_id, hello.job_id,
                  hello.num_workers)
+        self._events.put((None, hello.job_id,
+                          lambda: self._on_attached(session, list(hello.workers))))
         return session
+
+    def _on_attached(self, session: AgentSession, resync: list[pb.WorkerResync]) -> None:
+        """Loop thread: fold a (re-)attached agent's account of its workers into the job,
+        and hand it the current membership and resume decision it may have missed."""
+        job_id = session.job_id
+        self._expected.pop((job_id, session.node_id), None)
+        S = pb.WorkerResync.State
+        for w in sorted(resync, key=lambda w: rank_order(w.worker_id)):
+            if w.state == S.CONNECTED:
+                event: jobs.Event = jobs.WorkerResync(w.worker_id, w.pid)
+            elif w.state == S.EXITED:
+                event = jobs.WorkerExited(w.worker_id, w.exit_code, w.signal)
+            elif w.state == S.FINISHED:
+                event = jobs.WorkerFinished(w.worker_id)
+            else:
+                continue
+            self._apply(session, job_id, event)
+            if isinstance(event, jobs.WorkerResync):
+                self._jobs[job_id].view.worker_seen(w.worker_id, session.node_id, w.pid)
+        state = self._jobs[job_id].state
+        m = state.membership
+        if resync and m is not None and session.node_id in m.nodes():
+            session.outbox.put(self._to_proto(job_id, m))
+            if state.phase is jobs.Phase.RUNNING and state.resume_step is not None \
+                    and not m.initial:
+                session.outbox.put(self._to_proto(job_id, jobs.Resume(
+                    m.epoch, state.resume_step, "resume decided before the takeover")))
 
     def close_session(self, session: AgentSession, reason: str) -> None:
         with self._sessions_lock:
@@ -249,12 +433,16 @@ class Controller:
 
     @staticmethod
     def _check_worker_id(session: AgentSession, wid: str) -> str:
+        return Controller._check_worker_id_of(session.node_id, wid)
+
+    @staticmethod
+    def _check_worker_id_of(node_id: str, wid: str) -> str:
         try:
             parse_worker_id(wid)
         except ValueError as e:
             return str(e)
-        if node_of(wid) != session.node_id:
-            return f"agent {session.node_id} cannot speak for worker {wid} of another node"
+        if node_of(wid) != node_id:
+            return f"agent {node_id} cannot speak for worker {wid} of another node"
         return ""
 
     # ---- the loop -----------------------------------------------------------------------
@@ -269,7 +457,11 @@ class Controller:
             if item is None:
                 return
             try:
-                self._apply(*item)
+                sender, job_id, event = item
+                if callable(event):
+                    event()
+                elif self._leading.is_set():
+                    self._apply(sender, job_id, event)
             except Exception:  # a bug in one event must not stop the controller
                 log.exception("controller failed to apply %r", item)
             self._check_liveness()
@@ -281,21 +473,44 @@ class Controller:
                       if now - s.last_seen_s > self.config.node_timeout_s]
         for s in silent:
             self.close_session(s, f"no heartbeat for {now - s.last_seen_s:.1f} s")
+        # Only the loop thread touches _expected.
+        for (job_id, node), deadline in list(self._expected.items()):
+            if now > deadline:
+                del self._expected[(job_id, node)]
+                self._events.put((None, job_id, jobs.NodeLost(
+                    node, f"did not re-attach within {self.config.reattach_grace_s:.1f} s "
+                          "of the takeover")))
 
     def _apply(self, sender: AgentSession | None, job_id: str, event: jobs.Event) -> None:
         rt = self._jobs[job_id]
         now = self._clock()
         old = rt.state
         new, ready = jobs.step(old, event, now)
-        if ready.persist is not None:
-            m = ready.persist
-            record = EpochRecord(job_id=job_id, epoch=m.epoch, members=m.members,
-                                 shares=m.shares, reason=m.reason, decided_at_s=now)
-            try:
-                self._store.commit_epoch(record, expected_epoch=old.epoch)
-            except EpochConflict as e:
-                log.error("not announcing epoch %d of job %s: %s", m.epoch, job_id, e)
-                return
+        try:
+            if ready.persist is not None:
+                m = ready.persist
+                record = EpochRecord(job_id=job_id, epoch=m.epoch, members=m.members,
+                                     shares=m.shares, reason=m.reason, decided_at_s=now)
+                self._store.commit_epoch(record, expected_epoch=old.epoch, fence=self._fence)
+            if ready.persist_resume is not None:
+                r = ready.persist_resume
+                self._store.commit_resume(job_id, r.epoch, r.step, fence=self._fence)
+        except NotLeader as e:
+            self._step_down(f"the store refused a write: {e}")
+            return
+        except EpochConflict as e:
+            # Someone else advanced the job: our view is stale. Never announce it.
+            self._step_down(f"epoch conflict in job {job_id}: {e}")
+            return
+        except StoreUnavailable as e:
+            # Nothing was written, so nothing is announced; try the same event again later.
+            log.warning("state store unavailable (%s); retrying %s in %.2f s", e,
+                        type(event).__name__, e.retry_after_s)
+            timer = threading.Timer(e.retry_after_s, self._events.put,
+                                    args=((sender, job_id, event),))
+            timer.daemon = True
+            timer.start()
+            return
         rt.state = new
         for entry in ready.timeline:
             rt.view.add_event(now, entry.kind, entry.epoch, entry.text)
@@ -368,6 +583,21 @@ class _Servicer(pb_grpc.ControllerServicer):
             if out is None:
                 return
             yield out
+
+    def StopJob(self, request: pb.StopJobRequest,
+                context: grpc.ServicerContext) -> pb.JobStatus:
+        try:
+            self._c.check_admin(context, f"stop job {request.job_id!r}")
+        except PermissionError as e:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+        if not self._c.leading:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"not the leader; ask {self._c._leader_hint() or 'the leader'}")
+        try:
+            return self._c.stop_job(request.job_id, request.reason or "stopped by an operator")
+        except KeyError:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
+            raise
 
     def GetJobStatus(self, request: pb.JobStatusRequest,
                      context: grpc.ServicerContext) -> pb.JobStatus:

@@ -83,6 +83,16 @@ class StateStore(Protocol):
         """
         ...
 
+    def commit_resume(self, job_id: str, epoch: int, step: int,
+                      fence: Fence | None = None) -> None:
+        """Persist the resume step decided for `epoch`, if the stored epoch is `epoch` (and
+        the fence holds). Raises EpochConflict / NotLeader / StoreUnavailable otherwise."""
+        ...
+
+    def load_resume(self, job_id: str) -> tuple[int, int] | None:
+        """(epoch, step) of the newest persisted resume decision, or None."""
+        ...
+
     def save_job_spec(self, job_id: str, spec: dict[str, Any]) -> None:
         """Record the job's spec (JSON-compatible) so a standby controller can adopt it."""
         ...
@@ -114,6 +124,22 @@ class InMemoryStateStore:
         self._decisions: dict[str, list[str]] = {}
         self._specs: dict[str, str] = {}
         self._inventory: dict[str, dict[str, list[int]]] = {}
+        self._resumes: dict[str, tuple[int, int]] = {}
+
+    def commit_resume(self, job_id: str, epoch: int, step: int,
+                      fence: Fence | None = None) -> None:
+        del fence
+        with self._lock:
+            text = self._epochs.get(job_id)
+            stored = 0 if text is None else EpochRecord.from_json(text).epoch
+            if stored != epoch:
+                raise EpochConflict(f"job {job_id!r}: resume for epoch {epoch}, stored epoch "
+                                    f"is {stored}")
+            self._resumes[job_id] = (epoch, step)
+
+    def load_resume(self, job_id: str) -> tuple[int, int] | None:
+        with self._lock:
+            return self._resumes.get(job_id)
 
     def save_job_spec(self, job_id: str, spec: dict[str, Any]) -> None:
         text = json.dumps(spec, sort_keys=True)

@@ -29,18 +29,48 @@ class AgentMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., worker_event: _Optional[_Union[WorkerEvent, _Mapping]] = ..., step_report: _Optional[_Union[StepReport, _Mapping]] = ..., recovery_ready: _Optional[_Union[RecoveryReady, _Mapping]] = ...) -> None: ...
 
 class AgentHello(_message.Message):
-    __slots__ = ("protocol_version", "job_id", "node_id", "num_workers", "hostname")
+    __slots__ = ("protocol_version", "job_id", "node_id", "num_workers", "hostname", "epoch", "workers")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: ProtocolVersion
     job_id: str
     node_id: str
     num_workers: int
     hostname: str
-    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., job_id: _Optional[str] = ..., node_id: _Optional[str] = ..., num_workers: _Optional[int] = ..., hostname: _Optional[str] = ...) -> None: ...
+    epoch: int
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerResync]
+    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., job_id: _Optional[str] = ..., node_id: _Optional[str] = ..., num_workers: _Optional[int] = ..., hostname: _Optional[str] = ..., epoch: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerResync, _Mapping]]] = ...) -> None: ...
+
+class WorkerResync(_message.Message):
+    __slots__ = ("worker_id", "state", "pid", "exit_code", "signal")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[WorkerResync.State]
+        STARTING: _ClassVar[WorkerResync.State]
+        CONNECTED: _ClassVar[WorkerResync.State]
+        EXITED: _ClassVar[WorkerResync.State]
+        FINISHED: _ClassVar[WorkerResync.State]
+    STATE_UNSPECIFIED: WorkerResync.State
+    STARTING: WorkerResync.State
+    CONNECTED: WorkerResync.State
+    EXITED: WorkerResync.State
+    FINISHED: WorkerResync.State
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    state: WorkerResync.State
+    pid: int
+    exit_code: int
+    signal: int
+    def __init__(self, worker_id: _Optional[str] = ..., state: _Optional[_Union[WorkerResync.State, str]] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("epoch", "sent_at_s")
@@ -163,7 +193,7 @@ class Resume(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Refusal(_message.Message):
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "leader")
     class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         CODE_UNSPECIFIED: _ClassVar[Refusal.Code]
@@ -173,6 +203,9 @@ class Refusal(_message.Message):
         UNKNOWN_WORKER: _ClassVar[Refusal.Code]
         PROTOCOL_MISMATCH: _ClassVar[Refusal.Code]
         NOT_ATTACHED: _ClassVar[Refusal.Code]
+        NOT_LEADER: _ClassVar[Refusal.Code]
+        PERMISSION_DENIED: _ClassVar[Refusal.Code]
+        UNAVAILABLE: _ClassVar[Refusal.Code]
     CODE_UNSPECIFIED: Refusal.Code
     MALFORMED: Refusal.Code
     UNKNOWN_JOB: Refusal.Code
@@ -180,11 +213,16 @@ class Refusal(_message.Message):
     UNKNOWN_WORKER: Refusal.Code
     PROTOCOL_MISMATCH: Refusal.Code
     NOT_ATTACHED: Refusal.Code
+    NOT_LEADER: Refusal.Code
+    PERMISSION_DENIED: Refusal.Code
+    UNAVAILABLE: Refusal.Code
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
     code: Refusal.Code
     message: str
-    def __init__(self, code: _Optional[_Union[Refusal.Code, str]] = ..., message: _Optional[str] = ...) -> None: ...
+    leader: str
+    def __init__(self, code: _Optional[_Union[Refusal.Code, str]] = ..., message: _Optional[str] = ..., leader: _Optional[str] = ...) -> None: ...
 
 class Shutdown(_message.Message):
     __slots__ = ("reason",)
@@ -197,6 +235,14 @@ class JobStatusRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class StopJobRequest(_message.Message):
+    __slots__ = ("job_id", "reason")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    reason: str
+    def __init__(self, job_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
     __slots__ = ("worker_id", "node_id", "pid", "state", "rank", "last_step", "last_loss", "last_step_time_s")
@@ -231,7 +277,7 @@ class TimelineEvent(_message.Message):
     def __init__(self, at_s: _Optional[float] = ..., kind: _Optional[str] = ..., epoch: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "phase", "epoch", "members", "workers", "timeline", "recoveries", "message")
+    __slots__ = ("job_id", "phase", "epoch", "members", "workers", "timeline", "recoveries", "message", "controller", "leader", "leader_since_s")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +286,9 @@ class JobStatus(_message.Message):
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
     RECOVERIES_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    LEADER_SINCE_S_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     phase: str
     epoch: int
@@ -248,4 +297,7 @@ class JobStatus(_message.Message):
     timeline: _containers.RepeatedCompositeFieldContainer[TimelineEvent]
     recoveries: int
     message: str
-    def __init__(self, job_id: _Optional[str] = ..., phase: _Optional[str] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., timeline: _Optional[_Iterable[_Union[TimelineEvent, _Mapping]]] = ..., recoveries: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    controller: str
+    leader: bool
+    leader_since_s: float
+    def __init__(self, job_id: _Optional[str] = ..., phase: _Optional[str] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., timeline: _Optional[_Iterable[_Union[TimelineEvent, _Mapping]]] = ..., recoveries: _Optional[int] = ..., message: _Optional[str] = ..., controller: _Optional[str] = ..., leader: _Optional[bool] = ..., leader_since_s: _Optional[float] = ...) -> None: ...

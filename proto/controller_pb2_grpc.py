@@ -44,6 +44,11 @@ class ControllerStub:
                 request_serializer=splice_dot_proto_dot_controller__pb2.JobStatusRequest.SerializeToString,
                 response_deserializer=splice_dot_proto_dot_controller__pb2.JobStatus.FromString,
                 _registered_method=True)
+        self.StopJob = channel.unary_unary(
+                '/splice.v1.Controller/StopJob',
+                request_serializer=splice_dot_proto_dot_controller__pb2.StopJobRequest.SerializeToString,
+                response_deserializer=splice_dot_proto_dot_controller__pb2.JobStatus.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -63,6 +68,14 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StopJob(self, request, context):
+        """Administrative: stop a job (agents are told to shut their workers down). Needs an
+        authenticated administrator identity when the control plane runs with TLS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +87,11 @@ def add_ControllerServicer_to_server(servicer, server):
             'GetJobStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJobStatus,
                     request_deserializer=splice_dot_proto_dot_controller__pb2.JobStatusRequest.FromString,
+                    response_serializer=splice_dot_proto_dot_controller__pb2.JobStatus.SerializeToString,
+            ),
+            'StopJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopJob,
+                    request_deserializer=splice_dot_proto_dot_controller__pb2.StopJobRequest.FromString,
                     response_serializer=splice_dot_proto_dot_controller__pb2.JobStatus.SerializeToString,
             ),
     }
@@ -130,6 +148,33 @@ class Controller:
             target,
             '/splice.v1.Controller/GetJobStatus',
             splice_dot_proto_dot_controller__pb2.JobStatusRequest.SerializeToString,
+            splice_dot_proto_dot_controller__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splice.v1.Controller/StopJob',
+            splice_dot_proto_dot_controller__pb2.StopJobRequest.SerializeToString,
             splice_dot_proto_dot_controller__pb2.JobStatus.FromString,
             options,
             channel_credentials,
