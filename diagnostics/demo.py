@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ LOSS_RTOL = 1e-6
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
     fault: str = "crash"
+    store: str = "memory"
     steps: int = 300
     kill_at_step: int = 100
     nodes: int = 2
@@ -38,8 +40,12 @@ class DemoConfig:
     timeout_s: float = 180.0
 
     def __post_init__(self) -> None:
-        if self.fault not in ("crash", "none"):
-            raise ValueError(f"unknown fault {self.fault!r}: choose crash or none")
+        if self.fault not in ("crash", "controller-loss", "none"):
+            raise ValueError(f"unknown fault {self.fault!r}: choose crash, controller-loss "
+                             "or none")
+        if self.fault == "controller-loss" and self.store != "etcd":
+            raise ValueError("--fault controller-loss needs --store etcd (a standby controller "
+                             "can only take over state it can read)")
         if not 0 < self.kill_at_step < self.steps:
             raise ValueError(f"--kill-at-step must be in (0, {self.steps}), "
                              f"got {self.kill_at_step}")
@@ -52,35 +58,85 @@ def _say(cfg: DemoConfig, text: str) -> None:
     print(text, file=sys.stderr if cfg.json_output else sys.stdout, flush=True)
 
 
+def _paused_s(step_times: list[list[float]], after_s: float) -> float:
+    """Longest gap between step completions after `after_s`, minus the median gap: the
+    time training stood still beyond its normal step time."""
+    times = [t for _, t in step_times]
+    gaps = sorted(b - a for a, b in zip(times, times[1:], strict=False))
+    if not gaps:
+        return 0.0
+    median = gaps[len(gaps) // 2]
+    late = [b - a for a, b in zip(times, times[1:], strict=False) if b >= after_s]
+    return max(0.0, max(late, default=median) - median)
+
+
 def _run(cfg: DemoConfig, *, fault: str, label: str) -> dict[str, object]:
+    etcd = None
+    store = cfg.store if fault != "none" or cfg.store == "etcd" else "memory"
+    if store == "etcd":
+        from splice.localetcd import EtcdServer, find_etcd_binary
+
+        binary = find_etcd_binary()
+        if binary is None:
+            raise ValueError("the etcd store needs the etcd binary: apt-get install etcd-server")
+        etcd = EtcdServer(binary)
+        etcd.start()
+    log_dir = tempfile.mkdtemp(prefix=f"splice-demo-{label}-")
+    step_times = os.path.join(log_dir, "step-times.json")
     job_cfg = LocalJobConfig(
         worker_command=worker_argv("splice.examples.train_mlp",
-                                   ["--steps", str(cfg.steps), "--log-every", "100"]),
-        nodes=cfg.nodes, nproc=cfg.nproc, job_id=f"demo-{label}")
+                                   ["--steps", str(cfg.steps), "--log-every", "100",
+                                    "--step-times", step_times]),
+        nodes=cfg.nodes, nproc=cfg.nproc, job_id=f"demo-{label}", log_dir=log_dir,
+        store=store, controllers=2 if store == "etcd" else 1,
+        etcd_endpoint=etcd.endpoint if etcd else "")
     out: dict[str, object] = {"logs": job_cfg.log_dir}
-    with LocalJob(job_cfg) as job:
-        _say(cfg, f"[{label}] controller on 127.0.0.1:{job.controller.port}; {cfg.nodes} agents "
-                  f"x {cfg.nproc} workers starting (logs: {job_cfg.log_dir})")
-        status = job.wait_until(lambda s: s.epoch >= 1, cfg.timeout_s, "the initial membership")
-        _say(cfg, f"[{label}] epoch 1 formed: world {len(status.members)}; training")
-        t_kill = None
-        if fault == "crash":
-            status = job.wait_until(
-                lambda s: max((w.last_step for w in s.workers), default=0) >= cfg.kill_at_step,
-                cfg.timeout_s, f"step {cfg.kill_at_step}")
-            victim = status.members[min(2, len(status.members) - 1)]
-            w = job.worker(status, victim)
-            t_kill = job.kill_worker(victim)
-            _say(cfg, f"[{label}] SIGKILL worker {victim} (rank {w.rank}, pid {w.pid}) at "
-                      f"step ~{w.last_step}")
-            out["victim"] = victim
-        status = job.wait_until(lambda s: s.phase in ("complete", "failed"), cfg.timeout_s,
-                                "the end of training")
-        job.wait_agents(30)
+    try:
+        with LocalJob(job_cfg) as job:
+            where = (f"controllers {', '.join(job.addresses)} (etcd {etcd.endpoint})" if etcd
+                     else f"controller on {job.addresses[0]}")
+            _say(cfg, f"[{label}] {where}; {cfg.nodes} agents x {cfg.nproc} workers starting "
+                      f"(logs: {job_cfg.log_dir})")
+            status = job.wait_until(lambda s: s.epoch >= 1, cfg.timeout_s,
+                                    "the initial membership")
+            _say(cfg, f"[{label}] epoch 1 formed: world {len(status.members)}; training")
+            t_kill = None
+            if fault != "none":
+                status = job.wait_until(
+                    lambda s: max((w.last_step for w in s.workers), default=0)
+                    >= cfg.kill_at_step, cfg.timeout_s, f"step {cfg.kill_at_step}")
+            if fault == "crash":
+                victim = status.members[min(2, len(status.members) - 1)]
+                w = job.worker(status, victim)
+                t_kill = job.kill_worker(victim)
+                _say(cfg, f"[{label}] SIGKILL worker {victim} (rank {w.rank}, pid {w.pid}) "
+                          f"at step ~{w.last_step}")
+                out["victim"] = victim
+            elif fault == "controller-loss":
+                leader = status.controller
+                t_kill = job.kill_controller(leader)
+                _say(cfg, f"[{label}] SIGKILL the leading controller {leader} at step "
+                          f"~{max(w.last_step for w in status.workers)}")
+                status = job.wait_until(lambda s: s.leader and s.controller != leader,
+                                        cfg.timeout_s, "a standby to take over")
+                out["failover_s"] = round(status.leader_since_s - t_kill, 4)
+                out["new_leader"] = status.controller
+                _say(cfg, f"[{label}] {status.controller} took over after "
+                          f"{out['failover_s']} s")
+                out["victim"] = leader
+            status = job.wait_until(lambda s: s.phase in ("complete", "failed"), cfg.timeout_s,
+                                    "the end of training")
+            job.wait_agents(30)
+    finally:
+        if etcd is not None:
+            etcd.close()
     out["status"] = status
     out["t_kill"] = t_kill
     losses = member_losses(status)
     out["final_loss"] = losses[0] if losses else float("nan")
+    if os.path.exists(step_times) and isinstance(t_kill, float):
+        with open(step_times) as f:
+            out["training_paused_s"] = round(_paused_s(json.load(f), t_kill), 4)
     return out
 
 
@@ -91,14 +147,20 @@ def run_demo(cfg: DemoConfig) -> int:
     t_kill = faulted["t_kill"]
     summary: dict[str, object] = {
         "command": "splice demo" + (" --json" if cfg.json_output else "")
-                   + f" --fault {cfg.fault}",
+                   + f" --fault {cfg.fault} --store {cfg.store}",
         "fault": cfg.fault, "phase": status.phase,
         "world_before": cfg.nodes * cfg.nproc, "world_after": len(status.members),
         "final_epoch": status.epoch, "recoveries": status.recoveries,
         "final_loss": faulted["final_loss"], "steps": cfg.steps,
     }
     extra = []
-    if isinstance(t_kill, float):
+    for key in ("failover_s", "new_leader", "training_paused_s"):
+        if key in faulted:
+            summary[key] = faulted[key]
+    if cfg.fault == "controller-loss" and isinstance(t_kill, float):
+        summary["victim"] = faulted.get("victim")
+        extra.append((t_kill, "kill", f"demo sends SIGKILL to the leader {faulted['victim']}"))
+    elif isinstance(t_kill, float):
         fault_at = timeline_time(status, "fault")
         epoch_at = timeline_time(status, "epoch", 2)
         resume_at = timeline_time(status, "resume", 2)
@@ -125,8 +187,9 @@ def run_demo(cfg: DemoConfig) -> int:
         print("\ntimeline (relative to the kill):" if origin else "\ntimeline:")
         print(format_timeline(status, origin, extra))
         print()
-        for key in ("world_before", "world_after", "detect_s", "resume_s", "final_loss",
-                    "reference_final_loss", "loss_matches_reference"):
+        for key in ("world_before", "world_after", "detect_s", "resume_s", "failover_s",
+                    "training_paused_s", "final_loss", "reference_final_loss",
+                    "loss_matches_reference"):
             if key in summary:
                 print(f"  {key:<24} {summary[key]}")
     ok = status.phase == "complete" and summary.get("loss_matches_reference", True) is True

@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra compute time per step (makes a demo's timeline readable)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--result", help="write the final step's result as JSON to this file")
+    p.add_argument("--step-times", help="rank 0 writes [[step, wall-clock completion], ...] "
+                                        "as JSON to this file at the end")
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -40,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
                      loss_fn=mse_loss, global_batch_size=args.global_batch,
                      micro_batch_size=args.micro_batch, seed=0, ddp=args.ddp)
 
+    completions: list[tuple[int, float]] = []
+
     def progress(r: splice.StepResult) -> None:  # type: ignore[name-defined]
+        completions.append((r.step, time.time()))
         if args.step_sleep_s:
             time.sleep(args.step_sleep_s)  # stands in for more compute; not synchronisation
         if session.rank == 0 and (r.step % args.log_every == 0 or r.step == args.steps - 1):
@@ -52,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.result, "w") as f:
             json.dump({"step": last.step, "loss": last.loss, "world_size": last.world_size,
                        "epoch": last.epoch, "recoveries": session.recoveries}, f)
+    if args.step_times and session.rank == 0:
+        with open(args.step_times, "w") as f:
+            json.dump(completions, f)
     session.close()
     return 0
 

@@ -13,22 +13,56 @@ import socket
 import sys
 import threading
 
+from splice.security_cli import add_admin_flags, add_certs_parser, add_tls_flags
+
 
 def _controller(args: argparse.Namespace) -> int:
+    import grpc
+
     from splice.controller.job import JobSpec
     from splice.controller.service import Controller, ControllerConfig
-    from splice.controller.store import InMemoryStateStore
+    from splice.controller.store import InMemoryStateStore, StateStore
+    from splice.security import peer_identity, server_credentials
+    from splice.security_cli import admin_policy_from_args, tls_from_args
 
     config = ControllerConfig(
         listen=args.listen, advertise_host=args.advertise_host, store_port=args.store_port,
         heartbeat_interval_s=args.heartbeat_interval_s, node_timeout_s=args.node_timeout_s,
+        reattach_grace_s=args.reattach_grace_s,
         jobs=(JobSpec(job_id=args.job, world_size=args.world_size,
                       min_world_size=args.min_world_size),),
     )
-    controller = Controller(config, InMemoryStateStore())
+    tls = tls_from_args(args)
+    policy = admin_policy_from_args(args)
+
+    def admin_check(context: grpc.ServicerContext, action: str) -> None:
+        policy.check(peer_identity(context), action)
+
+    store: StateStore
+    election = None
+    if args.store == "etcd":
+        from splice.controller.etcd_store import EtcdStateStore
+        from splice.controller.leader import LeaderElection
+
+        if config.listen.endswith(":0"):
+            raise ValueError("with --store etcd, --listen needs a fixed port: it is the "
+                             "controller's identity in the leader election")
+        etcd = EtcdStateStore(args.etcd, prefix=args.etcd_prefix)
+        store = etcd
+        identity = f"{args.advertise_host}:{config.listen.rpartition(':')[2]}"
+        election = LeaderElection(etcd, key=f"{args.etcd_prefix}/leader", identity=identity,
+                                  ttl_s=args.lease_ttl_s,
+                                  on_lost=lambda reason: controller.on_leadership_lost(reason))
+    else:
+        store = InMemoryStateStore()
+    controller = Controller(config, store, election=election,
+                            server_credentials=server_credentials(tls) if tls else None,
+                            admin_check=admin_check)
     controller.start()
+    role = "campaigning for leadership" if election is not None else "leading"
     print(f"splice controller: job {args.job!r}, world {args.world_size}, serving on "
-          f"{args.listen.rpartition(':')[0]}:{controller.port}", flush=True)
+          f"{args.listen.rpartition(':')[0]}:{controller.port} "
+          f"({'mutual TLS' if tls else 'plaintext'}, store {args.store}, {role})", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -43,10 +77,14 @@ def _agent(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
+    from splice.security import channel_credentials
+    from splice.security_cli import tls_from_args
+
     config = AgentConfig(controller=args.controller, command=tuple(command), nproc=args.nproc,
                          job_id=args.job, node_id=args.node_id or socket.gethostname(),
                          gloo_host=args.gloo_host, connect_timeout_s=args.connect_timeout_s)
-    return run_agent(config)
+    tls = tls_from_args(args)
+    return run_agent(config, channel_credentials(tls) if tls else None)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -55,13 +93,19 @@ def _status(args: argparse.Namespace) -> int:
     from splice.diagnostics.timeline import format_status
     from splice.proto import controller_pb2 as pb
     from splice.proto import controller_pb2_grpc as pb_grpc
+    from splice.security import open_channel
+    from splice.security_cli import tls_from_args
 
-    with grpc.insecure_channel(args.controller) as channel:
+    with open_channel(args.controller, tls_from_args(args)) as channel:
         stub = pb_grpc.ControllerStub(channel)
         try:
-            status = stub.GetJobStatus(pb.JobStatusRequest(job_id=args.job), timeout=5)
+            if args.cmd == "stop":
+                status = stub.StopJob(pb.StopJobRequest(job_id=args.job, reason=args.reason),
+                                      timeout=5)
+            else:
+                status = stub.GetJobStatus(pb.JobStatusRequest(job_id=args.job), timeout=5)
         except grpc.RpcError as e:
-            print(f"splice status: {e.code().name}: {e.details()}", file=sys.stderr)
+            print(f"splice {args.cmd}: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
     print(format_status(status))
     return 0
@@ -70,7 +114,8 @@ def _status(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from splice.diagnostics.demo import DemoConfig, run_demo
 
-    return run_demo(DemoConfig(fault=args.fault, steps=args.steps, json_output=args.json,
+    return run_demo(DemoConfig(fault=args.fault, store=args.store, steps=args.steps,
+                               json_output=args.json,
                                kill_at_step=args.kill_at_step, nodes=args.nodes,
                                nproc=args.nproc, skip_reference=args.no_reference))
 
@@ -92,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop the job instead of shrinking below this many workers")
     c.add_argument("--heartbeat-interval-s", type=float, default=1.0)
     c.add_argument("--node-timeout-s", type=float, default=10.0)
+    c.add_argument("--store", choices=["memory", "etcd"], default="memory",
+                   help="where epochs are persisted; etcd enables standby replicas")
+    c.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoints HOST:PORT[,...]")
+    c.add_argument("--etcd-prefix", default="/splice", help="key prefix in etcd")
+    c.add_argument("--lease-ttl-s", type=float, default=1.0,
+                   help="leader lease TTL: a standby takes over about this long after the "
+                        "leader dies (etcd may round it up)")
+    c.add_argument("--reattach-grace-s", type=float, default=5.0,
+                   help="after a takeover, how long agents have to re-attach")
+    add_tls_flags(c)
+    add_admin_flags(c)
     c.set_defaults(func=_controller)
 
     a = sub.add_parser("agent", help="run a node agent that launches and supervises workers",
@@ -103,17 +159,30 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--gloo-host", default="127.0.0.1",
                    help="this node's address for gloo connections")
     a.add_argument("--connect-timeout-s", type=float, default=30.0)
+    add_tls_flags(a)
     a.add_argument("command", nargs=argparse.REMAINDER, help="-- worker command line")
     a.set_defaults(func=_agent)
 
     s = sub.add_parser("status", help="show a job's state and timeline")
     s.add_argument("--controller", default="127.0.0.1:29400")
     s.add_argument("--job", default="default")
+    add_tls_flags(s)
     s.set_defaults(func=_status)
+
+    st = sub.add_parser("stop", help="stop a job (administrative: needs an admin identity)")
+    st.add_argument("--controller", default="127.0.0.1:29400")
+    st.add_argument("--job", default="default")
+    st.add_argument("--reason", default="stopped from the command line")
+    add_tls_flags(st)
+    st.set_defaults(func=_status)
+
+    add_certs_parser(sub)
 
     d = sub.add_parser("demo", help="local demo: kill a worker mid-run and watch the job "
                                     "recover in place")
-    d.add_argument("--fault", choices=["crash", "none"], default="crash")
+    d.add_argument("--fault", choices=["crash", "controller-loss", "none"], default="crash")
+    d.add_argument("--store", choices=["memory", "etcd"], default="memory",
+                   help="state store (controller-loss needs etcd)")
     d.add_argument("--steps", type=int, default=300)
     d.add_argument("--kill-at-step", type=int, default=100)
     d.add_argument("--nodes", type=int, default=2)

@@ -1,13 +1,17 @@
-"""A whole splice job on this machine: an in-process controller and agent subprocesses.
+"""A whole splice job on this machine: controller(s) and agent subprocesses.
 
-Used by `splice demo`, the benchmarks and the integration tests. Every process it starts
-is in a session of its own and is killed, with its workers, when the job is closed.
+With the in-memory store the controller runs in this process. With etcd, `controllers`
+replicas run as subprocesses (so one can be SIGKILLed) against a given etcd, and agents are
+given all their addresses. Used by `splice demo`, the benchmarks and the integration tests.
+Every process it starts is in a session of its own and is killed, with its workers, when
+the job is closed.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,10 +19,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import grpc
+
 from splice.controller.job import JobSpec
 from splice.controller.service import Controller, ControllerConfig
 from splice.controller.store import InMemoryStateStore
 from splice.proto import controller_pb2 as pb
+from splice.proto import controller_pb2_grpc as pb_grpc
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,6 +37,20 @@ class LocalJobConfig:
     min_world_size: int = 1
     log_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="splice-job-"))
     extra_env: tuple[tuple[str, str], ...] = ()
+    # "memory": one in-process controller. "etcd": `controllers` replicas as subprocesses
+    # electing a leader through the etcd at `etcd_endpoint`.
+    store: str = "memory"
+    controllers: int = 1
+    etcd_endpoint: str = ""
+    lease_ttl_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.store not in ("memory", "etcd"):
+            raise ValueError(f"store must be memory or etcd, got {self.store!r}")
+        if self.store == "memory" and self.controllers != 1:
+            raise ValueError("several controllers need the etcd store")
+        if self.store == "etcd" and not self.etcd_endpoint:
+            raise ValueError("the etcd store needs etcd_endpoint")
 
     @property
     def world_size(self) -> int:
@@ -40,16 +61,26 @@ def node_name(i: int) -> str:
     return f"node-{i}"
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class LocalJob:
     def __init__(self, config: LocalJobConfig) -> None:
         self.config = config
-        self.controller = Controller(
-            ControllerConfig(listen="127.0.0.1:0", jobs=(JobSpec(
-                job_id=config.job_id, world_size=config.world_size,
-                min_world_size=config.min_world_size),)),
-            InMemoryStateStore())
+        self.controller: Controller | None = None
+        self.controller_procs: dict[str, subprocess.Popen[bytes]] = {}
+        if config.store == "memory":
+            self.controller = Controller(
+                ControllerConfig(listen="127.0.0.1:0", jobs=(JobSpec(
+                    job_id=config.job_id, world_size=config.world_size,
+                    min_world_size=config.min_world_size),)),
+                InMemoryStateStore())
         self.agents: list[subprocess.Popen[bytes]] = []
         self._logs: list[object] = []
+        self._channels: dict[str, grpc.Channel] = {}
 
     def __enter__(self) -> LocalJob:
         self.start()
@@ -58,16 +89,39 @@ class LocalJob:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def addresses(self) -> list[str]:
+        if self.controller is not None:
+            return [f"127.0.0.1:{self.controller.port}"]
+        return list(self.controller_procs)
+
+    def _start_controllers(self, env: dict[str, str]) -> None:
+        c = self.config
+        for i in range(c.controllers):
+            address = f"127.0.0.1:{_free_port()}"
+            log = open(os.path.join(c.log_dir, f"controller-{i}.log"), "wb")
+            self._logs.append(log)
+            argv = [sys.executable, "-m", "splice", "controller", "--store", "etcd",
+                    "--etcd", c.etcd_endpoint, "--etcd-prefix", f"/splice-{c.job_id}",
+                    "--listen", address, "--job", c.job_id,
+                    "--world-size", str(c.world_size), "--min-world-size",
+                    str(c.min_world_size), "--lease-ttl-s", str(c.lease_ttl_s)]
+            self.controller_procs[address] = subprocess.Popen(
+                argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
     def start(self) -> None:
-        self.controller.start()
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
         env.update(dict(self.config.extra_env))
+        if self.controller is not None:
+            self.controller.start()
+        else:
+            self._start_controllers(env)
         for i in range(self.config.nodes):
             log = open(os.path.join(self.config.log_dir, f"{node_name(i)}.log"), "wb")
             self._logs.append(log)
             argv = [sys.executable, "-m", "splice", "agent",
-                    "--controller", f"127.0.0.1:{self.controller.port}",
+                    "--controller", ",".join(self.addresses),
                     "--job", self.config.job_id, "--node-id", node_name(i),
                     "--nproc", str(self.config.nproc), "--", *self.config.worker_command]
             self.agents.append(subprocess.Popen(argv, env=env, stdout=log,
@@ -75,7 +129,39 @@ class LocalJob:
                                                 start_new_session=True))
 
     def status(self) -> pb.JobStatus:
-        return self.controller.job_status(self.config.job_id)
+        """The leader's view of the job (with replicas: whichever answers as leader; if
+        none does right now, the freshest standby answer)."""
+        if self.controller is not None:
+            return self.controller.job_status(self.config.job_id)
+        answers = []
+        for address, proc in self.controller_procs.items():
+            if proc.poll() is not None:
+                continue
+            try:
+                status = self.controller_status(address)
+            except grpc.RpcError:
+                continue
+            if status.leader:
+                return status
+            answers.append(status)
+        if answers:
+            return answers[0]
+        return pb.JobStatus(job_id=self.config.job_id, phase="unreachable")
+
+    def controller_status(self, address: str, timeout_s: float = 1.0) -> pb.JobStatus:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.insecure_channel(address)
+        return pb_grpc.ControllerStub(channel).GetJobStatus(
+            pb.JobStatusRequest(job_id=self.config.job_id), timeout=timeout_s)
+
+    def kill_controller(self, address: str) -> float:
+        """SIGKILL one controller replica; returns the wall-clock time it was sent."""
+        proc = self.controller_procs[address]
+        t = time.time()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return t
 
     def wait_until(self, predicate: Callable[[pb.JobStatus], bool], timeout_s: float,
                    what: str) -> pb.JobStatus:
@@ -114,8 +200,10 @@ class LocalJob:
 
     def logs(self) -> str:
         out = []
-        for i in range(self.config.nodes):
-            path = os.path.join(self.config.log_dir, f"{node_name(i)}.log")
+        names = [f"{node_name(i)}.log" for i in range(self.config.nodes)]
+        names += [f"controller-{i}.log" for i in range(len(self.controller_procs))]
+        for name in names:
+            path = os.path.join(self.config.log_dir, name)
             if os.path.exists(path):
                 with open(path, errors="replace") as f:
                     out.append(f"==== {path}\n{f.read()}")
@@ -135,9 +223,18 @@ class LocalJob:
                 os.killpg(a.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        for proc in self.controller_procs.values():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        for channel in self._channels.values():
+            channel.close()
         for log in self._logs:
             log.close()  # type: ignore[attr-defined]
-        self.controller.stop(grace_s=0.2)
+        if self.controller is not None:
+            self.controller.stop(grace_s=0.2)
 
 
 def timeline_time(status: pb.JobStatus, kind: str, epoch: int | None = None) -> float | None:
