@@ -30,6 +30,7 @@ from splice.kube.spec import FINALIZER, GROUP, KIND, LABEL_JOB, PLURAL, VERSION
 
 log = logging.getLogger("splice.kube")
 MERGE_PATCH = "application/merge-patch+json"
+USER_AGENT = "splice-operator/0.1"
 
 
 def _raw(resp: Any) -> Any:
@@ -44,14 +45,17 @@ def api_client(kubeconfig: str | None = None, host: str | None = None) -> client
     if host:
         cfg = client.Configuration()
         cfg.host = host
-        return client.ApiClient(cfg)
-    if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)
-    try:
-        config.load_incluster_config()
-        return client.ApiClient()
-    except config.ConfigException:
-        return config.new_client_from_config()
+        api = client.ApiClient(cfg)
+    elif kubeconfig:
+        api = config.new_client_from_config(config_file=kubeconfig)
+    else:
+        try:
+            config.load_incluster_config()
+            api = client.ApiClient()
+        except config.ConfigException:
+            api = config.new_client_from_config()
+    api.user_agent = USER_AGENT   # names the operator in API server audit logs
+    return api
 
 
 class KubeApi:

@@ -1,6 +1,6 @@
 """The SpliceJob resource as typed, validated configuration.
 
-The CRD (manifests/crd.yaml) validates what the API server accepts, CEL rules included.
+The CRD (manifests/10-crd.yaml) validates what the API server accepts, CEL rules included.
 This module parses a SpliceJob object into frozen dataclasses and re-checks the same rules
 in Python, so the operator never acts on a spec the API server would have refused (and so
 the rules are tested here, where no API server is needed). Errors name the field path.
@@ -181,7 +181,7 @@ def parse_spec(spec: Mapping[str, Any]) -> SpliceJobSpec:
 
 def validation_errors(s: SpliceJobSpec) -> list[str]:
     """Every rule the CRD enforces (OpenAPI bounds and the CEL x-kubernetes-validations),
-    as messages; empty when the spec is valid. Keep in step with manifests/crd.yaml."""
+    as messages; empty when the spec is valid. Keep in step with manifests/10-crd.yaml."""
     e: list[str] = []
     n, ft, st, sn = s.nodes, s.fault_tolerance, s.stragglers, s.snapshot
     if n.min < 1:

@@ -19,6 +19,7 @@ import copy
 import datetime as dt
 import json
 import re
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -110,13 +111,14 @@ class FakeApiServer:
         self._watch_epoch = 0     # bumped by expire_watches: open watches end with 410
         self._stopping = False
         self._schema = splicejob_schema
-        self.requests: list[tuple[str, str]] = []   # (method, path?query) in arrival order
+        # (method, path?query, user agent) in arrival order
+        self.requests: list[tuple[str, str, str]] = []
         self.open_watches = 0
         server = self
 
         class Handler(_Handler):
             api = server
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._http = _Server(("127.0.0.1", 0), Handler)
         self._http.daemon_threads = True
         self._thread = threading.Thread(target=self._http.serve_forever, args=(0.05,),
                                         daemon=True, name="fake-apiserver")
@@ -187,7 +189,8 @@ class FakeApiServer:
 
     def count(self, method: str, path_prefix: str) -> int:
         with self._cond:
-            return sum(1 for m, p in self.requests if m == method and p.startswith(path_prefix))
+            return sum(1 for m, p, _ in self.requests
+                       if m == method and p.startswith(path_prefix))
 
     # ---- storage (caller holds self._cond) ----------------------------------------------
     def _now(self) -> str:
@@ -312,6 +315,13 @@ class FakeApiServer:
                            "selector": (obj.get("status") or {}).get("selector", "")}}
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # clients dropping idle keep-alive connections is normal, not an error
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
+
 class _Handler(BaseHTTPRequestHandler):
     api: FakeApiServer
     protocol_version = "HTTP/1.1"
@@ -342,7 +352,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         api = self.api
         with api._cond:
-            api.requests.append((self.command, self.path))
+            api.requests.append((self.command, self.path, self.headers.get("User-Agent", "")))
         try:
             plural, ns, name, sub, q = self._route()
             if self.command == "GET" and name is None and q.get("watch") in ("true", "1"):

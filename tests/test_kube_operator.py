@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kubernetes.client import ApiClient, Configuration
 from kubernetes.client.rest import ApiException
 
 from splice.kube.client import KubeApi, api_client
@@ -27,7 +28,7 @@ from splice.kube.status import ControllerView
 from tests.kube_fake_apiserver import FakeApiServer, json_schema_from_openapi
 
 ROOT = Path(__file__).resolve().parent.parent
-CRD = yaml.safe_load((ROOT / "manifests" / "crd.yaml").read_text())
+CRD = yaml.safe_load((ROOT / "manifests" / "10-crd.yaml").read_text())
 SCHEMA = json_schema_from_openapi(CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
 NS = "team-a"
 JOB: dict[str, Any] = {
@@ -44,8 +45,12 @@ WAIT_S = 10.0
 class Cluster:
     def __init__(self, srv: FakeApiServer) -> None:
         self.srv = srv
-        self.api = api_client(host=srv.url)
+        self.api = api_client(host=srv.url)          # the operator's (its user agent)
         self.kube = KubeApi(self.api)
+        cfg = Configuration()
+        cfg.host = srv.url
+        self.user_api = ApiClient(cfg)                # what a user's kubectl would do
+        self.user = KubeApi(self.user_api)
         self.controllers = FakeControllerStatus()
         self.operators: list[Operator] = []
 
@@ -77,7 +82,7 @@ class Cluster:
                 self.srv.set_pod_phase(NS, p["metadata"]["name"], "Running")
 
     def create_job(self, body: dict[str, Any] | None = None) -> None:
-        self.kube.custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL,
+        self.user.custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL,
                                                          copy.deepcopy(body or JOB))
 
     def wait(self, predicate: Any, what: str) -> None:
@@ -94,6 +99,7 @@ def cluster() -> Iterator[Cluster]:
         for op in c.operators:
             op.stop()
         c.api.close()
+        c.user_api.close()
         srv.stop()
 
 
@@ -149,15 +155,15 @@ def test_a_failed_worker_pod_is_deleted_and_replaced(running: Cluster) -> None:
 
 def test_scaling_through_the_scale_subresource(running: Cluster) -> None:
     c = running
-    c.kube.custom.patch_namespaced_custom_object_scale(
+    c.user.custom.patch_namespaced_custom_object_scale(
         GROUP, VERSION, NS, PLURAL, "mlp", {"spec": {"replicas": 3}},
         _content_type="application/merge-patch+json")
     c.wait(lambda: len(c.workers()) == 3, "three worker pods")
     c.run_all()
     c.wait(lambda: c.status().get("nodes") == 3, "status.nodes 3")
-    scale = c.kube.custom.get_namespaced_custom_object_scale(GROUP, VERSION, NS, PLURAL, "mlp")
+    scale = c.user.custom.get_namespaced_custom_object_scale(GROUP, VERSION, NS, PLURAL, "mlp")
     assert scale["spec"]["replicas"] == 3 and scale["status"]["replicas"] == 3
-    c.kube.custom.patch_namespaced_custom_object_scale(
+    c.user.custom.patch_namespaced_custom_object_scale(
         GROUP, VERSION, NS, PLURAL, "mlp", {"spec": {"replicas": 1}},
         _content_type="application/merge-patch+json")
     c.wait(lambda: c.worker_names() == ["mlp-worker-1"], "the oldest pod kept")
@@ -174,7 +180,7 @@ def test_suspend_and_resume(running: Cluster) -> None:
 
 def test_deleting_the_job_cleans_up_everything(running: Cluster) -> None:
     c = running
-    c.kube.custom.delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "mlp")
+    c.user.custom.delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "mlp")
     c.wait(lambda: c.job() is None, "the job gone (finalizer removed)")
     assert c.srv.list("pods", NS) == [] and c.srv.list("services", NS) == []
 
@@ -234,3 +240,49 @@ def test_splice_operator_command_runs_against_the_api_server(cluster: Cluster) -
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert cluster.srv.get("leases", NS, "splice-operator")["spec"]["holderIdentity"] == ""
+
+
+def rbac_allows(method: str, path: str) -> bool:
+    """Whether manifests/20-rbac.yaml grants the operator this request."""
+    from urllib.parse import parse_qs, urlparse
+
+    from tests.kube_fake_apiserver import PATH
+
+    url = urlparse(path)
+    m = PATH.match(url.path)
+    assert m, path
+    query = parse_qs(url.query)
+    verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(
+        method, "watch" if "watch" in query else ("get" if m["name"] else "list"))
+    group = "" if m["gv"] == "api/v1" else m["gv"].split("/")[1]
+    resource = m["plural"] + (f"/{m['sub']}" if m["sub"] else "")
+    docs = list(yaml.safe_load_all((ROOT / "manifests" / "20-rbac.yaml").read_text()))
+    for doc in docs:
+        if doc["kind"] not in ("ClusterRole", "Role"):
+            continue
+        if doc["kind"] == "Role" and m["ns"] != doc["metadata"]["namespace"]:
+            continue
+        for rule in doc["rules"]:
+            names = rule.get("resourceNames")
+            if group in rule["apiGroups"] and resource in rule["resources"] \
+                    and verb in rule["verbs"] and (not names or m["name"] in names):
+                return True
+    return False
+
+
+def test_every_request_the_operator_makes_is_granted_by_its_rbac(running: Cluster) -> None:
+    c = running
+    c.srv.set_pod_phase(NS, "mlp-worker-1", "Failed", exit_code=1)
+    c.wait(lambda: "mlp-worker-3" in c.worker_names(), "a replacement")
+    c.srv.expire_watches()
+    c.user.custom.delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "mlp")
+    c.wait(lambda: c.job() is None, "the job gone")
+    c.operators[0].stop()
+    c.operators.clear()
+    from splice.kube.client import USER_AGENT
+
+    used = {(m, p.split("?")[0] + ("?watch" if "watch=true" in p else ""))
+            for m, p, ua in c.srv.requests if ua == USER_AGENT}
+    assert len(used) > 8
+    denied = sorted(u for u in used if not rbac_allows(*u))
+    assert not denied, f"requests the RBAC does not allow: {denied}"
