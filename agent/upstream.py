@@ -53,18 +53,25 @@ class Upstream:
     def __init__(self, addresses: list[str], hello: Callable[[], pb.AgentHello], *,
                  credentials: grpc.ChannelCredentials | None = None,
                  max_message_bytes: int = 4 * 1024 * 1024,
-                 attempt_timeout_s: float = 2.0) -> None:
+                 attempt_timeout_s: float = 0.5) -> None:
         self._addresses = addresses
         self._hello = hello
         self._credentials = credentials
         self._opts = [("grpc.max_receive_message_length", max_message_bytes),
                       ("grpc.max_send_message_length", max_message_bytes)]
         self._attempt_timeout_s = attempt_timeout_s
+        self._last = ""  # the address attached last: tried last after the stream breaks
 
     def _channel(self, address: str) -> grpc.Channel:
         if self._credentials is not None:
             return grpc.secure_channel(address, self._credentials, options=self._opts)
         return grpc.insecure_channel(address, options=self._opts)
+
+    def _rotation(self) -> list[str]:
+        """Every address once, the one that served last at the end: when its stream broke,
+        the leader most likely died, and a standby is the better first guess."""
+        rest = [a for a in self._addresses if a != self._last]
+        return rest + [a for a in self._addresses if a == self._last]
 
     def try_attach(self, address: str, first_messages: list[pb.AgentMessage]
                    ) -> Attached | pb.Refusal | None:
@@ -100,11 +107,12 @@ class Upstream:
         `deadline_s` (monotonic; None: forever) or `stop`. Permanent refusals raise
         AgentRefused on the first attach; later they are retried like any other."""
         backoff_s = 0.05
-        candidates = list(self._addresses)
+        candidates = self._rotation()
         while not stop.is_set():
             address = candidates.pop(0)
             got = self.try_attach(address, first_messages())
             if isinstance(got, Attached):
+                self._last = got.address
                 return got
             if isinstance(got, pb.Refusal):
                 code = pb.Refusal.Code.Name(got.code)
@@ -115,7 +123,7 @@ class Upstream:
                     candidates.insert(0, got.leader)
                     continue
             if not candidates:
-                candidates = list(self._addresses)
+                candidates = self._rotation()
                 if deadline_s is not None and time.monotonic() > deadline_s:
                     return None
                 stop.wait(backoff_s)  # backoff between rounds, not synchronisation

@@ -158,6 +158,49 @@ class EtcdStateStore:
         value, _ = self._get(f"{self._job(job_id)}/spec", f"load_job_spec({job_id!r})")
         return None if value is None else dict(json.loads(value))
 
+    # ---- resume decisions -----------------------------------------------------------------
+
+    def commit_resume(self, job_id: str, epoch: int, step: int,
+                      fence: Fence | None = None) -> None:
+        job = self._job(job_id)
+        number_key = f"{job}/epoch_number"
+
+        def txn(c: pyetcd.MultiEndpointEtcd3Client) -> tuple[bool, list[Any]]:
+            t = c.transactions
+            compare = [t.value(number_key) == str(epoch)]
+            failure = [t.get(number_key)]
+            if fence is not None:
+                compare += [t.value(fence.key) == fence.identity,
+                            t.create(fence.key) == fence.revision]
+                failure.append(t.get(fence.key))
+            return c.transaction(
+                compare=compare,
+                success=[t.put(f"{job}/resume", json.dumps({"epoch": epoch, "step": step}))],
+                failure=failure)
+
+        succeeded, responses = self.connection.call(
+            f"commit_resume({job_id!r}, epoch {epoch}, step {step})", txn)
+        if succeeded:
+            return
+        if fence is not None:
+            holder = responses[1]
+            if not holder or (holder[0][0].decode() != fence.identity
+                              or holder[0][1].create_revision != fence.revision):
+                raise NotLeader(f"leader key {fence.key!r} no longer names {fence.identity} "
+                                f"(elected at revision {fence.revision}): stop acting as "
+                                "leader")
+        stored = responses[0]
+        found = int(stored[0][0]) if stored else 0
+        raise EpochConflict(f"job {job_id!r}: resume for epoch {epoch}, stored epoch is "
+                            f"{found}")
+
+    def load_resume(self, job_id: str) -> tuple[int, int] | None:
+        value, _ = self._get(f"{self._job(job_id)}/resume", f"load_resume({job_id!r})")
+        if value is None:
+            return None
+        raw = json.loads(value.decode())
+        return int(raw["epoch"]), int(raw["step"])
+
     # ---- snapshot inventory ---------------------------------------------------------------
 
     def put_snapshot_inventory(self, job_id: str, worker_id: str, steps: list[int]) -> None:

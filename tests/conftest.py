@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from splice.localjob import LocalJob, LocalJobConfig, worker_argv
+from tests.etcd_server import etcd, etcd_shared  # noqa: F401  (fixtures for every module)
 
 JOB_TIMEOUT_S = 120.0
 
