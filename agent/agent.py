@@ -94,6 +94,7 @@ class Agent:
         self._attached_once = False
         self._outbox: queue.SimpleQueue[pb.AgentMessage | None] | None = None
         self._stopping = threading.Event()
+        self._attached = threading.Event()
         self.reconnects = 0
 
     # ---- upstream -----------------------------------------------------------------------
@@ -158,9 +159,11 @@ class Agent:
         attached: Attached | None = first
         while attached is not None and not self._stopping.is_set():
             self._outbox = attached.outbox
+            self._attached.set()
             threading.Thread(target=self._heartbeats, args=(attached,), daemon=True,
                              name="splice-heartbeat").start()
             self._relay_down(attached)
+            self._attached.clear()
             self._outbox = None
             attached.outbox.put(None)
             attached.channel.close()
@@ -242,6 +245,7 @@ class Agent:
         with self._lock:
             self._attached_once = True
         self._outbox = attached.outbox
+        self._attached.set()
         threading.Thread(target=self._stay_attached, args=(attached,), daemon=True,
                          name="splice-agent-upstream").start()
         if threading.current_thread() is threading.main_thread():
@@ -261,6 +265,11 @@ class Agent:
             self._send_up(pb.AgentMessage(worker_event=pb.WorkerEvent(
                 worker_id=wid, kind=pb.WorkerEvent.STARTED, pid=pid, at_s=time.time())))
         self._supervisor.wait_all()
+        # The workers' final states must reach a controller: if none is attached right now
+        # (a failover in progress), wait for the re-attach, whose resync carries them.
+        if not self._attached.wait(self.config.connect_timeout_s):
+            log.error("agent %s: no controller to report the workers' end to",
+                      self.config.node_id)
         self._stopping.set()
         outbox = self._outbox
         if outbox is not None:

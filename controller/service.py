@@ -250,8 +250,14 @@ class Controller:
             return ""
 
     def stop(self, grace_s: float = 1.0) -> None:
+        """Stop serving; a leader resigns first so that a standby takes over at once."""
         self._stop.set()
         self._lost.set()
+        if self._election is not None:
+            try:
+                self._election.resign()
+            except Exception as e:  # the store may be gone; the lease then just expires
+                log.warning("could not resign leadership: %s", e)
         with self._sessions_lock:
             for s in self._sessions.values():
                 s.outbox.put(None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,11 +18,15 @@ JOB_TIMEOUT_S = 120.0
 
 
 def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool = False,
-                  nodes: int = 2, nproc: int = 2, lose_node_at_step: int | None = None
+                  nodes: int = 2, nproc: int = 2, lose_node_at_step: int | None = None,
+                  etcd_endpoint: str = "", step_sleep_s: float = 0.0,
+                  at_step: int | None = None, action: Callable[[LocalJob], None] | None = None
                   ) -> tuple[dict, dict[str, dict]]:
     """Run the fault-injection worker as a local job to completion.
 
     `lose_node_at_step`: SIGKILL the last node's agent and all its workers at that step.
+    `etcd_endpoint`: run two controller replicas on that etcd instead of one in-process.
+    `action(job)` runs once some worker has completed step `at_step`.
 
     Returns the controller's final status (as a dict) and each surviving worker's record.
     """
@@ -33,15 +37,22 @@ def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool 
         args += ["--die", d]
     if ddp:
         args.append("--ddp")
+    if step_sleep_s:
+        args += ["--step-sleep-s", str(step_sleep_s)]
+    if lose_node_at_step is not None:
+        at_step = lose_node_at_step
+        action = lambda job: os.killpg(job.agents[-1].pid, signal.SIGKILL)  # noqa: E731
     cfg = LocalJobConfig(worker_command=worker_argv("tests.workers.fault_worker", args),
                          nodes=nodes, nproc=nproc, log_dir=str(tmp),
-                         extra_env=(("PYTHONPATH", str(Path(__file__).parent.parent)),))
+                         extra_env=(("PYTHONPATH", str(Path(__file__).parent.parent)),),
+                         store="etcd" if etcd_endpoint else "memory",
+                         controllers=2 if etcd_endpoint else 1, etcd_endpoint=etcd_endpoint)
     with LocalJob(cfg) as job:
         try:
-            if lose_node_at_step is not None:
+            if action is not None:
                 job.wait_until(lambda s: max((w.last_step for w in s.workers), default=0)
-                               >= lose_node_at_step, JOB_TIMEOUT_S, "the step to lose a node")
-                os.killpg(job.agents[-1].pid, signal.SIGKILL)
+                               >= (at_step or 0), JOB_TIMEOUT_S, f"step {at_step}")
+                action(job)
             status = job.wait_until(lambda s: s.phase in ("complete", "failed"), JOB_TIMEOUT_S,
                                     "the job to end")
             job.wait_agents(30)

@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import torch
 
@@ -34,6 +35,9 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--die", action="append", default=[])
     p.add_argument("--ddp", action="store_true")
+    p.add_argument("--step-sleep-s", type=float, default=0.0,
+                   help="extra time per step (stands in for compute), so that faults of the "
+                        "control plane happen while training is under way")
     args = p.parse_args()
     torch.set_num_threads(1)
     me = os.environ.get("SPLICE_WORKER_ID", "standalone/0")
@@ -84,6 +88,8 @@ def main() -> int:
         r = session.run_step()
         if r is not None:
             losses[r.step] = r.loss
+            if args.step_sleep_s:
+                time.sleep(args.step_sleep_s)  # simulated compute, not synchronisation
     with open(os.path.join(args.out, me.replace("/", "_") + ".json"), "w") as f:
         json.dump({"worker_id": me, "losses": losses, "recoveries": session.recoveries,
                    "world_size": session.world_size, "epoch": session.epoch,
