@@ -368,6 +368,10 @@ class Controller:
                 self._jobs[job_id].view.worker_seen(w.worker_id, session.node_id, w.pid)
         state = self._jobs[job_id].state
         m = state.membership
+        if resync:
+            self._jobs[job_id].view.add_event(
+                self._clock(), "reattach", state.epoch,
+                f"agent {session.node_id} re-attached with {len(resync)} workers")
         if resync and m is not None and session.node_id in m.nodes():
             session.outbox.put(self._to_proto(job_id, m))
             if state.phase is jobs.Phase.RUNNING and state.resume_step is not None \
