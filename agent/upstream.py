@@ -24,7 +24,7 @@ from splice.proto import controller_pb2_grpc as pb_grpc
 log = logging.getLogger("splice.agent")
 
 # Refusals that a retry cannot cure: the command line is wrong.
-PERMANENT = {"UNKNOWN_JOB", "PROTOCOL_MISMATCH"}
+PERMANENT = {"UNKNOWN_JOB", "PROTOCOL_MISMATCH", "PERMISSION_DENIED"}
 
 
 class AgentRefused(Exception):

@@ -55,6 +55,14 @@ class JobSpec:
 # ---- events -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class WorkerStarted:
+    """The agent launched the worker's process; its hook has not connected yet."""
+
+    worker_id: str
+    pid: int
+
+
+@dataclass(frozen=True)
 class WorkerReady:
     worker_id: str
     pid: int
@@ -93,7 +101,7 @@ class WorkerResync:
     pid: int
 
 
-Event = WorkerReady | WorkerExited | WorkerFinished | NodeLost | RecoveryReady | WorkerResync
+Event = WorkerStarted | WorkerReady | WorkerExited | WorkerFinished | NodeLost | RecoveryReady | WorkerResync
 
 
 # ---- effects ------------------------------------------------------------------------------
@@ -172,6 +180,11 @@ def describe_exit(exit_code: int, signal: int) -> str:
 def step(state: JobState, event: Event, now: float) -> tuple[JobState, Ready]:
     """Advance the job by one event. Pure: `now` is only recorded, never read from a clock."""
     del now  # decisions do not depend on time yet; detectors with timeouts will use it
+    if isinstance(event, WorkerStarted):
+        if event.worker_id in state.workers:
+            return state, Ready()  # a resync or a duplicate: what is known is newer
+        return _with_worker(state, event.worker_id,
+                            WorkerRecord(pid=event.pid, state=WorkerState.STARTING)), Ready()
     if isinstance(event, WorkerReady):
         return _on_ready(state, event)
     if isinstance(event, WorkerExited):

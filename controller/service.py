@@ -115,13 +115,17 @@ class Controller:
     def __init__(self, config: ControllerConfig, store: StateStore,
                  clock: Callable[[], float] = time.time, *, election: Election | None = None,
                  server_credentials: grpc.ServerCredentials | None = None,
-                 admin_check: AdminCheck = allow_everyone) -> None:
+                 admin_check: AdminCheck = allow_everyone,
+                 attach_check: AdminCheck = allow_everyone) -> None:
         self.config = config
         self._store = store
         self._clock = clock
         self._election = election
         self._credentials = server_credentials
         self._admin_check = admin_check
+        # May the authenticated peer attach as node `action`? (a certificate's identity
+        # must not let it speak for somebody else's node)
+        self._attach_check = attach_check
         self._jobs = {
             spec.job_id: _JobRuntime(jobs.JobState(spec=spec), JobView()) for spec in config.jobs
         }
@@ -412,6 +416,7 @@ class Controller:
                 self._events.put((session, job_id, jobs.WorkerFinished(ev.worker_id)))
             elif ev.kind == K.STARTED:
                 self._jobs[job_id].view.worker_seen(ev.worker_id, session.node_id, ev.pid)
+                self._events.put((session, job_id, jobs.WorkerStarted(ev.worker_id, ev.pid)))
             else:
                 session.outbox.put(refusal("MALFORMED", f"worker event without a kind from "
                                                         f"{session.node_id}"))
@@ -562,6 +567,11 @@ class _Servicer(pb_grpc.ControllerServicer):
             return
         if first.WhichOneof("kind") != "hello":
             yield refusal("NOT_ATTACHED", "the first message on a stream must be a hello")
+            return
+        try:
+            self._c._attach_check(context, first.hello.node_id)
+        except PermissionError as e:
+            yield refusal("PERMISSION_DENIED", str(e))
             return
         opened = self._c.open_session(first.hello)
         if isinstance(opened, pb.ControllerMessage):

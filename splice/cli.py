@@ -38,6 +38,15 @@ def _controller(args: argparse.Namespace) -> int:
     def admin_check(context: grpc.ServicerContext, action: str) -> None:
         policy.check(peer_identity(context), action)
 
+    agent_identities = set(args.agent_identity or ("agent",))
+
+    def attach_check(context: grpc.ServicerContext, node_id: str) -> None:
+        who = peer_identity(context)
+        if who is None or who == node_id or who in agent_identities:
+            return  # plaintext: nobody to check; a node's own cert; a shared agent cert
+        raise PermissionError(f"certificate identity {who!r} may not attach as node "
+                              f"{node_id!r}; agent identities: {sorted(agent_identities)}")
+
     store: StateStore
     election = None
     if args.store == "etcd":
@@ -57,7 +66,7 @@ def _controller(args: argparse.Namespace) -> int:
         store = InMemoryStateStore()
     controller = Controller(config, store, election=election,
                             server_credentials=server_credentials(tls) if tls else None,
-                            admin_check=admin_check)
+                            admin_check=admin_check, attach_check=attach_check)
     controller.start()
     role = "campaigning for leadership" if election is not None else "leading"
     print(f"splice controller: job {args.job!r}, world {args.world_size}, serving on "
@@ -148,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after a takeover, how long agents have to re-attach")
     add_tls_flags(c)
     add_admin_flags(c)
+    c.add_argument("--agent-identity", action="append", default=None, metavar="NAME",
+                   help="certificate CN that may attach as any node (repeatable; default: "
+                        "agent). A certificate whose CN equals the node id may attach as "
+                        "that node only.")
     c.set_defaults(func=_controller)
 
     a = sub.add_parser("agent", help="run a node agent that launches and supervises workers",

@@ -364,3 +364,19 @@ def test_random_event_sequences_keep_epoch_fencing(data: st.DataObject, world_si
         if before.phase in (Phase.COMPLETE, Phase.FAILED):
             assert state.epoch == before.epoch and ready.persist is None
     assert persisted == list(range(1, len(persisted) + 1)), "epochs 1, 2, 3, ... never reused"
+
+
+def test_worker_dying_before_its_hook_connects_is_a_recorded_fault() -> None:
+    """STARTED then EXITED with no READY: not refused as unknown, recorded as a fault, and
+    the job keeps waiting to form (a replacement may still come)."""
+    from splice.controller.job import WorkerStarted
+
+    state = JobState(spec=JobSpec(job_id="j", world_size=2))
+    state, ready = step(state, WorkerStarted("a/0", 41), 0.0)
+    assert ready == Ready() and state.workers["a/0"].state is WorkerState.STARTING
+    state, ready = step(state, WorkerExited("a/0", 1, 0), 1.0)
+    assert ready.refuse is None
+    assert [e.kind for e in ready.timeline] == ["fault"]
+    assert "a/0" in ready.timeline[0].text and "code 1" in ready.timeline[0].text
+    assert state.workers["a/0"].state is WorkerState.EXITED
+    assert state.phase is Phase.FORMING and state.membership is None
