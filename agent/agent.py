@@ -10,9 +10,11 @@ replica leads, telling it what happened meanwhile.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
+import shutil
 import signal
 import socket
 import sys
@@ -23,7 +25,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from splice.agent import progress
+from splice.agent.health import NodeHealthProbe
 from splice.agent.local_server import LocalServer
+from splice.agent.progress import ProgressReader
 from splice.agent.supervisor import Exit, Supervisor
 from splice.agent.upstream import AgentRefused, Attached, Upstream
 from splice.controller.membership import worker_id
@@ -48,6 +53,11 @@ class AgentConfig:
     # How long to keep retrying the first connection to the controller.
     connect_timeout_s: float = 30.0
     max_message_bytes: int = 4 * 1024 * 1024
+    # Telemetry is batched: progress counters and step reports go up this often.
+    telemetry_interval_s: float = 0.1
+    # Step reports held while the controller is slow or away; the oldest are dropped
+    # (and counted) beyond this, so the agent's memory stays bounded.
+    max_buffered_steps: int = 10_000
 
     def __post_init__(self) -> None:
         if self.nproc < 1:
@@ -81,6 +91,9 @@ class Agent:
         self.config = config
         self._workers = [worker_id(config.node_id, i) for i in range(config.nproc)]
         self._dir = tempfile.mkdtemp(prefix="splice-agent-")
+        # Progress counters live in shared memory when the platform has it.
+        self._shm_dir = tempfile.mkdtemp(prefix="splice-agent-",
+                                         dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         self._local = LocalServer(os.path.join(self._dir, "agent.sock"), set(self._workers),
                                   self._on_worker_message, self._on_worker_disconnect)
         self._supervisor = Supervisor(self._on_exit)
@@ -95,6 +108,10 @@ class Agent:
         self._outbox: queue.SimpleQueue[pb.AgentMessage | None] | None = None
         self._stopping = threading.Event()
         self._attached = threading.Event()
+        self._steps: collections.deque[pb.StepReport] = collections.deque()
+        self._dropped = 0
+        self._readers: dict[str, ProgressReader] = {}
+        self.health = NodeHealthProbe()
         self.reconnects = 0
 
     # ---- upstream -----------------------------------------------------------------------
@@ -132,6 +149,15 @@ class Agent:
                 if kind == "shutdown":
                     log.warning("controller asks to shut down: %s", msg.shutdown.reason)
                     self._supervisor.signal_all(signal.SIGTERM)
+                    continue
+                if kind == "kill":
+                    if msg.kill.epoch >= self._epoch:
+                        log.warning("controller kills worker %s: %s", msg.kill.worker_id,
+                                    msg.kill.reason)
+                        self._supervisor.signal(msg.kill.worker_id, signal.SIGKILL)
+                    else:
+                        log.info("ignoring a kill of epoch %d (now %d)", msg.kill.epoch,
+                                 self._epoch)
                     continue
                 if kind == "membership":
                     with self._lock:
@@ -175,6 +201,27 @@ class Agent:
                 self.reconnects += 1
                 log.info("agent %s re-attached to %s", self.config.node_id, attached.address)
 
+    def _telemetry(self) -> None:
+        """Every interval: the workers' progress counters and the steps completed since."""
+        while not self._stopping.wait(self.config.telemetry_interval_s):  # a period
+            batch = pb.Telemetry(sent_at_s=time.time(), health=self.health.read())
+            for wid, reader in list(self._readers.items()):
+                p = reader.read()
+                if p is None or p.pid == 0:
+                    continue
+                batch.progress.append(pb.WorkerProgress(
+                    worker_id=wid, epoch=p.epoch, step=p.step, seq_entered=p.seq_entered,
+                    seq_exited=p.seq_exited, in_collective_since_s=p.in_collective_since_s,
+                    last_progress_s=p.last_progress_s, op=p.op, op_bytes=p.op_bytes))
+            outbox = self._outbox
+            with self._lock:
+                if outbox is not None:
+                    batch.steps.extend(self._steps)
+                    self._steps.clear()
+                    batch.dropped, self._dropped = self._dropped, 0
+            if outbox is not None and (batch.progress or batch.steps or batch.dropped):
+                outbox.put(pb.AgentMessage(telemetry=batch))
+
     def _heartbeats(self, attached: Attached) -> None:
         while not self._stopping.is_set() and self._outbox is attached.outbox:
             self._stopping.wait(attached.heartbeat_interval_s)  # a period, not a sync
@@ -207,9 +254,13 @@ class Agent:
                 worker_id=wid, kind=pb.WorkerEvent.READY, pid=msg.hello.pid, at_s=time.time())))
             for down in latest:
                 self._local.send(wid, down)
-        elif kind == "step_report":
+        elif kind == "step_report":  # batched into the next telemetry message
             if msg.step_report.worker_id == wid:
-                self._send_up(pb.AgentMessage(step_report=msg.step_report))
+                with self._lock:
+                    if len(self._steps) >= self.config.max_buffered_steps:
+                        self._steps.popleft()
+                        self._dropped += 1
+                    self._steps.append(msg.step_report)
         elif kind == "recovery_ready":
             if msg.recovery_ready.worker_id == wid:
                 with self._lock:
@@ -251,12 +302,17 @@ class Agent:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda s, _f: self._supervisor.signal_all(s))
+        threading.Thread(target=self._telemetry, daemon=True, name="splice-telemetry").start()
         for local_rank, wid in enumerate(self._workers):
+            progress_path = os.path.join(self._shm_dir, f"progress-{local_rank}")
+            progress.create(progress_path)
+            self._readers[wid] = ProgressReader(progress_path)
             env = dict(os.environ)
             env.update({
                 "SPLICE_AGENT_SOCKET": self._local.path, "SPLICE_WORKER_ID": wid,
                 "SPLICE_JOB_ID": self.config.job_id, "SPLICE_NODE_ID": self.config.node_id,
                 "SPLICE_LOCAL_RANK": str(local_rank), "SPLICE_GLOO_HOST": self.config.gloo_host,
+                "SPLICE_PROGRESS_PATH": progress_path,
             })
             env.setdefault("OMP_NUM_THREADS", "1")
             pid = self._supervisor.launch(wid, self.config.command, env)
@@ -275,6 +331,10 @@ class Agent:
         if outbox is not None:
             outbox.put(None)
         self._local.close()
+        for reader in self._readers.values():
+            reader.close()
+        shutil.rmtree(self._shm_dir, ignore_errors=True)
+        shutil.rmtree(self._dir, ignore_errors=True)
         with self._lock:
             finished = sum(w.state == pb.WorkerResync.FINISHED for w in self._state.values())
         log.info("agent %s: all workers ended (%d finished training)", self.config.node_id,

@@ -69,5 +69,17 @@ class Supervisor:
             except ProcessLookupError:
                 pass
 
+    def signal(self, worker_id: str, sig: int) -> bool:
+        """Send `sig` to one worker (the controller's verdict on a hang's culprit)."""
+        with self._lock:
+            proc = self._procs.get(worker_id)
+        if proc is None or proc.poll() is not None:
+            return False
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
     def kill_all(self) -> None:
         self.signal_all(signal.SIGKILL)

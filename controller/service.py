@@ -48,6 +48,10 @@ class Election(Protocol):
 AdminCheck = Callable[[grpc.ServicerContext, str], None]
 
 
+class TelemetrySink(Protocol):
+    def observe(self, job_id: str, node_id: str, batch: pb.Telemetry, epoch: int) -> None: ...
+
+
 def allow_everyone(context: grpc.ServicerContext, action: str) -> None:
     """Without TLS there is no identity to check: whoever reaches the port is admin."""
     del context, action
@@ -135,6 +139,8 @@ class Controller:
                     raise RuntimeError(
                         f"job {spec.job_id!r} already has epochs in the state store; a job "
                         "is taken over only by an elected controller (run with an election)")
+        # Detectors fed by telemetry (controller/telemetry_hub.py); None: no detection.
+        self.telemetry: TelemetrySink | None = None
         self._fence: Fence | None = None
         self._leading = threading.Event()
         self._lost = threading.Event()
@@ -435,6 +441,9 @@ class Controller:
                 return
             rt.view.step_reported(rep, rt.state.epoch)
             return
+        if kind == "telemetry":
+            self._on_telemetry(session, msg.telemetry)
+            return
         if kind == "recovery_ready":
             rr = msg.recovery_ready
             problem = self._check_worker_id(session, rr.worker_id)
@@ -445,6 +454,27 @@ class Controller:
                 rr.worker_id, rr.epoch, tuple(rr.snapshot_steps))))
             return
         session.outbox.put(refusal("MALFORMED", f"unexpected message {kind!r} after hello"))
+
+    def _on_telemetry(self, session: AgentSession, batch: pb.Telemetry) -> None:
+        """A batch from one agent: steps feed the status view (stale epochs are dropped:
+        in a batch they are expected around every recovery), progress feeds detectors."""
+        rt = self._jobs[session.job_id]
+        epoch = rt.state.epoch
+        for rep in batch.steps:
+            if self._check_worker_id(session, rep.worker_id):
+                session.outbox.put(refusal("MALFORMED", self._check_worker_id(
+                    session, rep.worker_id)))
+                return
+        for wp in batch.progress:
+            if self._check_worker_id(session, wp.worker_id):
+                session.outbox.put(refusal("MALFORMED", self._check_worker_id(
+                    session, wp.worker_id)))
+                return
+        for rep in batch.steps:
+            if rep.epoch == epoch:
+                rt.view.step_reported(rep, epoch)
+        if self.telemetry is not None:
+            self.telemetry.observe(session.job_id, session.node_id, batch, epoch)
 
     @staticmethod
     def _check_worker_id(session: AgentSession, wid: str) -> str:

@@ -15,18 +15,68 @@ PROTOCOL_VERSION_UNSPECIFIED: ProtocolVersion
 PROTOCOL_VERSION_1: ProtocolVersion
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "worker_event", "step_report", "recovery_ready")
+    __slots__ = ("hello", "heartbeat", "worker_event", "step_report", "recovery_ready", "telemetry")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     WORKER_EVENT_FIELD_NUMBER: _ClassVar[int]
     STEP_REPORT_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_READY_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     hello: AgentHello
     heartbeat: Heartbeat
     worker_event: WorkerEvent
     step_report: StepReport
     recovery_ready: RecoveryReady
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., worker_event: _Optional[_Union[WorkerEvent, _Mapping]] = ..., step_report: _Optional[_Union[StepReport, _Mapping]] = ..., recovery_ready: _Optional[_Union[RecoveryReady, _Mapping]] = ...) -> None: ...
+    telemetry: Telemetry
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., worker_event: _Optional[_Union[WorkerEvent, _Mapping]] = ..., step_report: _Optional[_Union[StepReport, _Mapping]] = ..., recovery_ready: _Optional[_Union[RecoveryReady, _Mapping]] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ...) -> None: ...
+
+class Telemetry(_message.Message):
+    __slots__ = ("progress", "steps", "sent_at_s", "dropped", "health")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_S_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    progress: _containers.RepeatedCompositeFieldContainer[WorkerProgress]
+    steps: _containers.RepeatedCompositeFieldContainer[StepReport]
+    sent_at_s: float
+    dropped: int
+    health: NodeHealth
+    def __init__(self, progress: _Optional[_Iterable[_Union[WorkerProgress, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., sent_at_s: _Optional[float] = ..., dropped: _Optional[int] = ..., health: _Optional[_Union[NodeHealth, _Mapping]] = ...) -> None: ...
+
+class WorkerProgress(_message.Message):
+    __slots__ = ("worker_id", "epoch", "step", "seq_entered", "seq_exited", "in_collective_since_s", "last_progress_s", "op", "op_bytes")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SEQ_ENTERED_FIELD_NUMBER: _ClassVar[int]
+    SEQ_EXITED_FIELD_NUMBER: _ClassVar[int]
+    IN_COLLECTIVE_SINCE_S_FIELD_NUMBER: _ClassVar[int]
+    LAST_PROGRESS_S_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    OP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    epoch: int
+    step: int
+    seq_entered: int
+    seq_exited: int
+    in_collective_since_s: float
+    last_progress_s: float
+    op: str
+    op_bytes: int
+    def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., seq_entered: _Optional[int] = ..., seq_exited: _Optional[int] = ..., in_collective_since_s: _Optional[float] = ..., last_progress_s: _Optional[float] = ..., op: _Optional[str] = ..., op_bytes: _Optional[int] = ...) -> None: ...
+
+class NodeHealth(_message.Message):
+    __slots__ = ("memory_used_ratio", "cpu_throttled_ratio", "gpus", "notes")
+    MEMORY_USED_RATIO_FIELD_NUMBER: _ClassVar[int]
+    CPU_THROTTLED_RATIO_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    memory_used_ratio: float
+    cpu_throttled_ratio: float
+    gpus: int
+    notes: str
+    def __init__(self, memory_used_ratio: _Optional[float] = ..., cpu_throttled_ratio: _Optional[float] = ..., gpus: _Optional[int] = ..., notes: _Optional[str] = ...) -> None: ...
 
 class AgentHello(_message.Message):
     __slots__ = ("protocol_version", "job_id", "node_id", "num_workers", "hostname", "epoch", "workers")
@@ -109,7 +159,7 @@ class WorkerEvent(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., kind: _Optional[_Union[WorkerEvent.Kind, str]] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., at_s: _Optional[float] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("worker_id", "epoch", "step", "loss", "step_time_s", "completed_at_s", "num_samples")
+    __slots__ = ("worker_id", "epoch", "step", "loss", "step_time_s", "completed_at_s", "num_samples", "compute_s", "wait_s", "collective_bytes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +167,9 @@ class StepReport(_message.Message):
     STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_AT_S_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     epoch: int
     step: int
@@ -124,7 +177,10 @@ class StepReport(_message.Message):
     step_time_s: float
     completed_at_s: float
     num_samples: int
-    def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., step_time_s: _Optional[float] = ..., completed_at_s: _Optional[float] = ..., num_samples: _Optional[int] = ...) -> None: ...
+    compute_s: float
+    wait_s: float
+    collective_bytes: int
+    def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., step_time_s: _Optional[float] = ..., completed_at_s: _Optional[float] = ..., num_samples: _Optional[int] = ..., compute_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., collective_bytes: _Optional[int] = ...) -> None: ...
 
 class RecoveryReady(_message.Message):
     __slots__ = ("worker_id", "epoch", "snapshot_steps")
@@ -137,18 +193,30 @@ class RecoveryReady(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., snapshot_steps: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("welcome", "membership", "resume", "refusal", "shutdown")
+    __slots__ = ("welcome", "membership", "resume", "refusal", "shutdown", "kill")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
+    KILL_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     membership: Membership
     resume: Resume
     refusal: Refusal
     shutdown: Shutdown
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., membership: _Optional[_Union[Membership, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ...) -> None: ...
+    kill: KillWorker
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., membership: _Optional[_Union[Membership, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., kill: _Optional[_Union[KillWorker, _Mapping]] = ...) -> None: ...
+
+class KillWorker(_message.Message):
+    __slots__ = ("worker_id", "epoch", "reason")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    epoch: int
+    reason: str
+    def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("job_id", "node_id", "heartbeat_interval_s", "epoch")
@@ -245,7 +313,7 @@ class StopJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "node_id", "pid", "state", "rank", "last_step", "last_loss", "last_step_time_s")
+    __slots__ = ("worker_id", "node_id", "pid", "state", "rank", "last_step", "last_loss", "last_step_time_s", "straggler_score", "last_compute_s", "last_wait_s")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +322,9 @@ class WorkerStatus(_message.Message):
     LAST_STEP_FIELD_NUMBER: _ClassVar[int]
     LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
     LAST_STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    STRAGGLER_SCORE_FIELD_NUMBER: _ClassVar[int]
+    LAST_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    LAST_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     node_id: str
     pid: int
@@ -262,7 +333,30 @@ class WorkerStatus(_message.Message):
     last_step: int
     last_loss: float
     last_step_time_s: float
-    def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., rank: _Optional[int] = ..., last_step: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_step_time_s: _Optional[float] = ...) -> None: ...
+    straggler_score: float
+    last_compute_s: float
+    last_wait_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., rank: _Optional[int] = ..., last_step: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_step_time_s: _Optional[float] = ..., straggler_score: _Optional[float] = ..., last_compute_s: _Optional[float] = ..., last_wait_s: _Optional[float] = ...) -> None: ...
+
+class Verdict(_message.Message):
+    __slots__ = ("at_s", "detector", "kind", "rank", "worker_id", "score", "action", "reason")
+    AT_S_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    at_s: float
+    detector: str
+    kind: str
+    rank: int
+    worker_id: str
+    score: float
+    action: str
+    reason: str
+    def __init__(self, at_s: _Optional[float] = ..., detector: _Optional[str] = ..., kind: _Optional[str] = ..., rank: _Optional[int] = ..., worker_id: _Optional[str] = ..., score: _Optional[float] = ..., action: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class TimelineEvent(_message.Message):
     __slots__ = ("at_s", "kind", "epoch", "text")
@@ -277,7 +371,7 @@ class TimelineEvent(_message.Message):
     def __init__(self, at_s: _Optional[float] = ..., kind: _Optional[str] = ..., epoch: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "phase", "epoch", "members", "workers", "timeline", "recoveries", "message", "controller", "leader", "leader_since_s")
+    __slots__ = ("job_id", "phase", "epoch", "members", "workers", "timeline", "recoveries", "message", "controller", "leader", "leader_since_s", "verdicts", "metrics")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -289,6 +383,8 @@ class JobStatus(_message.Message):
     CONTROLLER_FIELD_NUMBER: _ClassVar[int]
     LEADER_FIELD_NUMBER: _ClassVar[int]
     LEADER_SINCE_S_FIELD_NUMBER: _ClassVar[int]
+    VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     phase: str
     epoch: int
@@ -300,4 +396,6 @@ class JobStatus(_message.Message):
     controller: str
     leader: bool
     leader_since_s: float
-    def __init__(self, job_id: _Optional[str] = ..., phase: _Optional[str] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., timeline: _Optional[_Iterable[_Union[TimelineEvent, _Mapping]]] = ..., recoveries: _Optional[int] = ..., message: _Optional[str] = ..., controller: _Optional[str] = ..., leader: _Optional[bool] = ..., leader_since_s: _Optional[float] = ...) -> None: ...
+    verdicts: _containers.RepeatedCompositeFieldContainer[Verdict]
+    metrics: str
+    def __init__(self, job_id: _Optional[str] = ..., phase: _Optional[str] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., timeline: _Optional[_Iterable[_Union[TimelineEvent, _Mapping]]] = ..., recoveries: _Optional[int] = ..., message: _Optional[str] = ..., controller: _Optional[str] = ..., leader: _Optional[bool] = ..., leader_since_s: _Optional[float] = ..., verdicts: _Optional[_Iterable[_Union[Verdict, _Mapping]]] = ..., metrics: _Optional[str] = ...) -> None: ...

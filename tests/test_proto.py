@@ -130,9 +130,9 @@ KINDS = [(env, f.name) for env in ENVELOPES
 def test_every_envelope_has_its_kinds() -> None:
     names = {env.__name__: {k for e, k in KINDS if e is env} for env in ENVELOPES}
     assert names["ControllerMessage"] == {"welcome", "membership", "resume", "refusal",
-                                          "shutdown"}
+                                          "shutdown", "kill"}
     assert names["AgentMessage"] == {"hello", "heartbeat", "worker_event", "step_report",
-                                     "recovery_ready"}
+                                     "recovery_ready", "telemetry"}
 
 
 @pytest.mark.parametrize(("envelope", "kind"), KINDS,

@@ -13,12 +13,15 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from splice.agent.progress import ProgressWriter
 
 log = logging.getLogger("splice.worker")
 
@@ -106,6 +109,11 @@ class ResilientGroup:
         self._failure: str | None = None
         self._parked: list[Any] = []
         self._local: Any = None
+        # Telemetry: shared-memory progress counters (when run under an agent) and the
+        # time spent in collectives.
+        self.progress: ProgressWriter | None = None
+        self._wait_s = 0.0
+        self._bytes = 0
         self.epoch = 0
         self.rank = 0
         self.world_size = 1
@@ -127,6 +135,8 @@ class ResilientGroup:
             self.world_size = build.spec.world_size
             self._abort_reason = None
             self._failure = None
+            if self.progress is not None:
+                self.progress.begin_epoch(self.epoch, 0)
 
     def abort(self, reason: str, *, below_epoch: int) -> None:
         """Fail every collective of epochs older than `below_epoch`, now and from now on.
@@ -163,13 +173,34 @@ class ResilientGroup:
             raise CollectiveAborted(reason)
 
     # ---- collectives --------------------------------------------------------------------
-    def _issue(self, start: Any) -> torch.futures.Future[Any] | None:
+    def _issue(self, start: Any, op: str, num_bytes: int) -> torch.futures.Future[Any] | None:
         with self._lock:
             if self._abort_reason is not None:
                 raise CollectiveAborted(self._abort_reason)
             if self.world_size == 1:
                 return None
-            return start(self._pg).get_future()
+            if self.progress is not None:
+                self.progress.enter(op, num_bytes)
+            t0 = time.perf_counter()
+            fut = start(self._pg).get_future()
+        fut.add_done_callback(lambda _f: self._exited(t0, num_bytes))
+        return fut
+
+    def _exited(self, t0: float, num_bytes: int) -> None:
+        """A collective completed (or failed): count it for telemetry."""
+        elapsed = time.perf_counter() - t0
+        with self._lock:
+            self._wait_s += elapsed
+            self._bytes += num_bytes
+        if self.progress is not None:
+            self.progress.exit()
+
+    def take_stats(self) -> tuple[float, int]:
+        """Seconds spent in collectives and bytes reduced since the last call."""
+        with self._lock:
+            stats = (self._wait_s, self._bytes)
+            self._wait_s, self._bytes = 0.0, 0
+        return stats
 
     def wait(self, fut: torch.futures.Future[Any] | None) -> None:
         """Block until `fut` completes or this epoch is aborted."""
@@ -197,7 +228,8 @@ class ResilientGroup:
         """Start a SUM all-reduce in place; None when there is nobody to reduce with."""
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.SUM
-        return self._issue(lambda pg: pg.allreduce([tensor], opts))
+        return self._issue(lambda pg: pg.allreduce([tensor], opts), "all_reduce",
+                           tensor.numel() * tensor.element_size())
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """SUM all-reduce in place, abortable. Returns `tensor`.
@@ -245,7 +277,8 @@ class ResilientGroup:
         opts = dist.BroadcastOptions()
         opts.rootRank = src
         opts.rootTensor = 0
-        self.wait(self._issue(lambda pg: pg.broadcast([tensor], opts)))
+        self.wait(self._issue(lambda pg: pg.broadcast([tensor], opts), "broadcast",
+                              tensor.numel() * tensor.element_size()))
         return tensor
 
     def broadcast_tensors(self, tensors: Sequence[torch.Tensor], src: int = 0) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from splice.agent.progress import ProgressWriter
 from splice.agent.worker.batching import BatchConfig, assign_micro_batches
 from splice.agent.worker.channel import AgentLink, AgentLost
 from splice.agent.worker.group import CollectiveAborted, EpochSpec, ResilientGroup
@@ -68,6 +69,12 @@ class StepResult:
     num_samples: int     # samples this rank processed
     epoch: int
     world_size: int
+    wait_s: float = 0.0  # time inside collectives during the step
+    collective_bytes: int = 0
+
+    @property
+    def compute_s(self) -> float:
+        return max(0.0, self.step_time_s - self.wait_s)
 
 
 def _seed_for(seed: int, step: int, micro_batch: int) -> int:
@@ -267,6 +274,7 @@ class Session:
         if not self._registered:
             raise RuntimeError("call register() before run_step()")
         t0 = time.perf_counter()
+        self.group.take_stats()  # what an aborted step left behind does not count
         try:
             self.group.check()
             if self._needs_sync:
@@ -279,9 +287,12 @@ class Session:
                 raise
             self._recover(str(e))
             return None
+        wait_s, num_bytes = self.group.take_stats()
         result = StepResult(self.step, loss, time.perf_counter() - t0, num_samples,
-                            self.epoch, self.world_size)
+                            self.epoch, self.world_size, wait_s, num_bytes)
         self.step += 1
+        if self.group.progress is not None:
+            self.group.progress.step(self.step)
         self._report(result)
         return result
 
@@ -380,7 +391,8 @@ class Session:
             self._link.send(lpb.WorkerToAgent(step_report=pb.StepReport(
                 worker_id=self.worker_id, epoch=r.epoch, step=r.step, loss=r.loss,
                 step_time_s=r.step_time_s, completed_at_s=time.time(),
-                num_samples=r.num_samples)))
+                num_samples=r.num_samples, compute_s=r.compute_s, wait_s=r.wait_s,
+                collective_bytes=r.collective_bytes)))
         except AgentLost:
             log.warning("agent gone; training on without reporting")
 
@@ -429,6 +441,8 @@ def init(config: HookConfig | None = None) -> Session:
                      on_membership=lambda m: holder[0]._on_membership(m) if holder else None,
                      on_closed=lambda why: holder[0]._on_agent_lost(why) if holder else None)
     session = Session(worker_id=wid, link=link, config=config)
+    if env.get("SPLICE_PROGRESS_PATH"):
+        session.group.progress = ProgressWriter(env["SPLICE_PROGRESS_PATH"])
     holder.append(session)
     session._join("initial membership", time.monotonic() + config.join_timeout_s)
     return session
