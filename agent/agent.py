@@ -28,6 +28,7 @@ import grpc
 from splice.agent import progress
 from splice.agent.health import NodeHealthProbe
 from splice.agent.local_server import LocalServer
+from splice.agent.metrics import AgentMetrics
 from splice.agent.progress import ProgressReader
 from splice.agent.supervisor import Exit, Supervisor
 from splice.agent.upstream import AgentRefused, Attached, Upstream
@@ -58,6 +59,9 @@ class AgentConfig:
     # Step reports held while the controller is slow or away; the oldest are dropped
     # (and counted) beyond this, so the agent's memory stays bounded.
     max_buffered_steps: int = 10_000
+    # Prometheus /metrics port on 127.0.0.1-or-metrics_host; 0 picks a free one, -1: none.
+    metrics_port: int = -1
+    metrics_host: str = "0.0.0.0"
 
     def __post_init__(self) -> None:
         if self.nproc < 1:
@@ -112,6 +116,18 @@ class Agent:
         self._dropped = 0
         self._readers: dict[str, ProgressReader] = {}
         self.health = NodeHealthProbe()
+        self.metrics: AgentMetrics | None = None
+        self.metrics_address = ""
+        if config.metrics_port >= 0:
+            metrics = AgentMetrics(config.job_id, config.node_id)
+            try:
+                port = metrics.serve(config.metrics_host, config.metrics_port)
+                self.metrics = metrics
+                self.metrics_address = f"{config.metrics_host}:{port}"
+                log.info("agent %s serves metrics on %s", config.node_id, self.metrics_address)
+            except OSError as e:  # metrics are worth a warning, not the node's workers
+                log.warning("agent %s: cannot serve metrics on port %d: %s", config.node_id,
+                            config.metrics_port, e)
         self.reconnects = 0
 
     # ---- upstream -----------------------------------------------------------------------
@@ -205,6 +221,10 @@ class Agent:
         """Every interval: the workers' progress counters and the steps completed since."""
         while not self._stopping.wait(self.config.telemetry_interval_s):  # a period
             batch = pb.Telemetry(sent_at_s=time.time(), health=self.health.read())
+            if self.metrics is not None:
+                self.metrics.node_health(batch.health.memory_used_ratio,
+                                         batch.health.cpu_throttled_ratio)
+                self.metrics.set_workers(self._supervisor.live)
             for wid, reader in list(self._readers.items()):
                 p = reader.read()
                 if p is None or p.pid == 0:
@@ -212,7 +232,8 @@ class Agent:
                 batch.progress.append(pb.WorkerProgress(
                     worker_id=wid, epoch=p.epoch, step=p.step, seq_entered=p.seq_entered,
                     seq_exited=p.seq_exited, in_collective_since_s=p.in_collective_since_s,
-                    last_progress_s=p.last_progress_s, op=p.op, op_bytes=p.op_bytes))
+                    last_progress_s=p.last_progress_s, op=p.op, op_bytes=p.op_bytes,
+                    heartbeat_s=p.heartbeat_s))
             outbox = self._outbox
             with self._lock:
                 if outbox is not None:
@@ -234,6 +255,8 @@ class Agent:
         clean = ex.exit_code == 0 and not ex.signal
         log.log(logging.INFO if clean else logging.WARNING,
                 "worker %s (pid %d) exited: %s", ex.worker_id, ex.pid, how)
+        if self.metrics is not None:
+            self.metrics.worker_exit("clean" if clean else "killed" if ex.signal else "crash")
         with self._lock:
             w = self._state[ex.worker_id]
             if not (clean and w.state == pb.WorkerResync.FINISHED):
@@ -256,6 +279,9 @@ class Agent:
                 self._local.send(wid, down)
         elif kind == "step_report":  # batched into the next telemetry message
             if msg.step_report.worker_id == wid:
+                r = msg.step_report
+                if self.metrics is not None:
+                    self.metrics.step(r.step_time_s, r.compute_s, r.wait_s, r.collective_bytes)
                 with self._lock:
                     if len(self._steps) >= self.config.max_buffered_steps:
                         self._steps.popleft()
@@ -269,6 +295,12 @@ class Agent:
         elif kind == "finished":
             with self._lock:
                 self._state[wid].state = pb.WorkerResync.FINISHED
+                # Its last steps go up before the news that it finished.
+                steps = list(self._steps)
+                self._steps.clear()
+            if steps:
+                self._send_up(pb.AgentMessage(telemetry=pb.Telemetry(
+                    sent_at_s=time.time(), steps=steps)))
             self._send_up(pb.AgentMessage(worker_event=pb.WorkerEvent(
                 worker_id=wid, kind=pb.WorkerEvent.FINISHED, at_s=time.time())))
 
@@ -320,6 +352,8 @@ class Agent:
                 self._state[wid].pid = pid
             self._send_up(pb.AgentMessage(worker_event=pb.WorkerEvent(
                 worker_id=wid, kind=pb.WorkerEvent.STARTED, pid=pid, at_s=time.time())))
+        if self.metrics is not None:
+            self.metrics.set_workers(len(self._workers))
         self._supervisor.wait_all()
         # The workers' final states must reach a controller: if none is attached right now
         # (a failover in progress), wait for the re-attach, whose resync carries them.
@@ -333,6 +367,8 @@ class Agent:
         self._local.close()
         for reader in self._readers.values():
             reader.close()
+        if self.metrics is not None:
+            self.metrics.close()
         shutil.rmtree(self._shm_dir, ignore_errors=True)
         shutil.rmtree(self._dir, ignore_errors=True)
         with self._lock:

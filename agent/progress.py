@@ -18,7 +18,7 @@ from dataclasses import dataclass
 _RECORD = struct.Struct("<16q")
 SIZE = _RECORD.size
 (GEN, EPOCH, STEP, SEQ_IN, SEQ_OUT, IN_SINCE, LAST_PROGRESS, OP, OP_BYTES, PID,
- COMPUTE_NS, WAIT_NS, BYTES_TOTAL) = range(13)
+ COMPUTE_NS, WAIT_NS, BYTES_TOTAL, HEARTBEAT) = range(14)
 OPS = ("", "all_reduce", "broadcast", "all_gather", "barrier")
 
 
@@ -33,6 +33,9 @@ class Progress:
     op: str
     op_bytes: int
     pid: int
+    # Beaten by a thread of its own: it goes on while the training thread computes or
+    # sleeps, and stops when the whole process is stopped or wedged holding the GIL.
+    heartbeat_s: float
 
 
 def create(path: str) -> None:
@@ -59,6 +62,7 @@ class ProgressWriter:
         self._mm = _map(path)
         self._v = list(_RECORD.unpack_from(self._mm))
         self._lock = threading.Lock()
+        self._closed = threading.Event()
         self._v[PID] = os.getpid()
         self._write()
 
@@ -100,8 +104,24 @@ class ProgressWriter:
             v[IN_SINCE], v[LAST_PROGRESS] = 0, time.time_ns()
             self._write()
 
+    def beat(self) -> None:
+        with self._lock:
+            self._v[HEARTBEAT] = time.time_ns()
+            self._write()
+
+    def start_heartbeat(self, interval_s: float = 0.1) -> None:
+        """Beat from a daemon thread until the process ends."""
+        def run() -> None:
+            while not self._closed.wait(interval_s):  # a period, not synchronisation
+                self.beat()
+
+        self.beat()
+        threading.Thread(target=run, name="splice-heartbeat", daemon=True).start()
+
     def close(self) -> None:
-        self._mm.close()
+        self._closed.set()
+        with self._lock:
+            self._mm.close()
 
 
 class ProgressReader:
@@ -120,7 +140,7 @@ class ProgressReader:
                     in_collective_since_s=v[IN_SINCE] / 1e9,
                     last_progress_s=v[LAST_PROGRESS] / 1e9,
                     op=OPS[v[OP]] if 0 <= v[OP] < len(OPS) else "?", op_bytes=v[OP_BYTES],
-                    pid=v[PID])
+                    pid=v[PID], heartbeat_s=v[HEARTBEAT] / 1e9)
         return None
 
     def close(self) -> None:

@@ -51,6 +51,12 @@ class Supervisor:
             self._live -= 1
             self._done.notify_all()
 
+    @property
+    def live(self) -> int:
+        """Worker processes still running."""
+        with self._lock:
+            return self._live
+
     def pids(self) -> dict[str, int]:
         with self._lock:
             return {w: p.pid for w, p in self._procs.items()}

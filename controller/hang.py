@@ -147,10 +147,13 @@ def diagnose(ranks: Mapping[int, RankProgress], now: float, *, stalled_s: float,
     for r in odd:
         kinds[r] = SKIPPED
     victims = tuple(r for r in victims if r not in odd)
-    # Everyone entered `seq`: a rank whose process stopped inside it holds the others.
-    if not kinds:
-        kinds = {r: STOPPED for r in victims if stopped(ranks[r])}
-        victims = tuple(r for r in victims if r not in kinds)
+    # A process that is not running at all is the strongest evidence there is: it holds
+    # everyone, and a rank one step ahead of the rest is then only a ring all-reduce that
+    # completed on some ranks before the stop (seen with a SIGSTOP mid-collective).
+    halted = {r for r, p in ranks.items() if stopped(p)}
+    if halted:
+        kinds = {r: STOPPED for r in halted}
+        victims = tuple(sorted({r for r, p in ranks.items() if p.in_collective} - halted))
 
     evidence = {r: {"last_seq_entered": p.last_seq_entered,
                     "last_seq_exited": p.last_seq_exited,

@@ -101,7 +101,25 @@ class WorkerResync:
     pid: int
 
 
-Event = WorkerStarted | WorkerReady | WorkerExited | WorkerFinished | NodeLost | RecoveryReady | WorkerResync
+@dataclass(frozen=True)
+class Rebalance:
+    """A detector's policy moves work between ranks: same members, new shares."""
+
+    epoch: int                  # decided for this epoch; stale if the job moved on
+    shares: tuple[float, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Evict:
+    """A detector's policy removes a live worker (a persistent straggler, say)."""
+
+    epoch: int
+    worker_id: str
+    reason: str
+
+
+Event = WorkerStarted | WorkerReady | WorkerExited | WorkerFinished | NodeLost | RecoveryReady | WorkerResync | Rebalance | Evict
 
 
 # ---- effects ------------------------------------------------------------------------------
@@ -197,6 +215,10 @@ def step(state: JobState, event: Event, now: float) -> tuple[JobState, Ready]:
         return _on_recovery_ready(state, event)
     if isinstance(event, WorkerResync):
         return _on_resync(state, event)
+    if isinstance(event, Rebalance):
+        return _on_rebalance(state, event)
+    if isinstance(event, Evict):
+        return _on_evict(state, event)
     raise TypeError(f"unknown event {event!r}")
 
 
@@ -352,3 +374,29 @@ def adopt(spec: JobSpec, record: Membership | None, resume: tuple[int, int] | No
         workers=MappingProxyType(workers),
         resume_step=(0 if record.initial else resume[1] if resumed and resume else None),
     )
+
+
+def _on_rebalance(state: JobState, ev: Rebalance) -> tuple[JobState, Ready]:
+    m = state.membership
+    if m is None or ev.epoch != state.epoch or state.phase is not Phase.RUNNING:
+        return state, Ready()  # decided on a view the job has left: drop it
+    if len(ev.shares) != m.world_size or any(not s > 0 for s in ev.shares):
+        return state, Ready(refuse=Refuse("MALFORMED", f"rebalance needs {m.world_size} "
+                                                       f"positive shares, got {ev.shares}"))
+    plan = Membership(epoch=m.epoch + 1, members=m.members, shares=ev.shares,
+                      reason=f"rebalance: {ev.reason}")
+    return _announce(state, plan, Phase.RECOVERING, kind="epoch")
+
+
+def _on_evict(state: JobState, ev: Evict) -> tuple[JobState, Ready]:
+    m = state.membership
+    if m is None or ev.epoch != state.epoch or ev.worker_id not in m.members:
+        return state, Ready()
+    known = state.workers[ev.worker_id]
+    record = WorkerRecord(pid=known.pid, state=WorkerState.EXITED, exit_code=-2)
+    lost = {ev.worker_id: record}
+    if state.phase is Phase.RECOVERING:  # every member that is not ready goes at once
+        lost.update({w: WorkerRecord(pid=state.workers[w].pid, state=WorkerState.EXITED,
+                                     exit_code=-2)
+                     for w in m.members if w not in state.ready})
+    return _lose(state, lost, f"evicted {', '.join(sorted(lost))}: {ev.reason}")

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
@@ -31,6 +31,7 @@ from splice.controller.store import (
     StateStore,
     StoreUnavailable,
 )
+from splice.controller.telemetry_hub import DetectionConfig, TelemetryHub
 from splice.proto import controller_pb2 as pb
 from splice.proto import controller_pb2_grpc as pb_grpc
 
@@ -50,6 +51,8 @@ AdminCheck = Callable[[grpc.ServicerContext, str], None]
 
 class TelemetrySink(Protocol):
     def observe(self, job_id: str, node_id: str, batch: pb.Telemetry, epoch: int) -> None: ...
+    def tick(self) -> None: ...
+    def scores(self, job_id: str) -> dict[str, float]: ...
 
 
 def allow_everyone(context: grpc.ServicerContext, action: str) -> None:
@@ -76,6 +79,9 @@ class ControllerConfig:
     # After taking over as leader, how long members' agents have to re-attach before
     # their workers are counted lost.
     reattach_grace_s: float = 5.0
+    # A member that has not reported ready this long after a new epoch was announced
+    # (a stopped or wedged process cannot) is killed and the job goes on without it.
+    recovery_timeout_s: float = 10.0
     jobs: tuple[jobs.JobSpec, ...] = ()
 
     def __post_init__(self) -> None:
@@ -109,6 +115,13 @@ class AgentSession:
 class _JobRuntime:
     state: jobs.JobState
     view: JobView
+    # For metrics: when the fault being recovered from happened, and time lost so far.
+    fault_at_s: float | None = None
+    fault_kind: str = ""
+    lost_s: float = 0.0
+    started_at_s: float | None = None
+    # When the job entered its current recovery (for the recovery timeout).
+    recovering_since_s: float | None = None
 
 
 # Queue items: (session that sent it or None, job id, event or callable run on the loop).
@@ -120,7 +133,8 @@ class Controller:
                  clock: Callable[[], float] = time.time, *, election: Election | None = None,
                  server_credentials: grpc.ServerCredentials | None = None,
                  admin_check: AdminCheck = allow_everyone,
-                 attach_check: AdminCheck = allow_everyone) -> None:
+                 attach_check: AdminCheck = allow_everyone,
+                 detection: DetectionConfig | None = None) -> None:
         self.config = config
         self._store = store
         self._clock = clock
@@ -139,8 +153,11 @@ class Controller:
                     raise RuntimeError(
                         f"job {spec.job_id!r} already has epochs in the state store; a job "
                         "is taken over only by an elected controller (run with an election)")
-        # Detectors fed by telemetry (controller/telemetry_hub.py); None: no detection.
-        self.telemetry: TelemetrySink | None = None
+        # Detectors fed by telemetry (controller/telemetry_hub.py).
+        self.telemetry: TelemetrySink | None = TelemetryHub(self, detection, clock)
+        # Prometheus metrics (controller/metrics.py); None: not exported.
+        self.metrics: Any = None
+        self.metrics_address = ""
         self._fence: Fence | None = None
         self._leading = threading.Event()
         self._lost = threading.Event()
@@ -232,6 +249,8 @@ class Controller:
                               f"agents to re-attach")
         self.leader_since_s = now
         self._leading.set()
+        if self.metrics is not None:
+            self.metrics.set_leader(True)
         log.info("controller %s is the leader", self.address)
 
     def _step_down(self, reason: str) -> None:
@@ -240,6 +259,8 @@ class Controller:
         log.error("controller %s is no longer the leader: %s", self.address, reason)
         self._leading.clear()
         self._fence = None
+        if self.metrics is not None:
+            self.metrics.set_leader(False)
         self._expected.clear()
         for rt in self._jobs.values():
             rt.state = jobs.JobState(spec=rt.state.spec)
@@ -258,6 +279,16 @@ class Controller:
             return self._election.leader() or ""
         except Exception:  # a hint only; the store may be down
             return ""
+
+    def serve_metrics(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Export Prometheus metrics on http://HOST:PORT/metrics; returns HOST:PORT."""
+        from splice.controller.metrics import ControllerMetrics
+
+        self.metrics = ControllerMetrics()
+        self.metrics.set_leader(self.leading)
+        bound = self.metrics.serve(host, port)
+        self.metrics_address = f"{host}:{bound}"
+        return self.metrics_address
 
     def stop(self, grace_s: float = 1.0) -> None:
         """Stop serving; a leader resigns first so that a standby takes over at once."""
@@ -279,6 +310,8 @@ class Controller:
             self._loop.join(timeout=5)
         if self.rendezvous is not None:
             self.rendezvous.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def wait_for_termination(self) -> None:
         assert self._server is not None
@@ -298,16 +331,50 @@ class Controller:
                               members=list(m.members) if m else [],
                               recoveries=state.recoveries, message=state.message,
                               controller=getattr(self, "address", ""), leader=self.leading,
-                              leader_since_s=self.leader_since_s)
+                              leader_since_s=self.leader_since_s, metrics=self.metrics_address)
         if not self.leading:
             status.phase = "standby"
             status.message = f"standby; the leader is {self._leader_hint() or 'unknown'}"
         rt.view.fill(status)
+        scores = self.telemetry.scores(job_id) if self.telemetry is not None else {}
         for w in status.workers:
+            w.straggler_score = scores.get(w.worker_id, 0.0)
             rec = state.workers.get(w.worker_id)
             w.state = rec.state.value if rec else "starting"
             w.rank = m.rank_of(w.worker_id) if m and w.worker_id in m.members else -1
         return status
+
+    # ---- for the telemetry hub ------------------------------------------------------------
+    def submit(self, job_id: str, fn: Callable[[], None]) -> None:
+        """Run `fn` on the loop thread, in order with every other event."""
+        self._events.put((None, job_id, fn))
+
+    def apply_event(self, job_id: str, event: jobs.Event) -> None:
+        """Loop thread only: apply a job event decided by a policy."""
+        if self._leading.is_set():
+            self._apply(None, job_id, event)
+
+    def kill_worker(self, job_id: str, worker_id: str, epoch: int, reason: str) -> None:
+        with self._sessions_lock:
+            session = self._sessions.get((job_id, node_of(worker_id)))
+        if session is None:
+            log.warning("cannot kill %s: its agent is not attached", worker_id)
+            return
+        log.warning("[%s] killing %s: %s", job_id, worker_id, reason)
+        session.outbox.put(pb.ControllerMessage(kill=pb.KillWorker(
+            worker_id=worker_id, epoch=epoch, reason=reason)))
+
+    def record_verdict(self, job_id: str, verdict: pb.Verdict, fault: str = "") -> None:
+        rt = self._jobs[job_id]
+        rt.view.add_verdict(verdict)
+        rt.view.add_event(verdict.at_s, verdict.detector, rt.state.epoch,
+                          f"{verdict.action}: {verdict.reason}")
+        log.warning("[%s] %s verdict (%s): %s", job_id, verdict.detector, verdict.action,
+                    verdict.reason)
+        if self.metrics is not None:
+            self.metrics.verdict(job_id, verdict.detector, verdict.action)
+            if fault:
+                self.metrics.fault(job_id, fault)
 
     def check_admin(self, context: grpc.ServicerContext, action: str) -> None:
         self._admin_check(context, action)
@@ -473,6 +540,8 @@ class Controller:
         for rep in batch.steps:
             if rep.epoch == epoch:
                 rt.view.step_reported(rep, epoch)
+        if self.metrics is not None:
+            self.metrics.telemetry_batch(len(batch.steps) + len(batch.progress), batch.dropped)
         if self.telemetry is not None:
             self.telemetry.observe(session.job_id, session.node_id, batch, epoch)
 
@@ -492,7 +561,7 @@ class Controller:
 
     # ---- the loop -----------------------------------------------------------------------
     def _run_loop(self) -> None:
-        tick_s = min(0.5, self.config.heartbeat_interval_s)
+        tick_s = min(0.1, self.config.heartbeat_interval_s)
         while True:
             try:
                 item = self._events.get(timeout=tick_s)
@@ -512,12 +581,28 @@ class Controller:
             self._check_liveness()
 
     def _check_liveness(self) -> None:
+        if self.telemetry is not None and self._leading.is_set():
+            self.telemetry.tick()
         now = self._clock()
         with self._sessions_lock:
             silent = [s for s in self._sessions.values()
                       if now - s.last_seen_s > self.config.node_timeout_s]
         for s in silent:
             self.close_session(s, f"no heartbeat for {now - s.last_seen_s:.1f} s")
+        for job_id, rt in self._jobs.items():
+            since = rt.recovering_since_s
+            m = rt.state.membership
+            if (since is None or m is None or not self._leading.is_set()
+                    or now - since <= self.config.recovery_timeout_s):
+                continue
+            rt.recovering_since_s = now  # one attempt per timeout period
+            late = [w for w in m.members if w not in rt.state.ready]
+            why = (f"not ready {now - since:.1f} s after epoch {m.epoch} was announced "
+                   f"(recovery timeout {self.config.recovery_timeout_s:.0f} s)")
+            for w in late:
+                self.kill_worker(job_id, w, m.epoch, why)
+            if late:
+                self._apply(None, job_id, jobs.Evict(m.epoch, late[0], why))
         # Only the loop thread touches _expected.
         for (job_id, node), deadline in list(self._expected.items()):
             if now > deadline:
@@ -557,6 +642,13 @@ class Controller:
             timer.start()
             return
         rt.state = new
+        if new.phase is jobs.Phase.RECOVERING:
+            if old.phase is not jobs.Phase.RECOVERING or new.epoch != old.epoch:
+                rt.recovering_since_s = now
+        else:
+            rt.recovering_since_s = None
+        if self.metrics is not None:
+            self._count(job_id, old, new, ready, event, now)
         for entry in ready.timeline:
             rt.view.add_event(now, entry.kind, entry.epoch, entry.text)
             self._store.append_decision(job_id, f"{now:.6f} {entry.kind} e{entry.epoch} {entry.text}")
@@ -572,6 +664,33 @@ class Controller:
                 targets = [s for (j, n), s in self._sessions.items() if j == job_id and n in nodes]
             for s in targets:
                 s.outbox.put(out)
+
+    def _count(self, job_id: str, old: jobs.JobState, new: jobs.JobState, ready: jobs.Ready,
+               event: jobs.Event, now: float) -> None:
+        """Metrics of one applied event: memberships, faults, recoveries, goodput."""
+        m, rt = self.metrics, self._jobs[job_id]
+        if new.membership is not None and new.epoch != old.epoch:
+            m.set_membership(job_id, new.epoch, new.membership.world_size)
+        if any(e.kind == "fault" for e in ready.timeline):
+            kind = ("node_lost" if isinstance(event, jobs.NodeLost)
+                    else "straggler" if isinstance(event, jobs.Evict) else "crash")
+            m.fault(job_id, kind)
+            if rt.fault_at_s is None:
+                rt.fault_at_s, rt.fault_kind = now, kind
+        if isinstance(event, jobs.Rebalance) and ready.persist is not None:
+            rt.fault_at_s, rt.fault_kind = now, "rebalance"
+        if ready.persist_resume is not None and rt.fault_at_s is not None:
+            m.recovery(job_id, rt.fault_kind, "resumed", now - rt.fault_at_s)
+            rt.lost_s += now - rt.fault_at_s
+            rt.fault_at_s = None
+        if new.phase is jobs.Phase.FAILED and old.phase is not jobs.Phase.FAILED:
+            m.recovery(job_id, rt.fault_kind or "crash", "failed",
+                       now - (rt.fault_at_s or now))
+        if rt.started_at_s is None and new.membership is not None:
+            rt.started_at_s = now
+        if rt.started_at_s is not None and now > rt.started_at_s:
+            # Goodput: the share of the job's wall time not spent recovering.
+            m.set_goodput(job_id, max(0.0, 1.0 - rt.lost_s / (now - rt.started_at_s)))
 
     def _to_proto(self, job_id: str, message: Membership | jobs.Resume) -> pb.ControllerMessage:
         if isinstance(message, jobs.Resume):

@@ -20,6 +20,8 @@ class _Progress:
     last_step: int = 0
     last_loss: float = 0.0
     last_step_time_s: float = 0.0
+    last_compute_s: float = 0.0
+    last_wait_s: float = 0.0
 
 
 class JobView:
@@ -30,6 +32,11 @@ class JobView:
         self._timeline: deque[pb.TimelineEvent] = deque(maxlen=max_timeline)
         self._progress: dict[str, _Progress] = {}
         self._first_step_seen: set[int] = set()
+        self._verdicts: deque[pb.Verdict] = deque(maxlen=200)
+
+    def add_verdict(self, verdict: pb.Verdict) -> None:
+        with self._lock:
+            self._verdicts.append(verdict)
 
     def add_event(self, at_s: float, kind: str, epoch: int, text: str) -> None:
         with self._lock:
@@ -47,6 +54,8 @@ class JobView:
                 p.last_step = report.step
                 p.last_loss = report.loss
                 p.last_step_time_s = report.step_time_s
+                p.last_compute_s = report.compute_s
+                p.last_wait_s = report.wait_s
             if report.epoch == current_epoch and report.epoch not in self._first_step_seen:
                 self._first_step_seen.add(report.epoch)
                 self._timeline.append(pb.TimelineEvent(
@@ -57,7 +66,9 @@ class JobView:
     def fill(self, status: pb.JobStatus) -> None:
         with self._lock:
             status.timeline.extend(self._timeline)
+            status.verdicts.extend(self._verdicts)
             for wid, p in sorted(self._progress.items()):
                 status.workers.append(pb.WorkerStatus(
                     worker_id=wid, node_id=p.node_id, pid=p.pid, last_step=p.last_step,
-                    last_loss=p.last_loss, last_step_time_s=p.last_step_time_s, rank=-1))
+                    last_loss=p.last_loss, last_step_time_s=p.last_step_time_s, rank=-1,
+                    last_compute_s=p.last_compute_s, last_wait_s=p.last_wait_s))

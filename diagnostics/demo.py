@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -27,6 +28,9 @@ from splice.proto import controller_pb2 as pb
 LOSS_RTOL = 1e-6
 
 
+FAULTS = ("crash", "hang", "straggler", "controller-loss", "none")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
     fault: str = "crash"
@@ -38,11 +42,13 @@ class DemoConfig:
     json_output: bool = False
     skip_reference: bool = False
     timeout_s: float = 180.0
+    # --fault straggler: how much slower the victim runs, and what the controller does.
+    slowdown: float = 1.5
+    straggler_policy: str = "alert"
 
     def __post_init__(self) -> None:
-        if self.fault not in ("crash", "controller-loss", "none"):
-            raise ValueError(f"unknown fault {self.fault!r}: choose crash, controller-loss "
-                             "or none")
+        if self.fault not in FAULTS:
+            raise ValueError(f"unknown fault {self.fault!r}: choose one of {FAULTS}")
         if self.fault == "controller-loss" and self.store != "etcd":
             raise ValueError("--fault controller-loss needs --store etcd (a standby controller "
                              "can only take over state it can read)")
@@ -83,13 +89,16 @@ def _run(cfg: DemoConfig, *, fault: str, label: str) -> dict[str, object]:
         etcd.start()
     log_dir = tempfile.mkdtemp(prefix=f"splice-demo-{label}-")
     step_times = os.path.join(log_dir, "step-times.json")
+    worker_args = ["--steps", str(cfg.steps), "--log-every", "100", "--step-times", step_times]
+    if fault == "straggler":
+        # The third worker (rank 2 of 4) computes `slowdown` x slower from the fault step.
+        worker_args += ["--slow-worker", f"node-1/0:{cfg.slowdown}:{cfg.kill_at_step}"]
     job_cfg = LocalJobConfig(
-        worker_command=worker_argv("splice.examples.train_mlp",
-                                   ["--steps", str(cfg.steps), "--log-every", "100",
-                                    "--step-times", step_times]),
+        worker_command=worker_argv("splice.examples.train_mlp", worker_args),
         nodes=cfg.nodes, nproc=cfg.nproc, job_id=f"demo-{label}", log_dir=log_dir,
         store=store, controllers=2 if store == "etcd" else 1,
-        etcd_endpoint=etcd.endpoint if etcd else "")
+        etcd_endpoint=etcd.endpoint if etcd else "", metrics=True,
+        straggler_policy=cfg.straggler_policy)
     out: dict[str, object] = {"logs": job_cfg.log_dir}
     try:
         with LocalJob(job_cfg) as job:
@@ -99,6 +108,8 @@ def _run(cfg: DemoConfig, *, fault: str, label: str) -> dict[str, object]:
                       f"(logs: {job_cfg.log_dir})")
             status = job.wait_until(lambda s: s.epoch >= 1, cfg.timeout_s,
                                     "the initial membership")
+            out["metrics_endpoints"] = [f"http://{a}/metrics" for a in
+                                        job.controller_metrics + job.agent_metrics]
             _say(cfg, f"[{label}] epoch 1 formed: world {len(status.members)}; training")
             t_kill = None
             if fault != "none":
@@ -112,6 +123,40 @@ def _run(cfg: DemoConfig, *, fault: str, label: str) -> dict[str, object]:
                 _say(cfg, f"[{label}] SIGKILL worker {victim} (rank {w.rank}, pid {w.pid}) "
                           f"at step ~{w.last_step}")
                 out["victim"] = victim
+            elif fault in ("hang", "straggler"):
+                victim = "node-1/0" if fault == "straggler" else status.members[
+                    min(2, len(status.members) - 1)]
+                w = job.worker(status, victim)
+                out["victim"], out["victim_rank"] = victim, w.rank
+                t_kill = t_fault = time.time()
+                if fault == "hang":
+                    os.kill(w.pid, signal.SIGSTOP)
+                    _say(cfg, f"[{label}] SIGSTOP worker {victim} (rank {w.rank}, pid {w.pid}) "
+                              f"at step ~{w.last_step}: the job hangs")
+                else:
+                    _say(cfg, f"[{label}] worker {victim} (rank {w.rank}) computes "
+                              f"{cfg.slowdown}x slower from step {cfg.kill_at_step}")
+
+                def after_fault(s: pb.JobStatus) -> list[pb.Verdict]:
+                    # The first verdict after the injection (this 2-core machine runs 4
+                    # workers: contention makes real, smaller stragglers before it).
+                    return [v for v in s.verdicts if v.detector == fault
+                            and v.action != "cleared" and v.at_s >= t_fault
+                            and (fault == "hang" or v.kind == "compute")]
+
+                status = job.wait_until(lambda s: bool(after_fault(s)), cfg.timeout_s,
+                                        f"the {fault} detector's verdict")
+                verdict = after_fault(status)[0]
+                out["other_verdicts"] = [
+                    f"{v.detector} {v.kind} rank {v.rank} ({v.action})" for v in status.verdicts
+                    if v.at_s >= t_fault and v is not verdict and v.action != "cleared"]
+                out["detect_s"] = round(verdict.at_s - t_kill, 4)
+                out["culprit_rank"] = verdict.rank
+                out["culprit_correct"] = verdict.worker_id == victim
+                out["action"] = verdict.action
+                out["verdict"] = verdict.reason
+                _say(cfg, f"[{label}] {fault} detected after {out['detect_s']} s: rank "
+                          f"{verdict.rank} ({verdict.worker_id}), action {verdict.action}")
             elif fault == "controller-loss":
                 leader = status.controller
                 t_kill = job.kill_controller(leader)
@@ -124,8 +169,8 @@ def _run(cfg: DemoConfig, *, fault: str, label: str) -> dict[str, object]:
                 _say(cfg, f"[{label}] {status.controller} took over after "
                           f"{out['failover_s']} s")
                 out["victim"] = leader
-            status = job.wait_until(lambda s: s.phase in ("complete", "failed"), cfg.timeout_s,
-                                    "the end of training")
+            status = job.wait_until(lambda s: s.phase in ("complete", "failed"),
+                                    cfg.timeout_s, "the end of training")
             job.wait_agents(30)
     finally:
         if etcd is not None:
@@ -154,10 +199,23 @@ def run_demo(cfg: DemoConfig) -> int:
         "final_loss": faulted["final_loss"], "steps": cfg.steps,
     }
     extra = []
-    for key in ("failover_s", "new_leader", "training_paused_s"):
+    for key in ("failover_s", "new_leader", "training_paused_s", "metrics_endpoints",
+                "culprit_rank", "culprit_correct", "action", "verdict", "other_verdicts",
+                "victim",
+                "victim_rank"):
         if key in faulted:
             summary[key] = faulted[key]
-    if cfg.fault == "controller-loss" and isinstance(t_kill, float):
+    if cfg.fault in ("hang", "straggler") and isinstance(t_kill, float):
+        summary["detect_s"] = faulted.get("detect_s")
+        summary["straggler_policy"] = cfg.straggler_policy
+        if cfg.fault == "hang":  # the culprit was killed: the survivors' first step after it
+            after = [e.at_s for e in status.timeline
+                     if e.kind == "first_step" and e.at_s > t_kill]
+            summary["resume_s"] = round(min(after) - t_kill, 4) if after else None
+        what = ("SIGSTOP" if cfg.fault == "hang"
+                else f"{cfg.slowdown}x slower compute (from step {cfg.kill_at_step}) of")
+        extra.append((t_kill, cfg.fault, f"demo starts a {what} {faulted['victim']}"))
+    elif cfg.fault == "controller-loss" and isinstance(t_kill, float):
         summary["victim"] = faulted.get("victim")
         extra.append((t_kill, "kill", f"demo sends SIGKILL to the leader {faulted['victim']}"))
     elif isinstance(t_kill, float):
@@ -187,7 +245,8 @@ def run_demo(cfg: DemoConfig) -> int:
         print("\ntimeline (relative to the kill):" if origin else "\ntimeline:")
         print(format_timeline(status, origin, extra))
         print()
-        for key in ("world_before", "world_after", "detect_s", "resume_s", "failover_s",
+        for key in ("world_before", "world_after", "detect_s", "culprit_rank",
+                    "culprit_correct", "action", "resume_s", "failover_s",
                     "training_paused_s", "final_loss", "reference_final_loss",
                     "loss_matches_reference"):
             if key in summary:

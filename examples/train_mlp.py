@@ -18,6 +18,17 @@ import splice
 from splice.examples.toy import TeacherDataset, make_mlp, mse_loss
 
 
+def slowed(loss_fn, session, factor: float, from_step: int):  # type: ignore[no-untyped-def]
+    """`loss_fn` taking `factor` x as long from step `from_step` (a slower device)."""
+    def run(model, batch):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        loss = loss_fn(model, batch)
+        if session.step >= from_step:
+            time.sleep((factor - 1) * (time.perf_counter() - t0) * 3)  # fwd + ~2x bwd
+        return loss
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)
@@ -29,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-sleep-s", type=float, default=0.0,
                    help="extra compute time per step (makes a demo's timeline readable)")
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--slow-worker", default="",
+                   help="WORKER_ID:FACTOR:FROM_STEP - that worker's compute runs FACTOR x "
+                        "slower from FROM_STEP on (simulates a slow GPU, for the demo)")
     p.add_argument("--result", help="write the final step's result as JSON to this file")
     p.add_argument("--step-times", help="rank 0 writes [[step, wall-clock completion], ...] "
                                         "as JSON to this file at the end")
@@ -38,8 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     session = splice.init()
     model = make_mlp(hidden=args.hidden, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    loss_fn = mse_loss
+    if args.slow_worker:
+        who, factor, from_step = args.slow_worker.rsplit(":", 2)
+        if who == session.worker_id:
+            loss_fn = slowed(mse_loss, session, float(factor), int(from_step))
     session.register(model=model, optimizer=optimizer, dataset=TeacherDataset(),
-                     loss_fn=mse_loss, global_batch_size=args.global_batch,
+                     loss_fn=loss_fn, global_batch_size=args.global_batch,
                      micro_batch_size=args.micro_batch, seed=0, ddp=args.ddp)
 
     completions: list[tuple[int, float]] = []

@@ -45,7 +45,7 @@ class Telemetry(_message.Message):
     def __init__(self, progress: _Optional[_Iterable[_Union[WorkerProgress, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., sent_at_s: _Optional[float] = ..., dropped: _Optional[int] = ..., health: _Optional[_Union[NodeHealth, _Mapping]] = ...) -> None: ...
 
 class WorkerProgress(_message.Message):
-    __slots__ = ("worker_id", "epoch", "step", "seq_entered", "seq_exited", "in_collective_since_s", "last_progress_s", "op", "op_bytes")
+    __slots__ = ("worker_id", "epoch", "step", "seq_entered", "seq_exited", "in_collective_since_s", "last_progress_s", "op", "op_bytes", "heartbeat_s")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class WorkerProgress(_message.Message):
     LAST_PROGRESS_S_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     OP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     epoch: int
     step: int
@@ -64,7 +65,8 @@ class WorkerProgress(_message.Message):
     last_progress_s: float
     op: str
     op_bytes: int
-    def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., seq_entered: _Optional[int] = ..., seq_exited: _Optional[int] = ..., in_collective_since_s: _Optional[float] = ..., last_progress_s: _Optional[float] = ..., op: _Optional[str] = ..., op_bytes: _Optional[int] = ...) -> None: ...
+    heartbeat_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., seq_entered: _Optional[int] = ..., seq_exited: _Optional[int] = ..., in_collective_since_s: _Optional[float] = ..., last_progress_s: _Optional[float] = ..., op: _Optional[str] = ..., op_bytes: _Optional[int] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
 
 class NodeHealth(_message.Message):
     __slots__ = ("memory_used_ratio", "cpu_throttled_ratio", "gpus", "notes")

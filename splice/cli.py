@@ -64,10 +64,24 @@ def _controller(args: argparse.Namespace) -> int:
                                   on_lost=lambda reason: controller.on_leadership_lost(reason))
     else:
         store = InMemoryStateStore()
-    controller = Controller(config, store, election=election,
+    from splice.controller.hang import HangConfig
+    from splice.controller.telemetry_hub import DetectionConfig
+
+    detection = DetectionConfig(
+        hang=HangConfig(floor_s=args.hang_floor_s, multiple=args.hang_multiple),
+        straggler_policy=args.straggler_policy)
+    controller = Controller(config, store, election=election, detection=detection,
                             server_credentials=server_credentials(tls) if tls else None,
                             admin_check=admin_check, attach_check=attach_check)
     controller.start()
+    if args.metrics_port >= 0:
+        try:
+            print(f"splice controller: metrics on http://"
+                  f"{controller.serve_metrics(args.metrics_host, args.metrics_port)}/metrics",
+                  flush=True)
+        except OSError as e:
+            print(f"splice controller: cannot serve metrics on port {args.metrics_port}: {e}",
+                  file=sys.stderr)
     role = "campaigning for leadership" if election is not None else "leading"
     print(f"splice controller: job {args.job!r}, world {args.world_size}, serving on "
           f"{args.listen.rpartition(':')[0]}:{controller.port} "
@@ -91,7 +105,8 @@ def _agent(args: argparse.Namespace) -> int:
 
     config = AgentConfig(controller=args.controller, command=tuple(command), nproc=args.nproc,
                          job_id=args.job, node_id=args.node_id or socket.gethostname(),
-                         gloo_host=args.gloo_host, connect_timeout_s=args.connect_timeout_s)
+                         gloo_host=args.gloo_host, connect_timeout_s=args.connect_timeout_s,
+                         metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     tls = tls_from_args(args)
     return run_agent(config, channel_credentials(tls) if tls else None)
 
@@ -124,6 +139,9 @@ def _demo(args: argparse.Namespace) -> int:
     from splice.diagnostics.demo import DemoConfig, run_demo
 
     return run_demo(DemoConfig(fault=args.fault, store=args.store, steps=args.steps,
+                               straggler_policy=args.straggler_policy or (
+                                   "rebalance" if args.fault == "straggler" else "alert"),
+                               slowdown=args.slowdown,
                                json_output=args.json,
                                kill_at_step=args.kill_at_step, nodes=args.nodes,
                                nproc=args.nproc, skip_reference=args.no_reference))
@@ -153,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lease-ttl-s", type=float, default=1.0,
                    help="leader lease TTL: a standby takes over about this long after the "
                         "leader dies (etcd may round it up)")
+    c.add_argument("--metrics-port", type=int, default=9401,
+                   help="Prometheus /metrics port (0: any free port, -1: off)")
+    c.add_argument("--metrics-host", default="0.0.0.0", help="address /metrics binds to")
+    c.add_argument("--straggler-policy", choices=["alert", "rebalance", "evict"],
+                   default="alert", help="what a detected straggler triggers")
+    c.add_argument("--hang-floor-s", type=float, default=1.0,
+                   help="a hang is declared after max(this, --hang-multiple x median step)")
+    c.add_argument("--hang-multiple", type=float, default=3.0)
     c.add_argument("--reattach-grace-s", type=float, default=5.0,
                    help="after a takeover, how long agents have to re-attach")
     add_tls_flags(c)
@@ -172,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--gloo-host", default="127.0.0.1",
                    help="this node's address for gloo connections")
     a.add_argument("--connect-timeout-s", type=float, default=30.0)
+    a.add_argument("--metrics-port", type=int, default=9400,
+                   help="Prometheus /metrics port (0: any free port, -1: off)")
+    a.add_argument("--metrics-host", default="0.0.0.0", help="address /metrics binds to")
     add_tls_flags(a)
     a.add_argument("command", nargs=argparse.REMAINDER, help="-- worker command line")
     a.set_defaults(func=_agent)
@@ -193,7 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="local demo: kill a worker mid-run and watch the job "
                                     "recover in place")
-    d.add_argument("--fault", choices=["crash", "controller-loss", "none"], default="crash")
+    d.add_argument("--fault", choices=["crash", "hang", "straggler", "controller-loss", "none"],
+                   default="crash")
+    d.add_argument("--straggler-policy", choices=["alert", "rebalance", "evict"],
+                   default=None, help="what a straggler verdict does (default: rebalance with "
+                                      "--fault straggler, alert otherwise)")
+    d.add_argument("--slowdown", type=float, default=1.5, help="with --fault straggler")
     d.add_argument("--store", choices=["memory", "etcd"], default="memory",
                    help="state store (controller-loss needs etcd)")
     d.add_argument("--steps", type=int, default=300)

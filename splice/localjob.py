@@ -24,6 +24,7 @@ import grpc
 from splice.controller.job import JobSpec
 from splice.controller.service import Controller, ControllerConfig
 from splice.controller.store import InMemoryStateStore
+from splice.controller.telemetry_hub import DetectionConfig
 from splice.proto import controller_pb2 as pb
 from splice.proto import controller_pb2_grpc as pb_grpc
 
@@ -43,6 +44,10 @@ class LocalJobConfig:
     controllers: int = 1
     etcd_endpoint: str = ""
     lease_ttl_s: float = 1.0
+    # Serve Prometheus metrics from the controller(s) and every agent, on free ports.
+    metrics: bool = False
+    # What a detected straggler triggers: alert, rebalance or evict.
+    straggler_policy: str = "alert"
 
     def __post_init__(self) -> None:
         if self.store not in ("memory", "etcd"):
@@ -77,7 +82,10 @@ class LocalJob:
                 ControllerConfig(listen="127.0.0.1:0", jobs=(JobSpec(
                     job_id=config.job_id, world_size=config.world_size,
                     min_world_size=config.min_world_size),)),
-                InMemoryStateStore())
+                InMemoryStateStore(),
+                detection=DetectionConfig(straggler_policy=config.straggler_policy))
+        self.agent_metrics: list[str] = []
+        self.controller_metrics: list[str] = []
         self.agents: list[subprocess.Popen[bytes]] = []
         self._logs: list[object] = []
         self._channels: dict[str, grpc.Channel] = {}
@@ -105,7 +113,14 @@ class LocalJob:
                     "--etcd", c.etcd_endpoint, "--etcd-prefix", f"/splice-{c.job_id}",
                     "--listen", address, "--job", c.job_id,
                     "--world-size", str(c.world_size), "--min-world-size",
-                    str(c.min_world_size), "--lease-ttl-s", str(c.lease_ttl_s)]
+                    str(c.min_world_size), "--lease-ttl-s", str(c.lease_ttl_s),
+                    "--straggler-policy", c.straggler_policy]
+            if c.metrics:
+                port = _free_port()
+                argv += ["--metrics-port", str(port), "--metrics-host", "127.0.0.1"]
+                self.controller_metrics.append(f"127.0.0.1:{port}")
+            else:
+                argv += ["--metrics-port", "-1"]
             self.controller_procs[address] = subprocess.Popen(
                 argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -115,6 +130,8 @@ class LocalJob:
         env.update(dict(self.config.extra_env))
         if self.controller is not None:
             self.controller.start()
+            if self.config.metrics:
+                self.controller_metrics.append(self.controller.serve_metrics())
         else:
             self._start_controllers(env)
         for i in range(self.config.nodes):
@@ -123,7 +140,14 @@ class LocalJob:
             argv = [sys.executable, "-m", "splice", "agent",
                     "--controller", ",".join(self.addresses),
                     "--job", self.config.job_id, "--node-id", node_name(i),
-                    "--nproc", str(self.config.nproc), "--", *self.config.worker_command]
+                    "--nproc", str(self.config.nproc)]
+            if self.config.metrics:
+                port = _free_port()
+                argv += ["--metrics-port", str(port), "--metrics-host", "127.0.0.1"]
+                self.agent_metrics.append(f"127.0.0.1:{port}")
+            else:
+                argv += ["--metrics-port", "-1"]
+            argv += ["--", *self.config.worker_command]
             self.agents.append(subprocess.Popen(argv, env=env, stdout=log,
                                                 stderr=subprocess.STDOUT,
                                                 start_new_session=True))

@@ -269,3 +269,22 @@ def test_scaling_every_time_scales_nothing_in_the_verdict(
         assert (v.kind, v.victims, v.seq) == (w.kind, w.victims, w.seq)
         assert [(c.rank, c.kind) for c in v.culprits] == [(c.rank, c.kind) for c in w.culprits]
         assert w.stalled_s == pytest.approx(v.stalled_s * k)
+
+
+def test_a_stopped_rank_inside_the_collective_is_blamed_not_the_rank_ahead_of_it() -> None:
+    """Seen for real with SIGSTOP mid all-reduce: the ring completed on rank 0, which went
+    on to the next step's collective; ranks 1 and 3 wait with rank 2, whose process is
+    stopped. The stopped process is the culprit; rank 0 is one more victim."""
+    t = 100.0
+    progress = job(
+        waiting(0, 36, t, step=104, beat=t + 5),
+        waiting(1, 35, t, step=103, beat=t + 5),
+        waiting(2, 35, t, step=103, beat=t),        # heartbeat stopped with the process
+        waiting(3, 35, t, step=103, beat=t + 5),
+    )
+    found = first_verdict(progress, t, t + 5)
+    assert found is not None
+    _, v = found
+    assert v.culprit_ranks == (2,) and v.kind == "stopped"
+    assert set(v.victims) == {0, 1, 3}
+    assert_explained(v)

@@ -443,6 +443,7 @@ def init(config: HookConfig | None = None) -> Session:
     session = Session(worker_id=wid, link=link, config=config)
     if env.get("SPLICE_PROGRESS_PATH"):
         session.group.progress = ProgressWriter(env["SPLICE_PROGRESS_PATH"])
+        session.group.progress.start_heartbeat()
     holder.append(session)
     session._join("initial membership", time.monotonic() + config.join_timeout_s)
     return session
