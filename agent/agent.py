@@ -282,6 +282,9 @@ class Agent:
                 r = msg.step_report
                 if self.metrics is not None:
                     self.metrics.step(r.step_time_s, r.compute_s, r.wait_s, r.collective_bytes)
+                    if r.snapshot_at_s:
+                        self.metrics.snapshot(r.snapshot_bytes,
+                                              max(0.0, time.time() - r.snapshot_at_s))
                 with self._lock:
                     if len(self._steps) >= self.config.max_buffered_steps:
                         self._steps.popleft()

@@ -64,6 +64,7 @@ class _JobTelemetry:
     hang: HangDetector | None = None
     stragglers: StragglerDetector | None = None
     scores: dict[str, float] = field(default_factory=dict)
+    members: tuple[str, ...] = ()
 
 
 class TelemetryHub:
@@ -98,13 +99,19 @@ class TelemetryHub:
 
     def _fresh(self, job_id: str, epoch: int) -> _JobTelemetry:
         t = self._jobs[job_id]
-        if t.epoch != epoch:  # a new membership: ranks mean other workers now
+        if t.epoch != epoch:  # a new epoch: counters restart
             t.epoch = epoch
             t.progress.clear()
             t.pending.clear()
             t.hang = HangDetector(self.config.hang)
-            if t.stragglers is None:
+            m = self._c.job_state(job_id).membership
+            members = m.members if m is not None else ()
+            if t.stragglers is None or members != t.members:
+                # Other members: ranks name other workers now, so what the detector learnt
+                # per rank no longer applies. (A rebalance keeps the members and its memory.)
                 t.stragglers = StragglerDetector(self.config.straggler)
+                t.scores.clear()
+            t.members = members
         return t
 
     def _complete_steps(self, t: _JobTelemetry, m: jobs.Membership) -> list[StragglerVerdict]:

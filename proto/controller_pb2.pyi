@@ -161,7 +161,7 @@ class WorkerEvent(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., kind: _Optional[_Union[WorkerEvent.Kind, str]] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., at_s: _Optional[float] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("worker_id", "epoch", "step", "loss", "step_time_s", "completed_at_s", "num_samples", "compute_s", "wait_s", "collective_bytes")
+    __slots__ = ("worker_id", "epoch", "step", "loss", "step_time_s", "completed_at_s", "num_samples", "compute_s", "wait_s", "collective_bytes", "snapshot_bytes", "snapshot_at_s")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,8 @@ class StepReport(_message.Message):
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
     COLLECTIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_AT_S_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     epoch: int
     step: int
@@ -182,7 +184,9 @@ class StepReport(_message.Message):
     compute_s: float
     wait_s: float
     collective_bytes: int
-    def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., step_time_s: _Optional[float] = ..., completed_at_s: _Optional[float] = ..., num_samples: _Optional[int] = ..., compute_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., collective_bytes: _Optional[int] = ...) -> None: ...
+    snapshot_bytes: int
+    snapshot_at_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., step_time_s: _Optional[float] = ..., completed_at_s: _Optional[float] = ..., num_samples: _Optional[int] = ..., compute_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., collective_bytes: _Optional[int] = ..., snapshot_bytes: _Optional[int] = ..., snapshot_at_s: _Optional[float] = ...) -> None: ...
 
 class RecoveryReady(_message.Message):
     __slots__ = ("worker_id", "epoch", "snapshot_steps")

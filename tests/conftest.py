@@ -20,7 +20,8 @@ JOB_TIMEOUT_S = 120.0
 def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool = False,
                   nodes: int = 2, nproc: int = 2, lose_node_at_step: int | None = None,
                   etcd_endpoint: str = "", step_sleep_s: float = 0.0,
-                  at_step: int | None = None, action: Callable[[LocalJob], None] | None = None
+                  at_step: int | None = None, action: Callable[[LocalJob], None] | None = None,
+                  slow: str = "", straggler_policy: str = "alert"
                   ) -> tuple[dict, dict[str, dict]]:
     """Run the fault-injection worker as a local job to completion.
 
@@ -39,6 +40,8 @@ def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool 
         args.append("--ddp")
     if step_sleep_s:
         args += ["--step-sleep-s", str(step_sleep_s)]
+    if slow:
+        args += ["--slow", slow]
     if lose_node_at_step is not None:
         at_step = lose_node_at_step
         action = lambda job: os.killpg(job.agents[-1].pid, signal.SIGKILL)  # noqa: E731
@@ -46,7 +49,8 @@ def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool 
                          nodes=nodes, nproc=nproc, log_dir=str(tmp),
                          extra_env=(("PYTHONPATH", str(Path(__file__).parent.parent)),),
                          store="etcd" if etcd_endpoint else "memory",
-                         controllers=2 if etcd_endpoint else 1, etcd_endpoint=etcd_endpoint)
+                         controllers=2 if etcd_endpoint else 1, etcd_endpoint=etcd_endpoint,
+                         straggler_policy=straggler_policy)
     with LocalJob(cfg) as job:
         try:
             if action is not None:
@@ -70,6 +74,8 @@ def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool 
         "recoveries": status.recoveries, "message": status.message,
         "timeline": [(e.kind, e.epoch, e.text) for e in status.timeline],
         "pids": {w.worker_id: w.pid for w in status.workers}, "logs": logs,
+        "verdicts": [(v.detector, v.kind, v.worker_id, v.action) for v in status.verdicts],
+        "shares": [],
     }
     return summary, records
 

@@ -94,6 +94,7 @@ class Session:
         self._shares: tuple[float, ...] = (1.0,)
         self._needs_sync = True  # broadcast rank 0's model before step 0
         self._registered = False
+        self._snapshot_at_s = 0.0
         self.recoveries = 0
 
     # ---- membership ---------------------------------------------------------------------
@@ -280,6 +281,7 @@ class Session:
             if self._needs_sync:
                 self._sync_from_rank0()
             self._snapshots.capture(self.step, self._state())
+            self._snapshot_at_s = time.time()
             loss, num_samples = self._forward_backward()
             self.optimizer.step()
         except Exception as e:
@@ -392,7 +394,8 @@ class Session:
                 worker_id=self.worker_id, epoch=r.epoch, step=r.step, loss=r.loss,
                 step_time_s=r.step_time_s, completed_at_s=time.time(),
                 num_samples=r.num_samples, compute_s=r.compute_s, wait_s=r.wait_s,
-                collective_bytes=r.collective_bytes)))
+                collective_bytes=r.collective_bytes, snapshot_bytes=self._snapshots.num_bytes,
+                snapshot_at_s=self._snapshot_at_s)))
         except AgentLost:
             log.warning("agent gone; training on without reporting")
 

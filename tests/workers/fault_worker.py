@@ -35,6 +35,8 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--die", action="append", default=[])
     p.add_argument("--ddp", action="store_true")
+    p.add_argument("--slow", default="", help="WORKER_ID:FACTOR:FROM_STEP: that worker's "
+                                             "compute is FACTOR x slower from FROM_STEP")
     p.add_argument("--step-sleep-s", type=float, default=0.0,
                    help="extra time per step (stands in for compute), so that faults of the "
                         "control plane happen while training is under way")
@@ -50,8 +52,14 @@ def main() -> int:
     session = splice.init()
     model = make_mlp(hidden=64, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loss_fn = mse_loss
+    if args.slow and args.slow.rsplit(":", 2)[0] == me:
+        from splice.examples.train_mlp import slowed
+
+        _, factor, from_step = args.slow.rsplit(":", 2)
+        loss_fn = slowed(mse_loss, session, float(factor), int(from_step))
     session.register(model=model, optimizer=optimizer, dataset=TeacherDataset(num_samples=1024),
-                     loss_fn=mse_loss, global_batch_size=32, micro_batch_size=4, seed=0,
+                     loss_fn=loss_fn, global_batch_size=32, micro_batch_size=4, seed=0,
                      ddp=args.ddp)
 
     group = session.group
