@@ -135,6 +135,25 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status_or_watch(args: argparse.Namespace) -> int:
+    if not args.watch:
+        return _status(args)
+    from splice.diagnostics.live import run_watch
+    from splice.security_cli import tls_from_args
+
+    return run_watch(args.controller, args.job, tls_from_args(args), interval_s=args.interval_s)
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from splice.diagnostics.diagnose import DiagnoseConfig, run_diagnose
+    from splice.security_cli import tls_from_args
+
+    return run_diagnose(DiagnoseConfig(controller=args.controller, job_id=args.job,
+                                       out_dir=args.out, duration_s=args.duration_s,
+                                       poll_s=args.poll_s, max_steps=args.steps),
+                        tls_from_args(args))
+
+
 def _demo(args: argparse.Namespace) -> int:
     from splice.diagnostics.demo import DemoConfig, run_demo
 
@@ -208,8 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show a job's state and timeline")
     s.add_argument("--controller", default="127.0.0.1:29400")
     s.add_argument("--job", default="default")
+    s.add_argument("--watch", action="store_true", help="redraw every --interval-s until Ctrl-C")
+    s.add_argument("--interval-s", type=float, default=1.0)
     add_tls_flags(s)
-    s.set_defaults(func=_status)
+    s.set_defaults(func=_status_or_watch)
+
+    dg = sub.add_parser("diagnose", help="sample a running job and write a report with rank x "
+                                         "step heatmaps of step and wait times")
+    dg.add_argument("--controller", default="127.0.0.1:29400")
+    dg.add_argument("--job", default="default")
+    dg.add_argument("--out", required=True, help="directory for report.md and the PNGs")
+    dg.add_argument("--duration-s", type=float, default=10.0,
+                    help="how long to sample (stops earlier when the job ends)")
+    dg.add_argument("--poll-s", type=float, default=0.2,
+                    help="status sampling interval: shorter catches more steps")
+    dg.add_argument("--steps", type=int, default=500, help="heatmap columns: the last N steps")
+    add_tls_flags(dg)
+    dg.set_defaults(func=_diagnose)
 
     st = sub.add_parser("stop", help="stop a job (administrative: needs an admin identity)")
     st.add_argument("--controller", default="127.0.0.1:29400")
