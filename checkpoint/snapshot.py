@@ -16,6 +16,19 @@ from typing import Any
 import torch
 
 
+class Frozen:
+    """An immutable value kept by reference in a snapshot (no copy, no walk): e.g. the
+    Python RNG state, a tuple of 625 ints that would otherwise be walked every step."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+_SCALARS = (int, float, str, bool, bytes, type(None), Frozen)
+
+
 class SnapshotMissing(Exception):
     """No snapshot of the requested step is held here; ask a peer or the persistent store."""
 
@@ -27,9 +40,13 @@ class _Slot:
     num_bytes: int = 0
 
 
-def _copy_into(value: Any, old: Any) -> Any:
-    """Deep-copy `value`, reusing tensors of `old` (same structure) as copy targets."""
+def _copy_into(value: Any, old: Any, size: list[int]) -> Any:
+    """Deep-copy `value`, reusing tensors of `old` (same structure) as copy targets, and
+    add the bytes of the tensors copied to `size[0]`."""
+    if isinstance(value, _SCALARS):
+        return value
     if isinstance(value, torch.Tensor):
+        size[0] += value.numel() * value.element_size()
         if (isinstance(old, torch.Tensor) and old.shape == value.shape
                 and old.dtype == value.dtype and old.device == value.device):
             old.copy_(value.detach())
@@ -37,16 +54,18 @@ def _copy_into(value: Any, old: Any) -> Any:
         return value.detach().clone()
     if isinstance(value, Mapping):
         prev = old if isinstance(old, dict) else {}
-        return {k: _copy_into(v, prev.get(k)) for k, v in value.items()}
+        return {k: _copy_into(v, prev.get(k), size) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         prev_seq = old if isinstance(old, (list, tuple)) and len(old) == len(value) else None
-        items = [_copy_into(v, prev_seq[i] if prev_seq is not None else None)
+        items = [_copy_into(v, prev_seq[i] if prev_seq is not None else None, size)
                  for i, v in enumerate(value)]
         return items if isinstance(value, list) else tuple(items)
     return copy.deepcopy(value)
 
 
 def _clone(value: Any) -> Any:
+    if isinstance(value, _SCALARS):
+        return value
     if isinstance(value, torch.Tensor):
         return value.clone()
     if isinstance(value, Mapping):
@@ -59,6 +78,8 @@ def _clone(value: Any) -> Any:
 
 
 def tensor_bytes(value: Any) -> int:
+    if isinstance(value, _SCALARS):
+        return 0
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, Mapping):
@@ -84,8 +105,9 @@ class SnapshotRing:
             return
         slot = min(self._slots, key=lambda s: s.step)
         slot.step = -1  # incomplete while copying
-        slot.tree = _copy_into(state, slot.tree)
-        slot.num_bytes = tensor_bytes(slot.tree)
+        size = [0]
+        slot.tree = _copy_into(state, slot.tree, size)
+        slot.num_bytes = size[0]
         slot.step = step
 
     def steps(self) -> list[int]:

@@ -31,7 +31,7 @@ from splice.agent.progress import ProgressWriter
 from splice.agent.worker.batching import BatchConfig, assign_micro_batches
 from splice.agent.worker.channel import AgentLink, AgentLost
 from splice.agent.worker.group import CollectiveAborted, EpochSpec, ResilientGroup
-from splice.checkpoint.snapshot import SnapshotRing
+from splice.checkpoint.snapshot import Frozen, SnapshotRing
 from splice.proto import controller_pb2 as pb
 from splice.proto import local_pb2 as lpb
 
@@ -235,7 +235,7 @@ class Session:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "rng": {"torch": torch.get_rng_state(), "python": Frozen(random.getstate())},
             "step": self.step,
             "samples_seen": self.step * self.batch.global_batch_size,
         }
@@ -245,7 +245,7 @@ class Session:
         self.model.load_state_dict(snap["model"])
         self.optimizer.load_state_dict(snap["optimizer"])
         torch.set_rng_state(snap["rng"]["torch"])
-        random.setstate(snap["rng"]["python"])
+        random.setstate(snap["rng"]["python"].value)
         self.step = snap["step"]
         assert self.step == step, (self.step, step)
         self._snapshots.discard_after(step)
