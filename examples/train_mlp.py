@@ -29,6 +29,18 @@ def slowed(loss_fn, session, factor: float, from_step: int):  # type: ignore[no-
     return run
 
 
+def stalled(loss_fn, session, at_step: int, seconds: float):  # type: ignore[no-untyped-def]
+    """`loss_fn` that sleeps `seconds` inside step `at_step`, once."""
+    done: list[bool] = []
+
+    def run(model, batch):  # type: ignore[no-untyped-def]
+        if session.step == at_step and not done:
+            done.append(True)
+            time.sleep(seconds)
+        return loss_fn(model, batch)
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)
@@ -40,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-sleep-s", type=float, default=0.0,
                    help="extra compute time per step (makes a demo's timeline readable)")
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--stall", default="",
+                   help="WORKER_ID:STEP:SECONDS - that worker sleeps inside step STEP (a "
+                        "wedged data loader or kernel, for the hang benchmark)")
     p.add_argument("--slow-worker", default="",
                    help="WORKER_ID:FACTOR:FROM_STEP - that worker's compute runs FACTOR x "
                         "slower from FROM_STEP on (simulates a slow GPU, for the demo)")
@@ -57,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         who, factor, from_step = args.slow_worker.rsplit(":", 2)
         if who == session.worker_id:
             loss_fn = slowed(mse_loss, session, float(factor), int(from_step))
+    if args.stall:
+        who, at_step, seconds = args.stall.rsplit(":", 2)
+        if who == session.worker_id:
+            loss_fn = stalled(loss_fn, session, int(at_step), float(seconds))
     session.register(model=model, optimizer=optimizer, dataset=TeacherDataset(),
                      loss_fn=loss_fn, global_batch_size=args.global_batch,
                      micro_batch_size=args.micro_batch, seed=0, ddp=args.ddp)
