@@ -65,6 +65,8 @@ class _JobTelemetry:
     stragglers: StragglerDetector | None = None
     scores: dict[str, float] = field(default_factory=dict)
     members: tuple[str, ...] = ()
+    freshest_s: float = 0.0   # newest last_progress_s seen from any rank of this epoch
+    node_sent_s: dict[str, float] = field(default_factory=dict)  # last batch per agent
 
 
 class TelemetryHub:
@@ -88,12 +90,17 @@ class TelemetryHub:
             t = self._fresh(job_id, m.epoch)
             for wp in batch.progress:
                 t.progress[wp.worker_id] = wp
+            touched = set()
             for rep in batch.steps:
-                if rep.epoch != m.epoch or rep.worker_id not in m.members:
+                if rep.epoch != m.epoch or not m.has(rep.worker_id):
                     continue
                 t.step_times.append(rep.step_time_s)
                 t.pending.setdefault(rep.step, {})[rep.worker_id] = rep
-            verdicts = self._complete_steps(t, m)
+                touched.add(rep.step)
+            for wp in batch.progress:
+                t.freshest_s = max(t.freshest_s, wp.last_progress_s)
+            t.node_sent_s[node_id] = batch.sent_at_s
+            verdicts = self._complete_steps(t, m, touched)
         for v in verdicts:
             self._c.submit(job_id, lambda v=v: self._act_on_straggler(job_id, v))
 
@@ -104,6 +111,7 @@ class TelemetryHub:
             t.progress.clear()
             t.pending.clear()
             t.hang = HangDetector(self.config.hang)
+            t.freshest_s = 0.0
             m = self._c.job_state(job_id).membership
             members = m.members if m is not None else ()
             if t.stragglers is None or members != t.members:
@@ -114,13 +122,14 @@ class TelemetryHub:
             t.members = members
         return t
 
-    def _complete_steps(self, t: _JobTelemetry, m: jobs.Membership) -> list[StragglerVerdict]:
+    def _complete_steps(self, t: _JobTelemetry, m: jobs.Membership, touched: set[int]
+                        ) -> list[StragglerVerdict]:
         assert t.stragglers is not None
         out: list[StragglerVerdict] = []
-        members = set(m.members)
-        for step in sorted(t.pending):
-            reports = t.pending[step]
-            if set(reports) != members:
+        for step in sorted(touched):
+            reports = t.pending.get(step)
+            # Only members' reports are kept, so a full count means a complete step.
+            if reports is None or len(reports) != m.world_size:
                 continue
             del t.pending[step]
             records = [StepRecord(rank=m.rank_of(w), epoch=m.epoch, step=step,
@@ -146,6 +155,16 @@ class TelemetryHub:
                 continue
             with self._lock:
                 t = self._fresh(job_id, m.epoch)
+                if not t.node_sent_s or t.freshest_s == 0.0:
+                    continue
+                # Only look closer once nothing has moved for the floor: the common case
+                # costs O(1), not a walk over every rank every tick.
+                if now - t.freshest_s <= self.config.hang.floor_s:
+                    continue
+                # A controller that fell behind must not mistake stale telemetry for a
+                # stall: every agent must have reported since the apparent stall began.
+                if min(t.node_sent_s.get(n, 0.0) for n in m.nodes()) < t.freshest_s:
+                    continue
                 ranks = {}
                 for w in m.members:
                     wp = t.progress.get(w)
