@@ -126,6 +126,29 @@ class EtcdConnection:
             client.close()
 
 
+def _raise_refused(responses: list[Any], fence: Fence | None, what: str, *,
+                   expected: int) -> None:
+    """Say why a fenced epoch transaction was refused, from what its failure branch read
+    in the same revision (stored epoch first, then the leader key): NotLeader before
+    EpochConflict, since a deposed leader's view of the epoch is irrelevant."""
+    if fence is not None:
+        holder = responses[1]
+        if not holder:
+            raise NotLeader(
+                f"leader key {fence.key!r} is gone (lease expired or revoked); this "
+                f"controller ({fence.identity}, elected at revision {fence.revision}) "
+                "was deposed: stop acting as leader and campaign again")
+        value, meta = holder[0]
+        if value.decode() != fence.identity or meta.create_revision != fence.revision:
+            raise NotLeader(
+                f"leader key {fence.key!r} names {value.decode()!r} elected at revision "
+                f"{meta.create_revision}, not this controller ({fence.identity} at "
+                f"revision {fence.revision}): stop acting as leader")
+    stored = responses[0]
+    found = int(stored[0][0]) if stored else 0
+    raise EpochConflict(f"{what}: expected stored epoch {expected}, found {found}")
+
+
 class EtcdStateStore:
     """StateStore on etcd. Fences are checked in the same transaction as the epoch."""
 
@@ -180,19 +203,9 @@ class EtcdStateStore:
 
         succeeded, responses = self.connection.call(
             f"commit_resume({job_id!r}, epoch {epoch}, step {step})", txn)
-        if succeeded:
-            return
-        if fence is not None:
-            holder = responses[1]
-            if not holder or (holder[0][0].decode() != fence.identity
-                              or holder[0][1].create_revision != fence.revision):
-                raise NotLeader(f"leader key {fence.key!r} no longer names {fence.identity} "
-                                f"(elected at revision {fence.revision}): stop acting as "
-                                "leader")
-        stored = responses[0]
-        found = int(stored[0][0]) if stored else 0
-        raise EpochConflict(f"job {job_id!r}: resume for epoch {epoch}, stored epoch is "
-                            f"{found}")
+        if not succeeded:
+            _raise_refused(responses, fence, f"job {job_id!r}: resume for epoch {epoch}",
+                           expected=epoch)
 
     def load_resume(self, job_id: str) -> tuple[int, int] | None:
         value, _ = self._get(f"{self._job(job_id)}/resume", f"load_resume({job_id!r})")
@@ -248,25 +261,9 @@ class EtcdStateStore:
 
         succeeded, responses = self.connection.call(
             f"commit_epoch({record.job_id!r}, epoch {record.epoch})", txn)
-        if succeeded:
-            return
-        if fence is not None:
-            holder = responses[1]
-            if not holder:
-                raise NotLeader(
-                    f"leader key {fence.key!r} is gone (lease expired or revoked); this "
-                    f"controller ({fence.identity}, elected at revision {fence.revision}) "
-                    "was deposed: stop acting as leader and campaign again")
-            value, meta = holder[0]
-            if value.decode() != fence.identity or meta.create_revision != fence.revision:
-                raise NotLeader(
-                    f"leader key {fence.key!r} names {value.decode()!r} elected at revision "
-                    f"{meta.create_revision}, not this controller ({fence.identity} at "
-                    f"revision {fence.revision}): stop acting as leader")
-        stored = responses[0]
-        found = int(stored[0][0]) if stored else 0
-        raise EpochConflict(
-            f"job {record.job_id!r}: expected stored epoch {expected_epoch}, found {found}")
+        if not succeeded:
+            _raise_refused(responses, fence, f"job {record.job_id!r}",
+                           expected=expected_epoch)
 
     # ---- decision log ---------------------------------------------------------------------
 

@@ -527,15 +527,10 @@ class Controller:
         in a batch they are expected around every recovery), progress feeds detectors."""
         rt = self._jobs[session.job_id]
         epoch = rt.state.epoch
-        for rep in batch.steps:
-            if self._check_worker_id(session, rep.worker_id):
-                session.outbox.put(refusal("MALFORMED", self._check_worker_id(
-                    session, rep.worker_id)))
-                return
-        for wp in batch.progress:
-            if self._check_worker_id(session, wp.worker_id):
-                session.outbox.put(refusal("MALFORMED", self._check_worker_id(
-                    session, wp.worker_id)))
+        for wid in [r.worker_id for r in batch.steps] + [p.worker_id for p in batch.progress]:
+            problem = self._check_worker_id(session, wid)
+            if problem:  # the whole batch is refused: none of it is applied
+                session.outbox.put(refusal("MALFORMED", problem))
                 return
         for rep in batch.steps:
             if rep.epoch == epoch:
