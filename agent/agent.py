@@ -295,6 +295,9 @@ class Agent:
                 with self._lock:
                     self._pending_ready[wid] = msg.recovery_ready
                 self._send_up(pb.AgentMessage(recovery_ready=msg.recovery_ready))
+        elif kind == "corruption":
+            if msg.corruption.worker_id == wid:
+                self._send_up(pb.AgentMessage(corruption=msg.corruption))
         elif kind == "finished":
             with self._lock:
                 self._state[wid].state = pb.WorkerResync.FINISHED

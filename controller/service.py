@@ -122,6 +122,8 @@ class _JobRuntime:
     started_at_s: float | None = None
     # When the job entered its current recovery (for the recovery timeout).
     recovering_since_s: float | None = None
+    # (epoch, step) of corruption findings already acted on.
+    corruptions: set[tuple[int, int]] = field(default_factory=set)
 
 
 # Queue items: (session that sent it or None, job id, event or callable run on the loop).
@@ -376,6 +378,26 @@ class Controller:
             if fault:
                 self.metrics.fault(job_id, fault)
 
+    def _on_corruption(self, job_id: str, report: pb.CorruptionReport) -> None:
+        """Loop thread: replicas disagree. Kill the culprits (their ranks then leave
+        through the crash path); every member reports the same finding, act once."""
+        rt = self._jobs[job_id]
+        m = rt.state.membership
+        if m is None or report.epoch != m.epoch or not self._leading.is_set():
+            return
+        key = (report.epoch, report.step)
+        if key in rt.corruptions:
+            return
+        rt.corruptions.add(key)
+        culprits = [w for w in report.culprits if m.has(w)]
+        for w in culprits:
+            self.kill_worker(job_id, w, m.epoch, f"silent data corruption: {report.reason}")
+        first = culprits[0] if culprits else ""
+        self.record_verdict(job_id, pb.Verdict(
+            at_s=self._clock(), detector="sdc", kind="bitflip",
+            rank=m.rank_of(first) if first else -1, worker_id=first, score=len(culprits),
+            action="kill" if culprits else "alert", reason=report.reason), fault="bitflip")
+
     def check_admin(self, context: grpc.ServicerContext, action: str) -> None:
         self._admin_check(context, action)
 
@@ -510,6 +532,20 @@ class Controller:
             return
         if kind == "telemetry":
             self._on_telemetry(session, msg.telemetry)
+            return
+        if kind == "corruption":
+            report = msg.corruption
+            try:
+                for wid in report.culprits:
+                    parse_worker_id(wid)
+            except ValueError as e:
+                session.outbox.put(refusal("MALFORMED", f"corruption report: {e}"))
+                return
+            problem = self._check_worker_id(session, report.worker_id)
+            if problem:
+                session.outbox.put(refusal("MALFORMED", problem))
+                return
+            self.submit(job_id, lambda: self._on_corruption(job_id, report))
             return
         if kind == "recovery_ready":
             rr = msg.recovery_ready

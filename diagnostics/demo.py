@@ -28,7 +28,7 @@ from splice.proto import controller_pb2 as pb
 LOSS_RTOL = 1e-6
 
 
-FAULTS = ("crash", "hang", "straggler", "controller-loss", "none")
+FAULTS = ("crash", "hang", "straggler", "bitflip", "controller-loss", "none")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +93,11 @@ def _run(cfg: DemoConfig, *, fault: str, label: str) -> dict[str, object]:
     if fault == "straggler":
         # The third worker (rank 2 of 4) computes `slowdown` x slower from the fault step.
         worker_args += ["--slow-worker", f"node-1/0:{cfg.slowdown}:{cfg.kill_at_step}"]
+    if fault == "bitflip" or (fault == "none" and cfg.fault == "bitflip"):
+        # Replicas are compared at every step, before any gradient is exchanged.
+        worker_args += ["--sdc-every", "1"]
+        if fault == "bitflip":
+            worker_args += ["--bitflip", f"node-1/0:{cfg.kill_at_step}"]
     job_cfg = LocalJobConfig(
         worker_command=worker_argv("splice.examples.train_mlp", worker_args),
         nodes=cfg.nodes, nproc=cfg.nproc, job_id=f"demo-{label}", log_dir=log_dir,
@@ -123,8 +128,8 @@ def _run(cfg: DemoConfig, *, fault: str, label: str) -> dict[str, object]:
                 _say(cfg, f"[{label}] SIGKILL worker {victim} (rank {w.rank}, pid {w.pid}) "
                           f"at step ~{w.last_step}")
                 out["victim"] = victim
-            elif fault in ("hang", "straggler"):
-                victim = "node-1/0" if fault == "straggler" else status.members[
+            elif fault in ("hang", "straggler", "bitflip"):
+                victim = "node-1/0" if fault != "hang" else status.members[
                     min(2, len(status.members) - 1)]
                 w = job.worker(status, victim)
                 out["victim"], out["victim_rank"] = victim, w.rank
@@ -133,6 +138,9 @@ def _run(cfg: DemoConfig, *, fault: str, label: str) -> dict[str, object]:
                     os.kill(w.pid, signal.SIGSTOP)
                     _say(cfg, f"[{label}] SIGSTOP worker {victim} (rank {w.rank}, pid {w.pid}) "
                               f"at step ~{w.last_step}: the job hangs")
+                elif fault == "bitflip":
+                    _say(cfg, f"[{label}] worker {victim} (rank {w.rank}) flips a bit of its "
+                              f"weights after step {cfg.kill_at_step}")
                 else:
                     _say(cfg, f"[{label}] worker {victim} (rank {w.rank}) computes "
                               f"{cfg.slowdown}x slower from step {cfg.kill_at_step}")
@@ -140,9 +148,13 @@ def _run(cfg: DemoConfig, *, fault: str, label: str) -> dict[str, object]:
                 def after_fault(s: pb.JobStatus) -> list[pb.Verdict]:
                     # The first verdict after the injection (this 2-core machine runs 4
                     # workers: contention makes real, smaller stragglers before it).
-                    return [v for v in s.verdicts if v.detector == fault
-                            and v.action != "cleared" and v.at_s >= t_fault
-                            and (fault == "hang" or v.kind == "compute")]
+                    detector = "sdc" if fault == "bitflip" else fault
+                    # A bit flip is caught within a step: often before this poll saw the
+                    # step, so its verdict is not filtered by time (there is no other).
+                    return [v for v in s.verdicts if v.detector == detector
+                            and v.action != "cleared"
+                            and (v.at_s >= t_fault or fault == "bitflip")
+                            and (fault != "straggler" or v.kind == "compute")]
 
                 status = job.wait_until(lambda s: bool(after_fault(s)), cfg.timeout_s,
                                         f"the {fault} detector's verdict")
@@ -155,6 +167,12 @@ def _run(cfg: DemoConfig, *, fault: str, label: str) -> dict[str, object]:
                 out["culprit_correct"] = verdict.worker_id == victim
                 out["action"] = verdict.action
                 out["verdict"] = verdict.reason
+                if fault == "bitflip":
+                    out["verdict_at_s"] = verdict.at_s
+                    # The survivors never took a gradient from the corrupted replica; the
+                    # culprit itself is removed, not restored: a replacement restored
+                    # from a healthy peer needs peer snapshots, not there yet.
+                    out["restored_from"] = None
                 _say(cfg, f"[{label}] {fault} detected after {out['detect_s']} s: rank "
                           f"{verdict.rank} ({verdict.worker_id}), action {verdict.action}")
             elif fault == "controller-loss":
@@ -181,7 +199,12 @@ def _run(cfg: DemoConfig, *, fault: str, label: str) -> dict[str, object]:
     out["final_loss"] = losses[0] if losses else float("nan")
     if os.path.exists(step_times) and isinstance(t_kill, float):
         with open(step_times) as f:
-            out["training_paused_s"] = round(_paused_s(json.load(f), t_kill), 4)
+            times = json.load(f)
+        out["training_paused_s"] = round(_paused_s(times, t_kill), 4)
+        flipped = [t for s, t in times if s == cfg.kill_at_step]
+        if fault == "bitflip" and flipped and "verdict_at_s" in out:
+            # The flip happens right after that step completes on the victim.
+            out["detect_s"] = round(float(out.pop("verdict_at_s")) - flipped[0], 4)
     return out
 
 
@@ -200,19 +223,21 @@ def run_demo(cfg: DemoConfig) -> int:
     }
     extra = []
     for key in ("failover_s", "new_leader", "training_paused_s", "metrics_endpoints",
+                "restored_from",
                 "culprit_rank", "culprit_correct", "action", "verdict", "other_verdicts",
                 "victim",
                 "victim_rank"):
         if key in faulted:
             summary[key] = faulted[key]
-    if cfg.fault in ("hang", "straggler") and isinstance(t_kill, float):
+    if cfg.fault in ("hang", "straggler", "bitflip") and isinstance(t_kill, float):
         summary["detect_s"] = faulted.get("detect_s")
         summary["straggler_policy"] = cfg.straggler_policy
-        if cfg.fault == "hang":  # the culprit was killed: the survivors' first step after it
+        if cfg.fault in ("hang", "bitflip"):  # the culprit was killed: the first step after
             after = [e.at_s for e in status.timeline
                      if e.kind == "first_step" and e.at_s > t_kill]
             summary["resume_s"] = round(min(after) - t_kill, 4) if after else None
         what = ("SIGSTOP" if cfg.fault == "hang"
+                else "bit flip in the weights of" if cfg.fault == "bitflip"
                 else f"{cfg.slowdown}x slower compute (from step {cfg.kill_at_step}) of")
         extra.append((t_kill, cfg.fault, f"demo starts a {what} {faulted['victim']}"))
     elif cfg.fault == "controller-loss" and isinstance(t_kill, float):

@@ -18,6 +18,13 @@ import splice
 from splice.examples.toy import TeacherDataset, make_mlp, mse_loss
 
 
+def flip_one_bit(model: torch.nn.Module, bit: int = 22) -> None:
+    """Flip one mantissa bit of the first weight: what a faulty GPU or memory might do."""
+    with torch.no_grad():
+        w = next(model.parameters()).view(-1)
+        w[:1].view(torch.int32).bitwise_xor_(1 << bit)
+
+
 def slowed(loss_fn, session, factor: float, from_step: int):  # type: ignore[no-untyped-def]
     """`loss_fn` taking `factor` x as long from step `from_step` (a slower device)."""
     def run(model, batch):  # type: ignore[no-untyped-def]
@@ -52,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-sleep-s", type=float, default=0.0,
                    help="extra compute time per step (makes a demo's timeline readable)")
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--sdc-every", type=int, default=0,
+                   help="compare every replica's fingerprint every N steps (0: off)")
+    p.add_argument("--bitflip", default="",
+                   help="WORKER_ID:STEP - flip one bit of that worker's weights after step "
+                        "STEP (silent data corruption, for the demo)")
     p.add_argument("--stall", default="",
                    help="WORKER_ID:STEP:SECONDS - that worker sleeps inside step STEP (a "
                         "wedged data loader or kernel, for the hang benchmark)")
@@ -78,12 +90,18 @@ def main(argv: list[str] | None = None) -> int:
             loss_fn = stalled(loss_fn, session, int(at_step), float(seconds))
     session.register(model=model, optimizer=optimizer, dataset=TeacherDataset(),
                      loss_fn=loss_fn, global_batch_size=args.global_batch,
-                     micro_batch_size=args.micro_batch, seed=0, ddp=args.ddp)
+                     micro_batch_size=args.micro_batch, seed=0, ddp=args.ddp,
+                     sdc_check_every_steps=args.sdc_every)
+    flip_at = -1
+    if args.bitflip and args.bitflip.rsplit(":", 1)[0] == session.worker_id:
+        flip_at = int(args.bitflip.rsplit(":", 1)[1])
 
     completions: list[tuple[int, float]] = []
 
     def progress(r: splice.StepResult) -> None:  # type: ignore[name-defined]
         completions.append((r.step, time.time()))
+        if r.step == flip_at:
+            flip_one_bit(model)
         if args.step_sleep_s:
             time.sleep(args.step_sleep_s)  # stands in for more compute; not synchronisation
         if session.rank == 0 and (r.step % args.log_every == 0 or r.step == args.steps - 1):

@@ -15,20 +15,38 @@ PROTOCOL_VERSION_UNSPECIFIED: ProtocolVersion
 PROTOCOL_VERSION_1: ProtocolVersion
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "worker_event", "step_report", "recovery_ready", "telemetry")
+    __slots__ = ("hello", "heartbeat", "worker_event", "step_report", "recovery_ready", "telemetry", "corruption")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     WORKER_EVENT_FIELD_NUMBER: _ClassVar[int]
     STEP_REPORT_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_READY_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
+    CORRUPTION_FIELD_NUMBER: _ClassVar[int]
     hello: AgentHello
     heartbeat: Heartbeat
     worker_event: WorkerEvent
     step_report: StepReport
     recovery_ready: RecoveryReady
     telemetry: Telemetry
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., worker_event: _Optional[_Union[WorkerEvent, _Mapping]] = ..., step_report: _Optional[_Union[StepReport, _Mapping]] = ..., recovery_ready: _Optional[_Union[RecoveryReady, _Mapping]] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ...) -> None: ...
+    corruption: CorruptionReport
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., worker_event: _Optional[_Union[WorkerEvent, _Mapping]] = ..., step_report: _Optional[_Union[StepReport, _Mapping]] = ..., recovery_ready: _Optional[_Union[RecoveryReady, _Mapping]] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., corruption: _Optional[_Union[CorruptionReport, _Mapping]] = ...) -> None: ...
+
+class CorruptionReport(_message.Message):
+    __slots__ = ("worker_id", "epoch", "step", "culprits", "fingerprints", "reason")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CULPRITS_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINTS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    epoch: int
+    step: int
+    culprits: _containers.RepeatedScalarFieldContainer[str]
+    fingerprints: _containers.RepeatedScalarFieldContainer[int]
+    reason: str
+    def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., culprits: _Optional[_Iterable[str]] = ..., fingerprints: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Telemetry(_message.Message):
     __slots__ = ("progress", "steps", "sent_at_s", "dropped", "health")

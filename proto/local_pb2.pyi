@@ -7,16 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerToAgent(_message.Message):
-    __slots__ = ("hello", "step_report", "recovery_ready", "finished")
+    __slots__ = ("hello", "step_report", "recovery_ready", "finished", "corruption")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     STEP_REPORT_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_READY_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    CORRUPTION_FIELD_NUMBER: _ClassVar[int]
     hello: WorkerHello
     step_report: _controller_pb2.StepReport
     recovery_ready: _controller_pb2.RecoveryReady
     finished: WorkerFinished
-    def __init__(self, hello: _Optional[_Union[WorkerHello, _Mapping]] = ..., step_report: _Optional[_Union[_controller_pb2.StepReport, _Mapping]] = ..., recovery_ready: _Optional[_Union[_controller_pb2.RecoveryReady, _Mapping]] = ..., finished: _Optional[_Union[WorkerFinished, _Mapping]] = ...) -> None: ...
+    corruption: _controller_pb2.CorruptionReport
+    def __init__(self, hello: _Optional[_Union[WorkerHello, _Mapping]] = ..., step_report: _Optional[_Union[_controller_pb2.StepReport, _Mapping]] = ..., recovery_ready: _Optional[_Union[_controller_pb2.RecoveryReady, _Mapping]] = ..., finished: _Optional[_Union[WorkerFinished, _Mapping]] = ..., corruption: _Optional[_Union[_controller_pb2.CorruptionReport, _Mapping]] = ...) -> None: ...
 
 class WorkerHello(_message.Message):
     __slots__ = ("worker_id", "pid")

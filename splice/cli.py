@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="local demo: kill a worker mid-run and watch the job "
                                     "recover in place")
-    d.add_argument("--fault", choices=["crash", "hang", "straggler", "controller-loss", "none"],
+    d.add_argument("--fault", choices=["crash", "hang", "straggler", "bitflip", "controller-loss",
+                                       "none"],
                    default="crash")
     d.add_argument("--straggler-policy", choices=["alert", "rebalance", "evict"],
                    default=None, help="what a straggler verdict does (default: rebalance with "

@@ -21,7 +21,7 @@ def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool 
                   nodes: int = 2, nproc: int = 2, lose_node_at_step: int | None = None,
                   etcd_endpoint: str = "", step_sleep_s: float = 0.0,
                   at_step: int | None = None, action: Callable[[LocalJob], None] | None = None,
-                  slow: str = "", straggler_policy: str = "alert"
+                  slow: str = "", straggler_policy: str = "alert", extra_args: tuple[str, ...] = ()
                   ) -> tuple[dict, dict[str, dict]]:
     """Run the fault-injection worker as a local job to completion.
 
@@ -42,6 +42,7 @@ def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool 
         args += ["--step-sleep-s", str(step_sleep_s)]
     if slow:
         args += ["--slow", slow]
+    args += list(extra_args)
     if lose_node_at_step is not None:
         at_step = lose_node_at_step
         action = lambda job: os.killpg(job.agents[-1].pid, signal.SIGKILL)  # noqa: E731

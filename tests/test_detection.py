@@ -70,6 +70,20 @@ def test_straggler_is_flagged_and_work_rebalanced(tmp_path: Path,
     assert_parity(records, reference)
 
 
+def test_silent_data_corruption_is_caught_before_it_spreads(
+        tmp_path: Path, reference: dict[int, float]) -> None:
+    """A bit flips in one replica's weights: the per-step fingerprint comparison names it
+    before any of its gradients reach the others, it is removed, and the survivors'
+    losses stay exactly those of the uninterrupted run."""
+    summary, records = run_fault_job(
+        tmp_path, steps=STEPS, extra_args=("--sdc-every", "1", "--bitflip", "node-0/1:20"))
+    assert summary["phase"] == "complete", summary["logs"]
+    sdc = [v for v in summary["verdicts"] if v[0] == "sdc"]
+    assert sdc and sdc[0][1:] == ("bitflip", "node-0/1", "kill"), summary["verdicts"]
+    assert "node-0/1" not in summary["members"] and len(summary["members"]) == 3
+    assert_parity(records, reference)
+
+
 def test_dashboard_queries_return_series_from_a_real_job(tmp_path: Path) -> None:
     """Prometheus scrapes a running job's controller and agents (with one crash for the
     fault and recovery series); every dashboard expression must parse and return data."""

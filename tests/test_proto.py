@@ -132,7 +132,7 @@ def test_every_envelope_has_its_kinds() -> None:
     assert names["ControllerMessage"] == {"welcome", "membership", "resume", "refusal",
                                           "shutdown", "kill"}
     assert names["AgentMessage"] == {"hello", "heartbeat", "worker_event", "step_report",
-                                     "recovery_ready", "telemetry"}
+                                     "recovery_ready", "telemetry", "corruption"}
 
 
 @pytest.mark.parametrize(("envelope", "kind"), KINDS,

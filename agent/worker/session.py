@@ -15,6 +15,7 @@ re-partitions the data and carries on. No process restarts, nothing is read from
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import random
@@ -198,7 +199,8 @@ class Session:
                  dataset: Sequence[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor],
                  global_batch_size: int, micro_batch_size: int, seed: int = 0,
                  collate_fn: Callable[[list[Any]], Any] | None = None,
-                 ddp: bool = False, exact_reduction: bool = True) -> None:
+                 ddp: bool = False, exact_reduction: bool = True,
+                 sdc_check_every_steps: int = 0) -> None:
         """Hand the hook what it snapshots, restores and steps.
 
         `loss_fn(model, batch)` returns the mean loss over `batch`; the hook weights it by
@@ -207,7 +209,13 @@ class Session:
         are reduced by this session's abortable group. `exact_reduction` (default, not
         with DDP) accumulates and reduces gradients in float64 so that results do not
         depend on the world size; turn it off to reduce in the parameters' dtype.
+        `sdc_check_every_steps` (0: off) compares fingerprints of every replica's model
+        and optimizer state at the start of every N-th step, before any gradient is
+        exchanged: with N = 1 a corrupted replica never contaminates the others.
         """
+        if sdc_check_every_steps < 0:
+            raise ValueError(f"sdc_check_every_steps must be >= 0, got {sdc_check_every_steps}")
+        self.sdc_every = sdc_check_every_steps
         if self._registered:
             raise RuntimeError("register() was already called on this session")
         if len(dataset) == 0:
@@ -282,6 +290,8 @@ class Session:
                 self._sync_from_rank0()
             self._snapshots.capture(self.step, self._state())
             self._snapshot_at_s = time.time()
+            if self.sdc_every and self.step % self.sdc_every == 0:
+                self._check_replicas()
             loss, num_samples = self._forward_backward()
             self.optimizer.step()
         except Exception as e:
@@ -297,6 +307,46 @@ class Session:
             self.group.progress.step(self.step)
         self._report(result)
         return result
+
+    def _check_replicas(self) -> None:
+        """Silent data corruption: data-parallel replicas must hold identical state.
+        One tiny all-reduce gathers every rank's fingerprint; ranks outside the majority
+        are reported to the controller (which removes them) and this step is abandoned
+        before any gradient of a corrupted replica reached the others."""
+        from splice.kernels.fingerprint import combine, fingerprint_module, fingerprint_optimizer
+
+        if self.world_size < 2:
+            return
+        fp = combine([fingerprint_module(self.model), fingerprint_optimizer(self.optimizer)])
+        slots = torch.zeros(self.world_size, dtype=torch.int64)
+        slots[self.rank] = fp - (1 << 64) if fp >= (1 << 63) else fp  # as a signed int64
+        self.group.all_reduce(slots)
+        values = [v % (1 << 64) for v in slots.tolist()]
+        if len(set(values)) == 1:
+            return
+        majority, count = collections.Counter(values).most_common(1)[0]
+        m = self._link.latest_membership() if self._link is not None else None
+        members = list(m.members) if m is not None else []
+        if 2 * count > self.world_size and members:
+            culprits = [members[r] for r, v in enumerate(values) if v != majority]
+            reason = (f"replicas disagree at step {self.step}: {', '.join(culprits)} "
+                      f"differ from the {count} of {self.world_size} ranks that agree "
+                      f"(fingerprint {majority:#018x})")
+        else:
+            culprits = []
+            reason = (f"replicas disagree at step {self.step} and no majority agrees: "
+                      f"fingerprints {[f'{v:#x}' for v in values]}")
+        log.error("worker %s: %s", self.worker_id, reason)
+        if self._link is not None:
+            try:
+                self._link.send(lpb.WorkerToAgent(corruption=pb.CorruptionReport(
+                    worker_id=self.worker_id, epoch=self.epoch, step=self.step,
+                    culprits=culprits, fingerprints=values, reason=reason)))
+            except AgentLost:
+                pass
+        if culprits:
+            # Wait for the membership without the culprits; this step runs again there.
+            raise CollectiveAborted(f"silent data corruption: {reason}")
 
     def _sync_from_rank0(self) -> None:
         tensors = [t for t in self.model.state_dict().values() if isinstance(t, torch.Tensor)]

@@ -35,6 +35,8 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--die", action="append", default=[])
     p.add_argument("--ddp", action="store_true")
+    p.add_argument("--sdc-every", type=int, default=0)
+    p.add_argument("--bitflip", default="", help="WORKER_ID:STEP: flip a weight bit after STEP")
     p.add_argument("--slow", default="", help="WORKER_ID:FACTOR:FROM_STEP: that worker's "
                                              "compute is FACTOR x slower from FROM_STEP")
     p.add_argument("--step-sleep-s", type=float, default=0.0,
@@ -59,7 +61,7 @@ def main() -> int:
         _, factor, from_step = args.slow.rsplit(":", 2)
         loss_fn = slowed(mse_loss, session, float(factor), int(from_step))
     session.register(model=model, optimizer=optimizer, dataset=TeacherDataset(num_samples=1024),
-                     loss_fn=loss_fn, global_batch_size=32, micro_batch_size=4, seed=0,
+                     loss_fn=loss_fn, sdc_check_every_steps=args.sdc_every, global_batch_size=32, micro_batch_size=4, seed=0,
                      ddp=args.ddp)
 
     group = session.group
@@ -96,6 +98,10 @@ def main() -> int:
         r = session.run_step()
         if r is not None:
             losses[r.step] = r.loss
+            if args.bitflip and args.bitflip == f"{me}:{r.step}":
+                from splice.examples.train_mlp import flip_one_bit
+
+                flip_one_bit(model)
             if args.step_sleep_s:
                 time.sleep(args.step_sleep_s)  # simulated compute, not synchronisation
     with open(os.path.join(args.out, me.replace("/", "_") + ".json"), "w") as f:
