@@ -9,6 +9,7 @@ same job. Nothing external is needed: every default is embedded.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -210,6 +211,15 @@ def _run(cfg: DemoConfig, *, fault: str, label: str) -> dict[str, object]:
 
 def run_demo(cfg: DemoConfig) -> int:
     t_start = time.time()
+    # The in-process controller's log goes to a file: the demo prints its own timeline.
+    log_path = os.path.join(tempfile.gettempdir(), f"splice-demo-controller-{os.getpid()}.log")
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    splice_log = logging.getLogger("splice")
+    splice_log.addHandler(handler)
+    splice_log.setLevel(logging.INFO)
+    splice_log.propagate = False
+    _say(cfg, f"controller log: {log_path}")
     faulted = _run(cfg, fault=cfg.fault, label=cfg.fault)
     status: pb.JobStatus = faulted["status"]  # type: ignore[assignment]
     t_kill = faulted["t_kill"]
