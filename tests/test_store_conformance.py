@@ -168,6 +168,19 @@ def test_commit_matches_naive_compare_and_swap(make_store: Callable[[], StateSto
 # ---- job spec, inventory, decisions -------------------------------------------------------
 
 
+def test_resume_is_persisted_for_the_stored_epoch_only(store: StateStore) -> None:
+    assert store.load_resume("j") is None
+    store.commit_epoch(record(1), expected_epoch=0)
+    store.commit_resume("j", 1, 7)
+    assert store.load_resume("j") == (1, 7)
+    with pytest.raises(EpochConflict):
+        store.commit_resume("j", 2, 9)  # not the stored epoch: refused, nothing written
+    assert store.load_resume("j") == (1, 7)
+    store.commit_epoch(record(2), expected_epoch=1)
+    store.commit_resume("j", 2, 9)
+    assert store.load_resume("j") == (2, 9)
+
+
 def test_job_spec_round_trip_and_overwrite(store: StateStore) -> None:
     spec = {"nodes": 2, "nproc": 4, "command": ["python", "-m", "train"],
             "env": {"A": "1"}, "ratio": 0.5, "none": None}
