@@ -14,16 +14,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from splice.controller import job as jobs
 from splice.controller.hang import HangConfig, HangDetector, HangVerdict
+from splice.controller.policy import Policy, PolicyState, decide
 from splice.controller.stragglers import (
     StragglerConfig,
     StragglerDetector,
     StragglerVerdict,
-    rebalance_shares,
 )
 from splice.controller.telemetry import RankProgress, StepRecord
 from splice.proto import controller_pb2 as pb
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("splice.controller")
 
-POLICIES = ("alert", "rebalance", "evict")
+POLICIES = ("alert", "rebalance", "evict", "replace")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +43,8 @@ class DetectionConfig:
     # What a straggler verdict does: alert (record it only), rebalance (fewer micro-batches
     # for the slow rank, global batch unchanged), evict (shrink the job without it).
     straggler_policy: str = "alert"
+    # No second straggler decision about the same rank within this long (see policy.py).
+    straggler_cooldown_s: float = 300.0
     # Hangs are looked for this often (the agents' telemetry comes every 0.1 s).
     tick_s: float = 0.1
     # Steps whose records have not all arrived after this many newer steps are given up.
@@ -65,6 +67,7 @@ class _JobTelemetry:
     stragglers: StragglerDetector | None = None
     scores: dict[str, float] = field(default_factory=dict)
     members: tuple[str, ...] = ()
+    policy_state: PolicyState = field(default_factory=PolicyState)
     freshest_s: float = 0.0   # newest last_progress_s seen from any rank of this epoch
     node_sent_s: dict[str, float] = field(default_factory=dict)  # last batch per agent
 
@@ -119,6 +122,7 @@ class TelemetryHub:
                 # per rank no longer applies. (A rebalance keeps the members and its memory.)
                 t.stragglers = StragglerDetector(self.config.straggler)
                 t.scores.clear()
+                t.policy_state = PolicyState()  # its cool-downs are per rank
             t.members = members
         return t
 
@@ -190,40 +194,47 @@ class TelemetryHub:
             action=action, reason=v.reason), fault="hang")
 
     def _act_on_straggler(self, job_id: str, v: StragglerVerdict) -> None:
-        """Loop thread: apply the job's straggler policy to one verdict."""
+        """Loop thread: the job's policy (controller/policy.py) decides what a straggler
+        verdict does: alert, rebalance (a new epoch with new shares) or evict, at most once
+        per cool-down per rank; link verdicts only alert."""
         state = self._c.job_state(job_id)
         m = state.membership
         if m is None or v.rank >= m.world_size:
             return
         wid = m.members[v.rank]
         with self._lock:
+            t = self._jobs[job_id]
             if v.active:
-                self._jobs[job_id].scores[wid] = v.score
+                t.scores[wid] = v.score
             else:
-                self._jobs[job_id].scores.pop(wid, None)
+                t.scores.pop(wid, None)
+            pstate = replace(t.policy_state, shares=m.shares)
         metrics = self._c.metrics
         if metrics is not None:
             if v.active:
                 metrics.straggler_score(job_id, v.rank, v.score)
             else:
                 metrics.clear_straggler(job_id, v.rank)
-        # A slow link is not the rank's fault: moving its work or evicting it would not
-        # help, so link verdicts are alerts whatever the policy.
-        policy = self.config.straggler_policy if v.active and v.kind == "compute" else "alert"
-        action = policy
-        event: jobs.Event | None = None
-        if policy == "rebalance" and state.phase is jobs.Phase.RUNNING:
-            plan = rebalance_shares(m.shares, {v.rank: v.score})
-            event = jobs.Rebalance(m.epoch, plan.shares, plan.reason)
-        elif policy == "evict" and state.phase is jobs.Phase.RUNNING:
-            event = jobs.Evict(m.epoch, wid, v.reason)
-        elif policy != "alert":
-            action = "alert"  # not while a recovery is in progress
+        policy = Policy(mode=self.config.straggler_policy,
+                        cooldown_s=self.config.straggler_cooldown_s)
+        actions, pstate = decide([v], policy, pstate, self._clock())
+        with self._lock:
+            self._jobs[job_id].policy_state = pstate
+        running = state.phase is jobs.Phase.RUNNING
+        events: list[jobs.Event] = []
+        taken = "alert" if v.active else "cleared"
+        for a in actions:
+            if a.kind == "rebalance" and a.shares is not None and running:
+                events.append(jobs.Rebalance(m.epoch, a.shares, a.reason))
+                taken = "rebalance"
+            elif a.kind in ("evict", "replace") and running:
+                events += [jobs.Evict(m.epoch, m.members[r], a.reason) for r in a.ranks]
+                taken = "evict"
         self._c.record_verdict(job_id, pb.Verdict(
             at_s=self._clock(), detector="straggler", kind=v.kind, rank=v.rank,
-            worker_id=wid, score=v.score, action=action if v.active else "cleared",
-            reason=v.reason), fault="straggler" if v.active else "")
-        if event is not None:
+            worker_id=wid, score=v.score, action=taken, reason=v.reason),
+            fault="straggler" if v.active else "")
+        for event in events:
             self._c.apply_event(job_id, event)
 
     def scores(self, job_id: str) -> dict[str, float]:

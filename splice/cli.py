@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--metrics-port", type=int, default=9401,
                    help="Prometheus /metrics port (0: any free port, -1: off)")
     c.add_argument("--metrics-host", default="0.0.0.0", help="address /metrics binds to")
-    c.add_argument("--straggler-policy", choices=["alert", "rebalance", "evict"],
+    c.add_argument("--straggler-policy", choices=["alert", "rebalance", "evict", "replace"],
                    default="alert", help="what a detected straggler triggers")
     c.add_argument("--hang-floor-s", type=float, default=1.0,
                    help="a hang is declared after max(this, --hang-multiple x median step)")
