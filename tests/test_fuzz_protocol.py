@@ -368,24 +368,8 @@ def test_the_controller_still_forms_a_job_after_the_fuzzing(fuzzed: Fuzzed) -> N
 
 # ---- (c) the agent's LocalServer ----------------------------------------------------------
 
-EXPECTED = {"a/0", "a/1"}
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: queue.Queue[tuple[str, str, lpb.WorkerToAgent | None]] = queue.Queue()
-
-    def on_message(self, wid: str, msg: lpb.WorkerToAgent) -> None:
-        self.events.put(("message", wid, msg))
-
-    def on_disconnect(self, wid: str) -> None:
-        self.events.put(("disconnect", wid, None))
-
-    def next(self) -> tuple[str, str, lpb.WorkerToAgent | None]:
-        try:
-            return self.events.get(timeout=TIMEOUT_S)
-        except queue.Empty:
-            raise AssertionError(f"nothing delivered in {TIMEOUT_S} s") from None
+# The same recorder of LocalServer callbacks the local-channel tests use.
+from tests.test_local_channel import EXPECTED, Recorder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
