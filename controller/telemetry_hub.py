@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from splice.controller import job as jobs
 from splice.controller.hang import HangConfig, HangDetector, HangVerdict
@@ -215,11 +215,15 @@ class TelemetryHub:
                 metrics.straggler_score(job_id, v.rank, v.score)
             else:
                 metrics.clear_straggler(job_id, v.rank)
-        policy = Policy(mode=self.config.straggler_policy,
-                        cooldown_s=self.config.straggler_cooldown_s)
-        actions, pstate = decide([v], policy, pstate, self._clock())
-        with self._lock:
-            self._jobs[job_id].policy_state = pstate
+        actions: list[Any] = []
+        if v.kind == "compute":
+            # Link verdicts only alert, and must not use up the rank's cool-down: a
+            # compute verdict that follows is a decision of its own.
+            policy = Policy(mode=self.config.straggler_policy,
+                            cooldown_s=self.config.straggler_cooldown_s)
+            actions, pstate = decide([v], policy, pstate, self._clock())
+            with self._lock:
+                self._jobs[job_id].policy_state = pstate
         running = state.phase is jobs.Phase.RUNNING
         events: list[jobs.Event] = []
         taken = "alert" if v.active else "cleared"
