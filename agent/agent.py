@@ -62,10 +62,18 @@ class AgentConfig:
     # Prometheus /metrics port on 127.0.0.1-or-metrics_host; 0 picks a free one, -1: none.
     metrics_port: int = -1
     metrics_host: str = "0.0.0.0"
+    # Warm spares: worker processes started ahead of time (torch imported, the script run
+    # up to splice.init()) that wait, unannounced, to take a crashed worker's place.
+    spares: int = 0
+    # When a worker crashes: promote a spare (or, without one, start a fresh process) that
+    # joins at the next step boundary with a peer's snapshot. Off: survivors shrink.
+    replace: bool = False
 
     def __post_init__(self) -> None:
         if self.nproc < 1:
             raise ValueError(f"--nproc must be >= 1, got {self.nproc}")
+        if self.spares < 0:
+            raise ValueError(f"--spares must be >= 0, got {self.spares}")
         if not self.command:
             raise ValueError("no worker command given (put it after --)")
         if not self.node_id or "/" in self.node_id:
@@ -94,17 +102,22 @@ class Agent:
                  credentials: grpc.ChannelCredentials | None = None) -> None:
         self.config = config
         self._workers = [worker_id(config.node_id, i) for i in range(config.nproc)]
+        self._next_local = config.nproc
+        # Spares launched and not promoted: worker id -> hello received (pid) or 0.
+        self._spares: dict[str, int] = {}
+        self._replacements = 0
         self._dir = tempfile.mkdtemp(prefix="splice-agent-")
         # Progress counters live in shared memory when the platform has it.
         self._shm_dir = tempfile.mkdtemp(prefix="splice-agent-",
                                          dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-        self._local = LocalServer(os.path.join(self._dir, "agent.sock"), set(self._workers),
+        self._expected = set(self._workers)  # shared with the local server; grows with spares
+        self._local = LocalServer(os.path.join(self._dir, "agent.sock"), self._expected,
                                   self._on_worker_message, self._on_worker_disconnect)
         self._supervisor = Supervisor(self._on_exit)
         self._upstream = Upstream(config.addresses, self._hello, credentials=credentials,
                                   max_message_bytes=config.max_message_bytes)
         self._lock = threading.Lock()
-        self._state = {w: _Worker() for w in self._workers}
+        self._state = {w: _Worker() for w in self._workers}  # workers the controller knows
         self._latest: dict[str, lpb.AgentToWorker] = {}
         self._pending_ready: dict[str, pb.RecoveryReady] = {}
         self._epoch = 0
@@ -253,6 +266,16 @@ class Agent:
     def _on_exit(self, ex: Exit) -> None:
         how = f"signal {ex.signal}" if ex.signal else f"code {ex.exit_code}"
         clean = ex.exit_code == 0 and not ex.signal
+        with self._lock:
+            was_spare = self._spares.pop(ex.worker_id, None) is not None
+        if was_spare:
+            log.log(logging.INFO if self._stopping.is_set() else logging.WARNING,
+                    "spare %s (pid %d) exited: %s", ex.worker_id, ex.pid, how)
+            return
+        if not clean and self.config.replace and not self._stopping.is_set():
+            # The replacement is announced before the exit, so the controller can put it
+            # in the lost worker's place in the same epoch.
+            self._replace(ex.worker_id)
         log.log(logging.INFO if clean else logging.WARNING,
                 "worker %s (pid %d) exited: %s", ex.worker_id, ex.pid, how)
         if self.metrics is not None:
@@ -266,10 +289,94 @@ class Agent:
             worker_id=ex.worker_id, kind=pb.WorkerEvent.EXITED, pid=ex.pid,
             exit_code=ex.exit_code, signal=ex.signal, at_s=time.time())))
 
+    # ---- spares and replacements --------------------------------------------------------
+    def _launch(self, wid: str, local_rank: int, *, spare: bool) -> int:
+        progress_path = os.path.join(self._shm_dir, f"progress-{local_rank}")
+        progress.create(progress_path)
+        self._readers[wid] = ProgressReader(progress_path)
+        env = dict(os.environ)
+        env.update({
+            "SPLICE_AGENT_SOCKET": self._local.path, "SPLICE_WORKER_ID": wid,
+            "SPLICE_JOB_ID": self.config.job_id, "SPLICE_NODE_ID": self.config.node_id,
+            "SPLICE_LOCAL_RANK": str(local_rank), "SPLICE_GLOO_HOST": self.config.gloo_host,
+            "SPLICE_PROGRESS_PATH": progress_path, "SPLICE_SPARE": "1" if spare else "0",
+        })
+        env.setdefault("OMP_NUM_THREADS", "1")
+        with self._lock:
+            self._expected.add(wid)
+            if spare:
+                self._spares[wid] = 0
+        pid = self._supervisor.launch(wid, self.config.command, env)
+        if not spare:
+            self._announce(wid, pid)
+        return pid
+
+    def _announce(self, wid: str, pid: int) -> None:
+        with self._lock:
+            self._state[wid] = _Worker(pid=pid)
+        self._send_up(pb.AgentMessage(worker_event=pb.WorkerEvent(
+            worker_id=wid, kind=pb.WorkerEvent.STARTED, pid=pid, at_s=time.time())))
+
+    def _new_local_rank(self) -> tuple[str, int]:
+        with self._lock:
+            local = self._next_local
+            self._next_local += 1
+        return worker_id(self.config.node_id, local), local
+
+    def _launch_spare(self) -> None:
+        if self._stopping.is_set():
+            return
+        wid, local = self._new_local_rank()
+        pid = self._launch(wid, local, spare=True)
+        log.info("agent %s: warm spare %s started (pid %d)", self.config.node_id, wid, pid)
+
+    def _replace(self, lost: str) -> None:
+        """Put a worker in the place of `lost`: the warmest spare, else a fresh process."""
+        with self._lock:
+            ready = [w for w, pid in self._spares.items() if pid]
+            waiting = [w for w, pid in self._spares.items() if not pid]
+            wid = (ready or waiting or [None])[0]
+            pid = self._spares.pop(wid) if wid is not None else 0
+            self._replacements += 1
+        if wid is None:
+            wid, local = self._new_local_rank()
+            pid = self._launch(wid, local, spare=False)
+            log.warning("agent %s: no warm spare; started %s (pid %d) to replace %s",
+                        self.config.node_id, wid, pid, lost)
+            return
+        log.warning("agent %s: spare %s takes the place of %s", self.config.node_id, wid,
+                    lost)
+        self._announce(wid, pid or self._supervisor.pids().get(wid, 0))
+        if pid:  # already connected: it is ready now
+            with self._lock:
+                self._state[wid].state = pb.WorkerResync.CONNECTED
+            self._send_up(pb.AgentMessage(worker_event=pb.WorkerEvent(
+                worker_id=wid, kind=pb.WorkerEvent.READY, pid=pid, at_s=time.time())))
+        threading.Thread(target=self._launch_spare, daemon=True,
+                         name="splice-spare").start()
+
+    def _wait_workers(self) -> None:
+        """Until every worker the controller knows has ended; then the spares go."""
+        def ended(alive: set[str]) -> bool:
+            with self._lock:
+                return not (alive & set(self._state))
+        self._supervisor.wait_until(ended)
+        with self._lock:
+            spares = list(self._spares)
+        for wid in spares:
+            self._supervisor.signal(wid, signal.SIGTERM)
+        if not self._supervisor.wait_all(10.0):
+            self._supervisor.kill_all()
+            self._supervisor.wait_all()
+
     def _on_worker_message(self, wid: str, msg: lpb.WorkerToAgent) -> None:
         kind = msg.WhichOneof("kind")
         if kind == "hello":
             with self._lock:
+                if wid in self._spares:  # a spare is warm; it stays unannounced
+                    self._spares[wid] = msg.hello.pid
+                    log.info("agent %s: spare %s is warm", self.config.node_id, wid)
+                    return
                 self._state[wid].state = pb.WorkerResync.CONNECTED
                 self._state[wid].pid = msg.hello.pid
                 latest = [self._latest[k] for k in ("membership", "resume") if k in self._latest]
@@ -342,25 +449,12 @@ class Agent:
                 signal.signal(sig, lambda s, _f: self._supervisor.signal_all(s))
         threading.Thread(target=self._telemetry, daemon=True, name="splice-telemetry").start()
         for local_rank, wid in enumerate(self._workers):
-            progress_path = os.path.join(self._shm_dir, f"progress-{local_rank}")
-            progress.create(progress_path)
-            self._readers[wid] = ProgressReader(progress_path)
-            env = dict(os.environ)
-            env.update({
-                "SPLICE_AGENT_SOCKET": self._local.path, "SPLICE_WORKER_ID": wid,
-                "SPLICE_JOB_ID": self.config.job_id, "SPLICE_NODE_ID": self.config.node_id,
-                "SPLICE_LOCAL_RANK": str(local_rank), "SPLICE_GLOO_HOST": self.config.gloo_host,
-                "SPLICE_PROGRESS_PATH": progress_path,
-            })
-            env.setdefault("OMP_NUM_THREADS", "1")
-            pid = self._supervisor.launch(wid, self.config.command, env)
-            with self._lock:
-                self._state[wid].pid = pid
-            self._send_up(pb.AgentMessage(worker_event=pb.WorkerEvent(
-                worker_id=wid, kind=pb.WorkerEvent.STARTED, pid=pid, at_s=time.time())))
+            self._launch(wid, local_rank, spare=False)
+        for _ in range(self.config.spares):
+            self._launch_spare()
         if self.metrics is not None:
             self.metrics.set_workers(len(self._workers))
-        self._supervisor.wait_all()
+        self._wait_workers()
         # The workers' final states must reach a controller: if none is attached right now
         # (a failover in progress), wait for the re-attach, whose resync carries them.
         if not self._attached.wait(self.config.connect_timeout_s):

@@ -33,12 +33,14 @@ class Supervisor:
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
         self._live = 0
+        self._alive: set[str] = set()
 
     def launch(self, worker_id: str, argv: Sequence[str], env: Mapping[str, str]) -> int:
         proc = subprocess.Popen(list(argv), env=dict(env), close_fds=True)
         with self._lock:
             self._procs[worker_id] = proc
             self._live += 1
+            self._alive.add(worker_id)
         threading.Thread(target=self._watch, args=(worker_id, proc), daemon=True,
                          name=f"splice-watch-{worker_id}").start()
         return proc.pid
@@ -49,6 +51,7 @@ class Supervisor:
         self._on_exit(Exit(worker_id, proc.pid, 0 if sig else code, sig))
         with self._lock:
             self._live -= 1
+            self._alive.discard(worker_id)
             self._done.notify_all()
 
     @property
@@ -64,6 +67,12 @@ class Supervisor:
     def wait_all(self, timeout_s: float | None = None) -> bool:
         with self._lock:
             return self._done.wait_for(lambda: self._live == 0, timeout=timeout_s)
+
+    def wait_until(self, predicate: Callable[[set[str]], bool],
+                   timeout_s: float | None = None) -> bool:
+        """Block until `predicate(ids of workers still running)` holds."""
+        with self._lock:
+            return self._done.wait_for(lambda: predicate(set(self._alive)), timeout=timeout_s)
 
     def signal_all(self, sig: int) -> None:
         """Forward a signal the agent received (Ctrl-C, SIGTERM) to every live worker."""

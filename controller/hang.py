@@ -44,6 +44,9 @@ class HangConfig:
     # A heartbeat older than this marks the process as not running. The hook beats
     # every 0.1 s; five missed beats is not scheduling noise.
     heartbeat_timeout_s: float = 0.5
+    # The first step of an epoch that members joined (a replacement, a new node) includes
+    # their start-up and the transfer of a peer's snapshot: the threshold is at least this.
+    join_grace_s: float = 20.0
 
     def __post_init__(self) -> None:
         if self.multiple < 1.0:
@@ -93,14 +96,14 @@ class HangDetector:
         self._reported: set[tuple[int, int]] = set()   # (epoch, seq) already reported
 
     def observe(self, progress: Mapping[int, RankProgress], step_times: Sequence[float],
-                now: float) -> HangVerdict | None:
+                now: float, *, min_threshold_s: float = 0.0) -> HangVerdict | None:
         """A verdict the first time the job is seen stalled at a given (epoch, seq)."""
         if not progress:
             return None
         epoch = max(p.epoch for p in progress.values())
         # Records of an older epoch are leftovers of a membership that no longer trains.
         ranks = {r: p for r, p in progress.items() if p.epoch == epoch}
-        limit = threshold_s(self.config, step_times)
+        limit = max(min_threshold_s, threshold_s(self.config, step_times))
         stalled = now - max(p.last_progress_s for p in ranks.values())
         if stalled <= limit:
             return None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from splice.controller import planner
-from splice.controller.membership import Membership, node_of
+from splice.controller.membership import Membership, node_of, rank_order
 
 
 class Phase(enum.Enum):
@@ -111,6 +111,13 @@ class Rebalance:
 
 
 @dataclass(frozen=True)
+class Admit:
+    """Bring ready standbys in while the world is below the job's size: a replacement the
+    agent promoted from its warm spares, or the workers of a node that joined. Posted by
+    the controller's loop whenever `wants_admit` says so."""
+
+
+@dataclass(frozen=True)
 class Evict:
     """A detector's policy removes a live worker (a persistent straggler, say)."""
 
@@ -119,7 +126,8 @@ class Evict:
     reason: str
 
 
-Event = WorkerStarted | WorkerReady | WorkerExited | WorkerFinished | NodeLost | RecoveryReady | WorkerResync | Rebalance | Evict
+Event = (WorkerStarted | WorkerReady | WorkerExited | WorkerFinished | NodeLost | RecoveryReady
+         | WorkerResync | Rebalance | Evict | Admit)
 
 
 # ---- effects ------------------------------------------------------------------------------
@@ -129,6 +137,8 @@ class Resume:
     epoch: int
     step: int
     reason: str
+    # (joining worker, member that sends it the snapshot of `step`)
+    transfers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -177,6 +187,10 @@ class JobState:
     # During RECOVERING: snapshot steps each member reported for the current epoch.
     ready: Mapping[str, tuple[int, ...]] = field(default_factory=lambda: MappingProxyType({}))
     resume_step: int | None = None
+    # Members of the current epoch that joined it without state (they get a peer's).
+    joining: frozenset[str] = frozenset()
+    # The current epoch's resume sent snapshots to joining members.
+    joined: bool = False
     recoveries: int = 0
     message: str = ""
 
@@ -219,6 +233,8 @@ def step(state: JobState, event: Event, now: float) -> tuple[JobState, Ready]:
         return _on_rebalance(state, event)
     if isinstance(event, Evict):
         return _on_evict(state, event)
+    if isinstance(event, Admit):
+        return _on_admit(state)
     raise TypeError(f"unknown event {event!r}")
 
 
@@ -238,14 +254,44 @@ def _on_ready(state: JobState, ev: WorkerReady) -> tuple[JobState, Ready]:
     return _announce(state, membership, Phase.RUNNING, kind="epoch")
 
 
-def _announce(state: JobState, membership: Membership, phase: Phase, *, kind: str
-              ) -> tuple[JobState, Ready]:
+def standbys(state: JobState) -> list[str]:
+    """Workers that are ready but not members."""
+    m = state.membership
+    return [w for w, r in state.workers.items()
+            if r.state is WorkerState.READY and (m is None or not m.has(w))]
+
+
+def wants_admit(state: JobState) -> bool:
+    """Whether an `Admit` would form a larger membership now."""
+    m = state.membership
+    return (state.phase is Phase.RUNNING and m is not None
+            and m.world_size < state.spec.world_size and bool(standbys(state)))
+
+
+def _on_admit(state: JobState) -> tuple[JobState, Ready]:
+    if not wants_admit(state):
+        return state, Ready()
+    m = state.membership
+    assert m is not None
+    room = state.spec.world_size - m.world_size
+    joining = sorted(standbys(state), key=rank_order)[:room]
+    plan = planner.plan_with(m, joining, why=f"the job runs {m.world_size} of "
+                                             f"{state.spec.world_size} ranks")
+    return _announce(state, plan, Phase.RECOVERING, kind="epoch", joining=frozenset(joining))
+
+
+def _announce(state: JobState, membership: Membership, phase: Phase, *, kind: str,
+              joining: frozenset[str] = frozenset()) -> tuple[JobState, Ready]:
     workers = dict(state.workers)
     for wid in membership.members:
         workers[wid] = replace(workers[wid], state=WorkerState.MEMBER)
+    # Newcomers of an earlier epoch still without state (a fault hit while they joined)
+    # stay newcomers until a resume gives them a snapshot.
+    joining = frozenset(w for w in joining | state.joining if w in membership.members)
     new = replace(state, membership=membership, phase=phase,
                   workers=MappingProxyType(workers), ready=MappingProxyType({}),
-                  resume_step=0 if membership.initial else None)
+                  resume_step=0 if membership.initial else None, joining=joining,
+                  joined=False)
     return new, Ready(
         persist=membership,
         send=((membership.nodes(), membership),),
@@ -266,10 +312,24 @@ def _lose(state: JobState, lost: dict[str, WorkerRecord], why: str) -> tuple[Job
     if current is None or not members_lost or state.phase not in (Phase.RUNNING, Phase.RECOVERING):
         return state, Ready(timeline=(fault,))
     plan = planner.plan_without(current, members_lost, min_world_size=state.spec.min_world_size)
+    kept = [w for w in current.members if w not in members_lost]
+    joining = sorted(standbys(state), key=rank_order)[:max(0, state.spec.world_size - len(kept))]
+    if not (joining and len(kept) + len(joining) >= max(1, state.spec.min_world_size)):
+        joining = []
+    if joining:
+        # Ready standbys (a spare the agent promoted) take the lost ranks' places in the
+        # same epoch: one recovery instead of a shrink followed by a grow.
+        base = Membership(epoch=current.epoch, members=tuple(kept),
+                          shares=(1.0,) * len(kept), reason="")
+        grown = planner.plan_with(base, joining, why="replacing "
+                                  + ", ".join(sorted(members_lost, key=rank_order)))
+        plan = replace(grown, reason=f"lost {', '.join(sorted(members_lost, key=rank_order))}"
+                                     f" (epoch {current.epoch}); {grown.reason}")
     if isinstance(plan, planner.NoQuorum):
         failed = replace(state, phase=Phase.FAILED, message=plan.reason)
         return failed, Ready(timeline=(fault, TimelineEntry("failed", state.epoch, plan.reason)))
-    new, ready = _announce(state, plan, Phase.RECOVERING, kind="epoch")
+    new, ready = _announce(state, plan, Phase.RECOVERING, kind="epoch",
+                           joining=frozenset(joining))
     return new, replace(ready, timeline=(fault, *ready.timeline))
 
 
@@ -333,13 +393,16 @@ def _on_recovery_ready(state: JobState, ev: RecoveryReady) -> tuple[JobState, Re
     state = replace(state, ready=MappingProxyType(ready))
     if set(ready) != set(state.membership.members):
         return state, Ready()
-    plan = planner.plan_resume(ready)
+    # A member with no snapshot at all joined without state (or lost it while joining).
+    joining = state.joining | {w for w, steps in ready.items() if not steps}
+    plan = planner.plan_resume(ready, joining)
     if isinstance(plan, planner.NoCommonSnapshot):
         failed = replace(state, phase=Phase.FAILED, message=plan.reason)
         return failed, Ready(timeline=(TimelineEntry("failed", state.epoch, plan.reason),))
     resumed = replace(state, phase=Phase.RUNNING, resume_step=plan.step,
-                      recoveries=state.recoveries + 1)
-    resume = Resume(state.epoch, plan.step, plan.reason)
+                      recoveries=state.recoveries + 1, joining=frozenset(),
+                      joined=bool(plan.transfers))
+    resume = Resume(state.epoch, plan.step, plan.reason, plan.transfers)
     return resumed, Ready(
         persist_resume=resume,
         send=((state.membership.nodes(), resume),),

@@ -23,6 +23,8 @@ class NoQuorum:
 class ResumePlan:
     step: int
     reason: str
+    # (newcomer, holder): who sends each joining member the snapshot of `step`.
+    transfers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,13 +79,50 @@ def plan_without(
     )
 
 
-def plan_resume(held: Mapping[str, Iterable[int]]) -> ResumePlan | NoCommonSnapshot:
+def plan_with(current: Membership, joining: Iterable[str], *, why: str) -> Membership:
+    """The next membership with `joining` workers added after the current members.
+
+    Members keep their ranks (newcomers take the next ones, in rank order) and every rank
+    gets an equal share again: the global batch is re-apportioned over the larger world.
+    """
+    new = sorted(set(joining) - set(current.members), key=rank_order)
+    assert new, "plan_with needs at least one worker to add"
+    members = (*current.members, *new)
+    return Membership(
+        epoch=current.epoch + 1,
+        members=members,
+        shares=(1.0,) * len(members),
+        reason=(f"{', '.join(new)} join{'s' if len(new) == 1 else ''} ({why}); "
+                f"world {current.world_size} -> {len(members)}"),
+    )
+
+
+def plan_resume(held: Mapping[str, Iterable[int]], joining: Iterable[str] = ()
+                ) -> ResumePlan | NoCommonSnapshot:
     """The consistent step: the newest step whose snapshot every member holds.
 
     A snapshot of step k is the state before step k runs, so resuming there re-runs step k
     on the new membership and no optimizer update is applied on some ranks and not others.
+    Members in `joining` hold nothing yet: the step is chosen among the others, and each
+    newcomer is assigned a holder that sends it that snapshot (round robin over holders in
+    rank order, so several newcomers do not all load one peer).
     """
     assert held, "plan_resume needs at least one member"
+    newcomers = sorted(set(joining) & set(held), key=rank_order)
+    if newcomers:
+        holders = {w: s for w, s in held.items() if w not in newcomers}
+        if not holders:
+            return NoCommonSnapshot(
+                f"every member is joining ({', '.join(newcomers)}): nobody holds a snapshot "
+                "to send them; resume from a persistent checkpoint")
+        plan = plan_resume(holders)
+        if isinstance(plan, NoCommonSnapshot):
+            return plan
+        sources = sorted(holders, key=rank_order)
+        transfers = tuple((w, sources[i % len(sources)]) for i, w in enumerate(newcomers))
+        sent = "; ".join(f"{src} sends {dst} its snapshot" for dst, src in transfers)
+        return ResumePlan(step=plan.step, reason=f"{plan.reason}; {sent}",
+                          transfers=transfers)
     sets = {w: set(steps) for w, steps in held.items()}
     common = set.intersection(*sets.values())
     if not common:

@@ -616,6 +616,9 @@ class Controller(Leadership):
                 targets = [s for (j, n), s in self._sessions.items() if j == job_id and n in nodes]
             for s in targets:
                 s.outbox.put(out)
+        if jobs.wants_admit(rt.state) and not isinstance(event, jobs.Admit):
+            # Standbys wait while the world is short: a promoted spare, a node that joined.
+            self._apply(None, job_id, jobs.Admit())
 
     def _count(self, job_id: str, old: jobs.JobState, new: jobs.JobState, ready: jobs.Ready,
                event: jobs.Event, now: float) -> None:
@@ -629,8 +632,9 @@ class Controller(Leadership):
             m.fault(job_id, kind)
             if rt.fault_at_s is None:
                 rt.fault_at_s, rt.fault_kind = now, kind
-        if isinstance(event, jobs.Rebalance) and ready.persist is not None:
-            rt.fault_at_s, rt.fault_kind = now, "rebalance"
+        if isinstance(event, (jobs.Rebalance, jobs.Admit)) and ready.persist is not None:
+            rt.fault_at_s = now
+            rt.fault_kind = "rebalance" if isinstance(event, jobs.Rebalance) else "join"
         if ready.persist_resume is not None and rt.fault_at_s is not None:
             m.recovery(job_id, rt.fault_kind, "resumed", now - rt.fault_at_s)
             rt.lost_s += now - rt.fault_at_s
@@ -647,7 +651,9 @@ class Controller(Leadership):
     def _to_proto(self, job_id: str, message: Membership | jobs.Resume) -> pb.ControllerMessage:
         if isinstance(message, jobs.Resume):
             return pb.ControllerMessage(resume=pb.Resume(
-                epoch=message.epoch, step=message.step, reason=message.reason))
+                epoch=message.epoch, step=message.step, reason=message.reason,
+                transfers=[pb.StateTransfer(to_worker=dst, from_worker=src)
+                           for dst, src in message.transfers]))
         assert self.rendezvous is not None
         return pb.ControllerMessage(membership=pb.Membership(
             epoch=message.epoch, members=list(message.members), shares=list(message.shares),

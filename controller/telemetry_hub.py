@@ -69,6 +69,7 @@ class _JobTelemetry:
     members: tuple[str, ...] = ()
     policy_state: PolicyState = field(default_factory=PolicyState)
     freshest_s: float = 0.0   # newest last_progress_s seen from any rank of this epoch
+    steps_in_epoch: int = 0   # step reports of this epoch (0: its first step is running)
     node_sent_s: dict[str, float] = field(default_factory=dict)  # last batch per agent
 
 
@@ -98,6 +99,7 @@ class TelemetryHub:
                 if rep.epoch != m.epoch or not m.has(rep.worker_id):
                     continue
                 t.step_times.append(rep.step_time_s)
+                t.steps_in_epoch += 1
                 t.pending.setdefault(rep.step, {})[rep.worker_id] = rep
                 touched.add(rep.step)
             for wp in batch.progress:
@@ -115,6 +117,7 @@ class TelemetryHub:
             t.pending.clear()
             t.hang = HangDetector(self.config.hang)
             t.freshest_s = 0.0
+            t.steps_in_epoch = 0
             m = self._c.job_state(job_id).membership
             members = m.members if m is not None else ()
             if t.stragglers is None or members != t.members:
@@ -176,9 +179,13 @@ class TelemetryHub:
                         ranks[m.rank_of(w)] = to_rank_progress(m.rank_of(w), wp)
                 step_times = list(t.step_times)
                 detector = t.hang
+                # The first step after members joined includes building their model and
+                # receiving a peer's snapshot: not a hang unless it outlasts the grace.
+                grace_s = (self.config.hang.join_grace_s
+                           if state.joined and t.steps_in_epoch == 0 else 0.0)
             if detector is None or len(ranks) < m.world_size:
                 continue
-            verdict = detector.observe(ranks, step_times, now)
+            verdict = detector.observe(ranks, step_times, now, min_threshold_s=grace_s)
             if verdict is not None:
                 self._act_on_hang(job_id, m, verdict)
 

@@ -275,14 +275,24 @@ class Membership(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., shares: _Optional[_Iterable[float]] = ..., store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., store_prefix: _Optional[str] = ..., reason: _Optional[str] = ..., initial: _Optional[bool] = ...) -> None: ...
 
 class Resume(_message.Message):
-    __slots__ = ("epoch", "step", "reason")
+    __slots__ = ("epoch", "step", "reason", "transfers")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     step: int
     reason: str
-    def __init__(self, epoch: _Optional[int] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    transfers: _containers.RepeatedCompositeFieldContainer[StateTransfer]
+    def __init__(self, epoch: _Optional[int] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ..., transfers: _Optional[_Iterable[_Union[StateTransfer, _Mapping]]] = ...) -> None: ...
+
+class StateTransfer(_message.Message):
+    __slots__ = ("to_worker", "from_worker")
+    TO_WORKER_FIELD_NUMBER: _ClassVar[int]
+    FROM_WORKER_FIELD_NUMBER: _ClassVar[int]
+    to_worker: str
+    from_worker: str
+    def __init__(self, to_worker: _Optional[str] = ..., from_worker: _Optional[str] = ...) -> None: ...
 
 class Refusal(_message.Message):
     __slots__ = ("code", "message", "leader")

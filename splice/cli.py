@@ -106,7 +106,8 @@ def _agent(args: argparse.Namespace) -> int:
     config = AgentConfig(controller=args.controller, command=tuple(command), nproc=args.nproc,
                          job_id=args.job, node_id=args.node_id or socket.gethostname(),
                          gloo_host=args.gloo_host, connect_timeout_s=args.connect_timeout_s,
-                         metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+                         metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+                         spares=args.spares, replace=args.replace)
     tls = tls_from_args(args)
     return run_agent(config, channel_credentials(tls) if tls else None)
 
@@ -220,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--metrics-port", type=int, default=9400,
                    help="Prometheus /metrics port (0: any free port, -1: off)")
     a.add_argument("--metrics-host", default="0.0.0.0", help="address /metrics binds to")
+    a.add_argument("--spares", type=int, default=0,
+                   help="warm spare workers kept started (torch imported, waiting in "
+                        "splice.init()) to replace a crashed worker within a second")
+    a.add_argument("--replace", action="store_true",
+                   help="replace a crashed worker (a warm spare, else a fresh process) "
+                        "instead of training on with fewer ranks")
     add_tls_flags(a)
     a.add_argument("command", nargs=argparse.REMAINDER, help="-- worker command line")
     a.set_defaults(func=_agent)

@@ -48,6 +48,9 @@ class LocalJobConfig:
     metrics: bool = False
     # What a detected straggler triggers: alert, rebalance or evict.
     straggler_policy: str = "alert"
+    # Warm spares per agent, and whether agents replace a crashed worker.
+    spares: int = 0
+    replace: bool = False
 
     def __post_init__(self) -> None:
         if self.store not in ("memory", "etcd"):
@@ -134,23 +137,42 @@ class LocalJob:
                 self.controller_metrics.append(self.controller.serve_metrics())
         else:
             self._start_controllers(env)
+        self._env = env
         for i in range(self.config.nodes):
-            log = open(os.path.join(self.config.log_dir, f"{node_name(i)}.log"), "wb")
-            self._logs.append(log)
-            argv = [sys.executable, "-m", "splice", "agent",
-                    "--controller", ",".join(self.addresses),
-                    "--job", self.config.job_id, "--node-id", node_name(i),
-                    "--nproc", str(self.config.nproc)]
-            if self.config.metrics:
-                port = _free_port()
-                argv += ["--metrics-port", str(port), "--metrics-host", "127.0.0.1"]
-                self.agent_metrics.append(f"127.0.0.1:{port}")
-            else:
-                argv += ["--metrics-port", "-1"]
-            argv += ["--", *self.config.worker_command]
-            self.agents.append(subprocess.Popen(argv, env=env, stdout=log,
-                                                stderr=subprocess.STDOUT,
-                                                start_new_session=True))
+            self._start_agent(i)
+
+    def _start_agent(self, i: int) -> None:
+        log = open(os.path.join(self.config.log_dir, f"{node_name(i)}.log"), "wb")
+        self._logs.append(log)
+        argv = [sys.executable, "-m", "splice", "agent",
+                "--controller", ",".join(self.addresses),
+                "--job", self.config.job_id, "--node-id", node_name(i),
+                "--nproc", str(self.config.nproc), "--spares", str(self.config.spares)]
+        if self.config.replace:
+            argv.append("--replace")
+        if self.config.metrics:
+            port = _free_port()
+            argv += ["--metrics-port", str(port), "--metrics-host", "127.0.0.1"]
+            self.agent_metrics.append(f"127.0.0.1:{port}")
+        else:
+            argv += ["--metrics-port", "-1"]
+        argv += ["--", *self.config.worker_command]
+        self.agents.append(subprocess.Popen(argv, env=self._env, stdout=log,
+                                            stderr=subprocess.STDOUT,
+                                            start_new_session=True))
+
+    def add_node(self) -> str:
+        """Start one more agent (a node joining the running job); returns its node id."""
+        i = len(self.agents)
+        self._start_agent(i)
+        return node_name(i)
+
+    def kill_node(self, i: int) -> float:
+        """SIGKILL node i's agent and its workers at once (they share its process group),
+        like a machine that lost power. Returns the wall-clock time of the kill."""
+        at = time.time()
+        os.killpg(self.agents[i].pid, signal.SIGKILL)
+        return at
 
     def status(self) -> pb.JobStatus:
         """The leader's view of the job (with replicas: whichever answers as leader; if
@@ -224,7 +246,7 @@ class LocalJob:
 
     def logs(self) -> str:
         out = []
-        names = [f"{node_name(i)}.log" for i in range(self.config.nodes)]
+        names = [f"{node_name(i)}.log" for i in range(len(self.agents))]
         names += [f"controller-{i}.log" for i in range(len(self.controller_procs))]
         for name in names:
             path = os.path.join(self.config.log_dir, name)

@@ -293,6 +293,58 @@ class ResilientGroup:
             with torch.no_grad():
                 t.copy_(new)
 
+    # ---- point to point: a snapshot for a joining member -------------------------------
+    def _issue_p2p(self, start: Any, num_bytes: int) -> torch.futures.Future[Any]:
+        """Start a send or recv. Gloo's point-to-point work has no future, so a thread
+        waits on it and completes one; on abort the thread is left with the parked group.
+        Not counted as a collective in the progress counters: only two ranks take part,
+        and the hang detector compares all ranks' counters."""
+        with self._lock:
+            if self._abort_reason is not None:
+                raise CollectiveAborted(self._abort_reason)
+            t0 = time.perf_counter()
+            work = start(self._pg)
+        fut: torch.futures.Future[Any] = torch.futures.Future()
+
+        def finish() -> None:
+            try:
+                work.wait()
+            except Exception as e:
+                _settle(fut, error=e)
+                return
+            _settle(fut, result=None)
+
+        threading.Thread(target=finish, daemon=True, name="splice-p2p").start()
+        fut.add_done_callback(lambda _f: self._exited_p2p(t0, num_bytes))
+        return fut
+
+    def _exited_p2p(self, t0: float, num_bytes: int) -> None:
+        with self._lock:
+            self._wait_s += time.perf_counter() - t0
+            self._bytes += num_bytes
+
+    def send_bytes(self, blob: bytes, dst: int, tag: int = 0) -> None:
+        """Send `blob` to rank `dst` (which calls `recv_bytes`), abortable."""
+        header = torch.tensor([len(blob)], dtype=torch.int64)
+        self.wait(self._issue_p2p(lambda pg: pg.send([header], dst, 2 * tag), 8))
+        if blob:
+            payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+            self.wait(self._issue_p2p(lambda pg: pg.send([payload], dst, 2 * tag + 1),
+                                      len(blob)))
+
+    def recv_bytes(self, src: int, tag: int = 0, *, max_bytes: int = 1 << 40) -> bytes:
+        """Receive what rank `src` sends with `send_bytes`, abortable."""
+        header = torch.zeros(1, dtype=torch.int64)
+        self.wait(self._issue_p2p(lambda pg: pg.recv([header], src, 2 * tag), 8))
+        n = int(header[0])
+        if not 0 <= n <= max_bytes:
+            raise CollectiveAborted(f"rank {src} announced {n} bytes (limit {max_bytes})")
+        if n == 0:
+            return b""
+        payload = torch.empty(n, dtype=torch.uint8)
+        self.wait(self._issue_p2p(lambda pg: pg.recv([payload], src, 2 * tag + 1), n))
+        return payload.numpy().tobytes()
+
     def close(self) -> None:
         """Release the current epoch's group (its collectives are all complete).
 

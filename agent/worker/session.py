@@ -97,6 +97,14 @@ class Session:
         self._registered = False
         self._snapshot_at_s = 0.0
         self.recoveries = 0
+        # A joining worker's state comes from a peer: (epoch, step, source rank) until
+        # the snapshot has been received (after register(), which builds the model).
+        self._pending_state: tuple[int, int, int, str] | None = None
+        # Highest epoch seen that did not include this worker (a standby waits past it).
+        self._passed_epoch = 0
+        self.joined_once = False
+        # Where this worker's state came from when it joined: "<worker> memory, step N".
+        self.restored_from = ""
 
     # ---- membership ---------------------------------------------------------------------
     @property
@@ -139,13 +147,16 @@ class Session:
         """One attempt; True once joined, False if superseded and worth another attempt."""
         link = self._link
         assert link is not None
-        current = self.group.epoch
+        current = max(self.group.epoch, self._passed_epoch)
         if not self._wait_link(lambda: link.membership_newer_than(current) is not None,
                                deadline_s):
             raise RecoveryFailed(f"no new membership within the timeout after: {why}")
         m = link.membership_newer_than(current)
         assert m is not None
         if self.worker_id not in m.members:
+            if not self.joined_once:  # a standby: wait until a membership takes it in
+                self._passed_epoch = m.epoch
+                return False
             raise Evicted(f"epoch {m.epoch} does not include {self.worker_id}: {m.reason}")
         epoch = m.epoch
         spec = EpochSpec(epoch=epoch, rank=list(m.members).index(self.worker_id),
@@ -182,16 +193,84 @@ class Session:
             self.group.abort(f"epoch {newer.epoch} announced", below_epoch=newer.epoch)
             return False
         self._shares = tuple(m.shares) or (1.0,) * len(m.members)
+        self.joined_once = True
         if m.initial:
             self.step = 0
             self._needs_sync = True
-        else:
-            resume = link.resume_for(epoch)
-            assert resume is not None
-            self._restore(resume.step)
-            log.info("worker %s: epoch %d, rank %d of %d, resuming at step %d (%s)",
-                     self.worker_id, epoch, self.rank, self.world_size, resume.step,
-                     resume.reason)
+            return True
+        resume = link.resume_for(epoch)
+        assert resume is not None
+        members = list(m.members)
+        mine = [t for t in resume.transfers if t.to_worker == self.worker_id]
+        if mine:
+            src = mine[0].from_worker
+            self._pending_state = (epoch, resume.step, members.index(src), src)
+            self.step = resume.step
+            log.info("worker %s: epoch %d, rank %d of %d, joins at step %d with %s's "
+                     "snapshot", self.worker_id, epoch, self.rank, self.world_size,
+                     resume.step, src)
+            if not self._registered:
+                return True  # register() receives it, once the model exists
+            return self._receive_state()
+        self._restore(resume.step)
+        log.info("worker %s: epoch %d, rank %d of %d, resuming at step %d (%s)",
+                 self.worker_id, epoch, self.rank, self.world_size, resume.step,
+                 resume.reason)
+        for t in resume.transfers:
+            if t.from_worker == self.worker_id:
+                if not self._send_state(members.index(t.to_worker), t.to_worker):
+                    return False
+        return True
+
+    # ---- state for joining members ------------------------------------------------------
+    def _send_state(self, dst: int, to_worker: str) -> bool:
+        """Send this rank's state (just restored: the snapshot of the resume step) to a
+        joining member. False if the epoch broke meanwhile (a newer one follows)."""
+        from splice.checkpoint.codec import encode_state
+
+        t0 = time.perf_counter()
+        blob = encode_state(self._state())
+        try:
+            self.group.send_bytes(blob, dst)
+        except CollectiveAborted as e:
+            log.warning("sending state to %s failed (%s); waiting for the next membership",
+                        to_worker, e)
+            return False
+        log.info("worker %s: sent %.1f MB of step-%d state to %s (rank %d) in %.3f s",
+                 self.worker_id, len(blob) / 1e6, self.step, to_worker, dst,
+                 time.perf_counter() - t0)
+        return True
+
+    def _receive_state(self) -> bool:
+        """Receive and load the state a peer sends this joining worker. False if the epoch
+        broke meanwhile; a snapshot that fails its checksum is an error, never loaded."""
+        from splice.checkpoint.codec import CorruptState, decode_state
+
+        assert self._pending_state is not None
+        epoch, step, src, src_worker = self._pending_state
+        if self.group.epoch != epoch:
+            return False
+        t0 = time.perf_counter()
+        try:
+            blob = self.group.recv_bytes(src)
+        except CollectiveAborted as e:
+            log.warning("receiving state from %s failed (%s); waiting for the next "
+                        "membership", src_worker, e)
+            return False
+        try:
+            snap = decode_state(blob)
+        except CorruptState as e:
+            raise RecoveryFailed(f"the state {src_worker} sent is corrupt: {e}") from e
+        if snap.get("step") != step:
+            raise RecoveryFailed(f"{src_worker} sent the state of step {snap.get('step')}, "
+                                 f"expected step {step}")
+        self._load(snap)
+        self._snapshots.discard_after(-1)
+        self._snapshots.capture(step, self._state())
+        self._pending_state = None
+        self.restored_from = f"{src_worker} memory, step {step}"
+        log.info("worker %s: loaded %.1f MB of step-%d state from %s in %.3f s",
+                 self.worker_id, len(blob) / 1e6, step, src_worker, time.perf_counter() - t0)
         return True
 
     # ---- registration -------------------------------------------------------------------
@@ -235,6 +314,14 @@ class Session:
             from splice.agent.worker.ddp import wrap_ddp
             self.ddp = wrap_ddp(model, self.group)
         self._registered = True
+        if self._pending_state is not None:
+            # Joined a running job: the state comes from a peer's memory.
+            while not self._receive_state():
+                self._join("receiving the joining state failed",
+                           time.monotonic() + self.config.recovery_timeout_s)
+                if self._pending_state is None:
+                    break
+            return
         # Snapshot of step 0 exists before any collective, so a fault during the first
         # step still leaves every member a common step to resume from.
         self._snapshots.capture(0, self._state())
@@ -249,14 +336,16 @@ class Session:
         }
 
     def _restore(self, step: int) -> None:
-        snap = self._snapshots.restore(step)
+        self._load(self._snapshots.restore(step))
+        self._snapshots.discard_after(step)
+
+    def _load(self, snap: dict[str, Any]) -> None:
+        step = snap["step"]
         self.model.load_state_dict(snap["model"])
         self.optimizer.load_state_dict(snap["optimizer"])
         torch.set_rng_state(snap["rng"]["torch"])
         random.setstate(snap["rng"]["python"].value)
-        self.step = snap["step"]
-        assert self.step == step, (self.step, step)
-        self._snapshots.discard_after(step)
+        self.step = step
         if self.ddp is not None:
             from splice.agent.worker.ddp import reset_ddp
             reset_ddp(self.ddp, self.group)
@@ -498,5 +587,12 @@ def init(config: HookConfig | None = None) -> Session:
         session.group.progress = ProgressWriter(env["SPLICE_PROGRESS_PATH"])
         session.group.progress.start_heartbeat()
     holder.append(session)
-    session._join("initial membership", time.monotonic() + config.join_timeout_s)
+    # A warm spare waits as long as the job runs: its agent promotes it when a worker dies.
+    spare = env.get("SPLICE_SPARE") == "1"
+    if spare:
+        # What a training script imports lazily on its first optimizer (torch's compiler
+        # stack, seconds to load) is loaded now, while the spare has nothing else to do.
+        import torch._dynamo  # noqa: F401
+    timeout_s = 1e8 if spare else config.join_timeout_s
+    session._join("initial membership", time.monotonic() + timeout_s)
     return session
