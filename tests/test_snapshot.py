@@ -1,11 +1,14 @@
-"""Per-step in-memory snapshots (checkpoint/snapshot.py): double buffering and private copies.
+"""Per-step in-memory snapshots (checkpoint/snapshot.py): double buffering, private copies
+and checksums verified on restore.
 
 Checked through the public API only, and against a naive model: a dict of deep copies of
-the two newest captured steps.
+the two newest captured steps, with the CRC-32 of each tensor's bytes computed here.
+Corruption is injected by flipping a byte of a tensor the ring holds (`ring.buffers`).
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import pytest
@@ -13,7 +16,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splice.checkpoint.snapshot import SnapshotMissing, SnapshotRing, tensor_bytes
+from splice.checkpoint.snapshot import (
+    SnapshotCorrupt,
+    SnapshotMissing,
+    SnapshotRing,
+    tensor_bytes,
+)
 
 
 def make_state(step: int, size: int = 4) -> dict[str, Any]:
@@ -51,6 +59,25 @@ def tensors(tree: Any) -> list[torch.Tensor]:
     if isinstance(tree, (list, tuple)):
         return [t for v in tree for t in tensors(v)]
     return []
+
+
+def crc(t: torch.Tensor) -> int:
+    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def expected_checksums(tree: Any, path: str = "") -> dict[str, int]:
+    """The oracle: CRC-32 of each tensor's bytes by dotted path, computed independently."""
+    if isinstance(tree, torch.Tensor):
+        return {path: crc(tree)}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) \
+        if isinstance(tree, (list, tuple)) else []
+    return {p: c for k, v in items
+            for p, c in expected_checksums(v, f"{path}.{k}" if path else str(k)).items()}
+
+
+def flip_byte(t: torch.Tensor, index: int) -> None:
+    raw = t.view(-1).view(torch.uint8)
+    raw[index] ^= 0x10
 
 
 def test_empty_ring() -> None:
@@ -161,6 +188,108 @@ def test_snapshot_is_detached_from_autograd() -> None:
     assert torch.equal(restored, torch.ones(3))
 
 
+# ---- checksums ------------------------------------------------------------------------------
+
+def test_checksums_are_the_crc32_of_each_tensor_by_path() -> None:
+    ring = SnapshotRing()
+    ring.capture(1, make_state(1))
+    sums = ring.checksums(1)
+    assert sums == expected_checksums(make_state(1))
+    assert set(sums) == {"model.w", "model.b", "optim.0", "rng"}
+    ring.verify(1)
+
+
+def test_a_flipped_byte_in_a_held_slot_is_caught_on_restore_naming_the_tensor() -> None:
+    ring = SnapshotRing()
+    ring.capture(2, make_state(2))
+    ring.capture(3, make_state(3))
+    ring.checksums(3)  # the background checksum has read the slot: corruption from here on
+    flip_byte(ring.buffers(3)["model.w"], 5)
+    with pytest.raises(SnapshotCorrupt, match=r"step 3 is corrupt: 1 of 4 tensors "
+                                              r"changed since capture: model\.w \(recorded"):
+        ring.restore(3)
+    # A corrupt snapshot is not held any more: callers that treat it as missing move on.
+    assert issubclass(SnapshotCorrupt, SnapshotMissing)
+    assert ring.steps() == [2]
+    with pytest.raises(SnapshotMissing, match="held: \\[2\\]"):
+        ring.restore(3)
+    assert_same(ring.restore(2), make_state(2))
+
+
+def test_verify_checks_in_place_and_names_every_changed_tensor() -> None:
+    ring = SnapshotRing()
+    state = {"model": {"layer": {"weight": torch.randn(64, 64), "bias": torch.randn(64)}},
+             "optimizer": {"state": {0: {"exp_avg": torch.randn(64, 64)}}}}
+    ring.capture(7, state)
+    ring.verify(7)
+    held = ring.buffers(7)
+    assert set(held) == {"model.layer.weight", "model.layer.bias", "optimizer.state.0.exp_avg"}
+    flip_byte(held["model.layer.weight"], 4 * 64 * 64 - 1)  # the very last byte
+    flip_byte(held["optimizer.state.0.exp_avg"], 0)  # the very first
+    with pytest.raises(SnapshotCorrupt) as err:
+        ring.verify(7)
+    message = str(err.value)
+    assert "step 7" in message and "2 of 3 tensors" in message
+    assert "model.layer.weight" in message and "optimizer.state.0.exp_avg" in message
+    assert "model.layer.bias" not in message
+    assert "peer" in message  # says what to do next
+    assert ring.steps() == []
+
+
+def test_an_intact_ring_restores_bit_exactly() -> None:
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31, (4096,), generator=g, dtype=torch.int64)
+    state = {  # arbitrary bit patterns, NaN payloads and signed zeros included
+        "f32": bits.to(torch.int32).view(torch.float32),
+        "bf16": bits[:1000].to(torch.int16).view(torch.bfloat16),
+        "f64": bits.view(torch.float64),
+        "mask": bits[:77] % 2 == 0,
+        "step": torch.tensor(3.0),
+        "empty": torch.empty(0, 5),
+        "strided": torch.arange(24.0).reshape(4, 6).t(),
+    }
+    ring = SnapshotRing()
+    ring.capture(1, state)
+    ring.capture(2, {k: v.clone() for k, v in state.items()})
+    for step in (1, 2):
+        ring.verify(step)
+        got = ring.restore(step)
+        for k, v in state.items():
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape
+            assert crc(got[k]) == crc(v), k
+            assert torch.equal(got[k].reshape(-1).view(torch.uint8),
+                               v.contiguous().reshape(-1).view(torch.uint8)), k
+        assert ring.checksums(step) == expected_checksums(state)
+
+
+def test_each_slot_keeps_its_own_checksums_through_the_rotation() -> None:
+    ring = SnapshotRing()
+    ring.capture(1, make_state(1))
+    ring.capture(2, make_state(2))
+    of_two = ring.checksums(2)
+    assert of_two == expected_checksums(make_state(2)) != ring.checksums(1)
+    ring.capture(3, make_state(3))  # reuses the buffers of step 1
+    assert ring.checksums(2) == of_two
+    assert ring.checksums(3) == expected_checksums(make_state(3))
+    flip_byte(ring.buffers(2)["optim.0"], 1)  # the older slot goes bad...
+    assert_same(ring.restore(3), make_state(3))  # ...the newer one is unaffected
+    with pytest.raises(SnapshotCorrupt, match=r"step 2 .*optim\.0"):
+        ring.restore(2)
+    ring.capture(4, make_state(4))  # overwrites the forgotten slot with fresh checksums
+    assert ring.steps() == [3, 4]
+    for s in (3, 4):
+        ring.verify(s)
+        assert ring.checksums(s) == expected_checksums(make_state(s))
+
+
+def test_checksums_of_a_step_not_held_is_missing() -> None:
+    ring = SnapshotRing()
+    ring.capture(1, make_state(1))
+    for call in (ring.checksums, ring.verify, ring.buffers):
+        with pytest.raises(SnapshotMissing, match="step 2"):
+            call(2)
+
+
 # ---- against a naive model ----------------------------------------------------------------
 
 ops = st.lists(st.one_of(
@@ -194,4 +323,5 @@ def test_ring_matches_naive_two_newest_model(script: list[tuple[str, int, int]])
         assert ring.steps() == sorted(model)
         for s, want in model.items():
             assert_same(ring.restore(s), want)
+            assert ring.checksums(s) == expected_checksums(want)
         assert ring.num_bytes == sum(tensor_bytes(v) for v in model.values())
