@@ -106,6 +106,7 @@ class Agent:
         # Spares launched and not promoted: worker id -> hello received (pid) or 0.
         self._spares: dict[str, int] = {}
         self._replacements = 0
+        self._done_training = False  # the controller said the job is complete
         self._dir = tempfile.mkdtemp(prefix="splice-agent-")
         # Progress counters live in shared memory when the platform has it.
         self._shm_dir = tempfile.mkdtemp(prefix="splice-agent-",
@@ -176,6 +177,9 @@ class Agent:
                              pb.Refusal.Code.Name(msg.refusal.code), msg.refusal.message)
                     continue
                 if kind == "shutdown":
+                    if msg.shutdown.complete:
+                        self._release_standbys(msg.shutdown.reason)
+                        continue
                     log.warning("controller asks to shut down: %s", msg.shutdown.reason)
                     self._supervisor.signal_all(signal.SIGTERM)
                     continue
@@ -272,7 +276,11 @@ class Agent:
             log.log(logging.INFO if self._stopping.is_set() else logging.WARNING,
                     "spare %s (pid %d) exited: %s", ex.worker_id, ex.pid, how)
             return
-        if not clean and self.config.replace and not self._stopping.is_set():
+        with self._lock:
+            known = self._state.get(ex.worker_id)
+            replaceable = (known is not None and known.state != pb.WorkerResync.FINISHED
+                           and not self._done_training)
+        if not clean and replaceable and self.config.replace and not self._stopping.is_set():
             # The replacement is announced before the exit, so the controller can put it
             # in the lost worker's place in the same epoch.
             self._replace(ex.worker_id)
@@ -354,6 +362,18 @@ class Agent:
                 worker_id=wid, kind=pb.WorkerEvent.READY, pid=pid, at_s=time.time())))
         threading.Thread(target=self._launch_spare, daemon=True,
                          name="splice-spare").start()
+
+    def _release_standbys(self, why: str) -> None:
+        """The job is over: stop every process that is not a finished member (spares,
+        standbys that were never admitted). Finished workers exit on their own."""
+        with self._lock:
+            self._done_training = True
+            finished = {w for w, st in self._state.items()
+                        if st.state in (pb.WorkerResync.FINISHED, pb.WorkerResync.EXITED)}
+        alive = set(self._supervisor.pids())
+        for wid in sorted(alive - finished):
+            if self._supervisor.signal(wid, signal.SIGTERM):
+                log.info("agent %s: stopping %s: %s", self.config.node_id, wid, why)
 
     def _wait_workers(self) -> None:
         """Until every worker the controller knows has ended; then the spares go."""

@@ -114,7 +114,10 @@ class Rebalance:
 class Admit:
     """Bring ready standbys in while the world is below the job's size: a replacement the
     agent promoted from its warm spares, or the workers of a node that joined. Posted by
-    the controller's loop whenever `wants_admit` says so."""
+    the controller's loop whenever `wants_admit` says so; with `force` (after a while)
+    without waiting for workers still starting on the standbys' nodes."""
+
+    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,7 @@ def step(state: JobState, event: Event, now: float) -> tuple[JobState, Ready]:
     if isinstance(event, Evict):
         return _on_evict(state, event)
     if isinstance(event, Admit):
-        return _on_admit(state)
+        return _on_admit(state, event.force)
     raise TypeError(f"unknown event {event!r}")
 
 
@@ -261,15 +264,26 @@ def standbys(state: JobState) -> list[str]:
             if r.state is WorkerState.READY and (m is None or not m.has(w))]
 
 
-def wants_admit(state: JobState) -> bool:
-    """Whether an `Admit` would form a larger membership now."""
+def wants_admit(state: JobState, *, force: bool = False) -> bool:
+    """Whether an `Admit` would form a larger membership now. Unless forced, it waits while
+    another worker of a standby's node is still starting, so that a node that joins is
+    taken in at once (one re-formation), not one worker at a time."""
     m = state.membership
-    return (state.phase is Phase.RUNNING and m is not None
-            and m.world_size < state.spec.world_size and bool(standbys(state)))
+    waiting = standbys(state)
+    if not (state.phase is Phase.RUNNING and m is not None
+            and m.world_size < state.spec.world_size and waiting):
+        return False
+    if force:
+        return True
+    nodes = {node_of(w) for w in waiting}
+    room = state.spec.world_size - m.world_size
+    starting = [w for w, r in state.workers.items()
+                if r.state is WorkerState.STARTING and node_of(w) in nodes]
+    return not starting or len(waiting) >= room
 
 
-def _on_admit(state: JobState) -> tuple[JobState, Ready]:
-    if not wants_admit(state):
+def _on_admit(state: JobState, force: bool = False) -> tuple[JobState, Ready]:
+    if not wants_admit(state, force=force):
         return state, Ready()
     m = state.membership
     assert m is not None
@@ -314,17 +328,20 @@ def _lose(state: JobState, lost: dict[str, WorkerRecord], why: str) -> tuple[Job
     plan = planner.plan_without(current, members_lost, min_world_size=state.spec.min_world_size)
     kept = [w for w in current.members if w not in members_lost]
     joining = sorted(standbys(state), key=rank_order)[:max(0, state.spec.world_size - len(kept))]
-    if not (joining and len(kept) + len(joining) >= max(1, state.spec.min_world_size)):
+    # Standbys need a survivor to send them its snapshot.
+    if not (joining and kept and len(kept) + len(joining) >= max(1, state.spec.min_world_size)):
         joining = []
     if joining:
         # Ready standbys (a spare the agent promoted) take the lost ranks' places in the
         # same epoch: one recovery instead of a shrink followed by a grow.
         base = Membership(epoch=current.epoch, members=tuple(kept),
                           shares=(1.0,) * len(kept), reason="")
-        grown = planner.plan_with(base, joining, why="replacing "
-                                  + ", ".join(sorted(members_lost, key=rank_order)))
-        plan = replace(grown, reason=f"lost {', '.join(sorted(members_lost, key=rank_order))}"
-                                     f" (epoch {current.epoch}); {grown.reason}")
+        grown = planner.plan_with(base, joining, why="")
+        lost_text = (plan.reason.split(";", 1)[0] if not isinstance(plan, planner.NoQuorum)
+                     else f"lost {', '.join(sorted(members_lost, key=rank_order))}")
+        plan = replace(grown, reason=(
+            f"{lost_text}; standby {', '.join(joining)} "
+            f"take{'s' if len(joining) == 1 else ''} over; world {grown.world_size}"))
     if isinstance(plan, planner.NoQuorum):
         failed = replace(state, phase=Phase.FAILED, message=plan.reason)
         return failed, Ready(timeline=(fault, TimelineEntry("failed", state.epoch, plan.reason)))

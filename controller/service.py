@@ -83,6 +83,9 @@ class ControllerConfig:
     # A member that has not reported ready this long after a new epoch was announced
     # (a stopped or wedged process cannot) is killed and the job goes on without it.
     recovery_timeout_s: float = 10.0
+    # Ready standbys wait at most this long for other workers of their node still
+    # starting, so that a joining node is admitted in one re-formation.
+    admit_wait_s: float = 5.0
     jobs: tuple[jobs.JobSpec, ...] = ()
 
     def __post_init__(self) -> None:
@@ -121,6 +124,8 @@ class _JobRuntime:
     recovering_since_s: float | None = None
     # (epoch, step) of corruption findings already acted on.
     corruptions: set[tuple[int, int]] = field(default_factory=set)
+    # Since when ready standbys have been waiting to be admitted.
+    standby_since_s: float | None = None
 
 
 # Queue items: (session that sent it or None, job id, event or callable run on the loop).
@@ -542,6 +547,11 @@ class Controller(Leadership):
         for s in silent:
             self.close_session(s, f"no heartbeat for {now - s.last_seen_s:.1f} s")
         for job_id, rt in self._jobs.items():
+            if (rt.standby_since_s is not None and self._leading.is_set()
+                    and now - rt.standby_since_s > self.config.admit_wait_s
+                    and jobs.wants_admit(rt.state, force=True)):
+                # Standbys waited long enough for their node's other workers.
+                self._apply(None, job_id, jobs.Admit(force=True))
             since = rt.recovering_since_s
             m = rt.state.membership
             if (since is None or m is None or not self._leading.is_set()
@@ -616,6 +626,17 @@ class Controller(Leadership):
                 targets = [s for (j, n), s in self._sessions.items() if j == job_id and n in nodes]
             for s in targets:
                 s.outbox.put(out)
+        if new.phase is jobs.Phase.COMPLETE and old.phase is not jobs.Phase.COMPLETE:
+            # Standbys and spares wait for a membership that will not come: release them.
+            with self._sessions_lock:
+                targets = [s for (j, _), s in self._sessions.items() if j == job_id]
+            for s in targets:
+                s.outbox.put(pb.ControllerMessage(shutdown=pb.Shutdown(
+                    reason="the job is complete", complete=True)))
+        if not jobs.standbys(rt.state):
+            rt.standby_since_s = None
+        elif rt.standby_since_s is None:
+            rt.standby_since_s = now
         if jobs.wants_admit(rt.state) and not isinstance(event, jobs.Admit):
             # Standbys wait while the world is short: a promoted spare, a node that joined.
             self._apply(None, job_id, jobs.Admit())

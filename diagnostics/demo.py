@@ -29,7 +29,7 @@ from splice.proto import controller_pb2 as pb
 LOSS_RTOL = 1e-6
 
 
-FAULTS = ("crash", "hang", "straggler", "bitflip", "controller-loss", "none")
+FAULTS = ("crash", "node-loss", "hang", "straggler", "bitflip", "controller-loss", "none")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +46,8 @@ class DemoConfig:
     # --fault straggler: how much slower the victim runs, and what the controller does.
     slowdown: float = 1.5
     straggler_policy: str = "alert"
+    # Agents keep a warm spare and replace a crashed or evicted worker with it.
+    replace: bool = False
 
     def __post_init__(self) -> None:
         if self.fault not in FAULTS:
@@ -77,6 +79,29 @@ def _paused_s(step_times: list[list[float]], after_s: float) -> float:
     return max(0.0, max(late, default=median) - median)
 
 
+def full_strength_at(status: pb.JobStatus, world: int, after_s: float) -> float | None:
+    """When the first step at `world` ranks completed in an epoch formed after `after_s`."""
+    grown = {e.epoch for e in status.timeline
+             if e.kind == "epoch" and e.at_s > after_s and f"world {world};" in e.text}
+    firsts = [e.at_s for e in status.timeline if e.kind == "first_step" and e.epoch in grown]
+    return min(firsts, default=None)
+
+
+def restored_from(status: pb.JobStatus, after_s: float) -> dict[str, str]:
+    """Joining worker -> where its state came from, from the resume decisions' reasons."""
+    out: dict[str, str] = {}
+    for e in status.timeline:
+        if e.kind != "resume" or e.at_s <= after_s:
+            continue
+        step = e.text.split("resume at step ", 1)[-1].split(",", 1)[0]
+        for part in e.text.split("; "):
+            src, sep, rest = part.partition(" sends ")
+            if sep and rest.endswith(" its snapshot"):
+                dst = rest[: -len(" its snapshot")]
+                out[dst] = f"{src} (peer memory, step {step})"
+    return out
+
+
 def _run(cfg: DemoConfig, *, fault: str, label: str) -> dict[str, object]:
     etcd = None
     store = cfg.store if fault != "none" or cfg.store == "etcd" else "memory"
@@ -104,7 +129,9 @@ def _run(cfg: DemoConfig, *, fault: str, label: str) -> dict[str, object]:
         nodes=cfg.nodes, nproc=cfg.nproc, job_id=f"demo-{label}", log_dir=log_dir,
         store=store, controllers=2 if store == "etcd" else 1,
         etcd_endpoint=etcd.endpoint if etcd else "", metrics=True,
-        straggler_policy=cfg.straggler_policy)
+        straggler_policy=cfg.straggler_policy,
+        spares=1 if cfg.replace and fault != "none" else 0,
+        replace=cfg.replace and fault != "none")
     out: dict[str, object] = {"logs": job_cfg.log_dir}
     try:
         with LocalJob(job_cfg) as job:
@@ -129,6 +156,19 @@ def _run(cfg: DemoConfig, *, fault: str, label: str) -> dict[str, object]:
                 _say(cfg, f"[{label}] SIGKILL worker {victim} (rank {w.rank}, pid {w.pid}) "
                           f"at step ~{w.last_step}")
                 out["victim"] = victim
+            elif fault == "node-loss":
+                victim = status.members[min(2, len(status.members) - 1)]
+                node = victim.rsplit("/", 1)[0]
+                index = int(node.rsplit("-", 1)[1])
+                t_kill = job.kill_node(index)
+                _say(cfg, f"[{label}] SIGKILL node {node}: its agent and all its workers, at "
+                          f"step ~{job.worker(status, victim).last_step}")
+                out["victim"] = node
+                status = job.wait_until(lambda s: s.epoch >= 2, cfg.timeout_s,
+                                        "the survivors' epoch")
+                joined = job.add_node()
+                _say(cfg, f"[{label}] survivors train on at world {len(status.members)}; a new "
+                          f"node {joined} starts and joins")
             elif fault in ("hang", "straggler", "bitflip"):
                 victim = "node-1/0" if fault != "hang" else status.members[
                     min(2, len(status.members) - 1)]
@@ -170,10 +210,6 @@ def _run(cfg: DemoConfig, *, fault: str, label: str) -> dict[str, object]:
                 out["verdict"] = verdict.reason
                 if fault == "bitflip":
                     out["verdict_at_s"] = verdict.at_s
-                    # The survivors never took a gradient from the corrupted replica; the
-                    # culprit itself is removed, not restored: a replacement restored
-                    # from a healthy peer needs peer snapshots, not there yet.
-                    out["restored_from"] = None
                 _say(cfg, f"[{label}] {fault} detected after {out['detect_s']} s: rank "
                           f"{verdict.rank} ({verdict.worker_id}), action {verdict.action}")
             elif fault == "controller-loss":
@@ -188,6 +224,25 @@ def _run(cfg: DemoConfig, *, fault: str, label: str) -> dict[str, object]:
                 _say(cfg, f"[{label}] {status.controller} took over after "
                           f"{out['failover_s']} s")
                 out["victim"] = leader
+            if t_kill is not None and (cfg.replace or fault == "node-loss"):
+                world = cfg.nodes * cfg.nproc
+                t0 = t_kill
+                status = job.wait_until(
+                    lambda s: full_strength_at(s, world, t0) is not None
+                    or s.phase in ("complete", "failed"), cfg.timeout_s,
+                    f"the job back at world {world}")
+                at = full_strength_at(status, world, t0)
+                out["full_strength_s"] = None if at is None else round(at - t0, 4)
+                # From the last newcomer's hook being ready (its process started, torch
+                # imported) to that first full-strength step: the join itself.
+                ready = [e.at_s for e in status.timeline if e.kind == "standby"
+                         and e.at_s > t0 and (at is None or e.at_s < at)]
+                if at is not None and ready:
+                    out["join_s"] = round(at - max(ready), 4)
+                out["restored_from"] = restored_from(status, t0)
+                _say(cfg, f"[{label}] back at full strength (world {world}) "
+                          f"{out['full_strength_s']} s after the fault; state from "
+                          f"{out['restored_from']}")
             status = job.wait_until(lambda s: s.phase in ("complete", "failed"),
                                     cfg.timeout_s, "the end of training")
             job.wait_agents(30)
@@ -225,7 +280,8 @@ def run_demo(cfg: DemoConfig) -> int:
     t_kill = faulted["t_kill"]
     summary: dict[str, object] = {
         "command": "splice demo" + (" --json" if cfg.json_output else "")
-                   + f" --fault {cfg.fault} --store {cfg.store}",
+                   + f" --fault {cfg.fault} --store {cfg.store}"
+                   + (" --replace" if cfg.replace else ""),
         "fault": cfg.fault, "phase": status.phase,
         "world_before": cfg.nodes * cfg.nproc, "world_after": len(status.members),
         "final_epoch": status.epoch, "recoveries": status.recoveries,
@@ -233,7 +289,7 @@ def run_demo(cfg: DemoConfig) -> int:
     }
     extra = []
     for key in ("failover_s", "new_leader", "training_paused_s", "metrics_endpoints",
-                "restored_from",
+                "restored_from", "full_strength_s", "join_s",
                 "culprit_rank", "culprit_correct", "action", "verdict", "other_verdicts",
                 "victim",
                 "victim_rank"):
@@ -281,7 +337,8 @@ def run_demo(cfg: DemoConfig) -> int:
         print(format_timeline(status, origin, extra))
         print()
         for key in ("world_before", "world_after", "detect_s", "culprit_rank",
-                    "culprit_correct", "action", "resume_s", "failover_s",
+                    "culprit_correct", "action", "resume_s", "full_strength_s", "join_s",
+                    "restored_from", "failover_s",
                     "training_paused_s", "final_loss", "reference_final_loss",
                     "loss_matches_reference"):
             if key in summary:

@@ -327,10 +327,12 @@ class Refusal(_message.Message):
     def __init__(self, code: _Optional[_Union[Refusal.Code, str]] = ..., message: _Optional[str] = ..., leader: _Optional[str] = ...) -> None: ...
 
 class Shutdown(_message.Message):
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "complete")
     REASON_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
     reason: str
-    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+    complete: bool
+    def __init__(self, reason: _Optional[str] = ..., complete: _Optional[bool] = ...) -> None: ...
 
 class JobStatusRequest(_message.Message):
     __slots__ = ("job_id",)

@@ -158,13 +158,17 @@ def _diagnose(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from splice.diagnostics.demo import DemoConfig, run_demo
 
-    return run_demo(DemoConfig(fault=args.fault, store=args.store, steps=args.steps,
+    # A node that joins must start its processes and import torch (seconds here): the
+    # node-loss demo trains longer so the job is seen growing back before it ends.
+    steps = args.steps or (600 if args.fault == "node-loss" else 300)
+    return run_demo(DemoConfig(fault=args.fault, store=args.store, steps=steps,
                                straggler_policy=args.straggler_policy or (
                                    "rebalance" if args.fault == "straggler" else "alert"),
                                slowdown=args.slowdown,
                                json_output=args.json,
                                kill_at_step=args.kill_at_step, nodes=args.nodes,
-                               nproc=args.nproc, skip_reference=args.no_reference))
+                               nproc=args.nproc, skip_reference=args.no_reference,
+                               replace=args.replace))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,16 +267,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="local demo: kill a worker mid-run and watch the job "
                                     "recover in place")
-    d.add_argument("--fault", choices=["crash", "hang", "straggler", "bitflip", "controller-loss",
-                                       "none"],
-                   default="crash")
+    d.add_argument("--fault", choices=["crash", "node-loss", "hang", "straggler", "bitflip",
+                                       "controller-loss", "none"],
+                   default="crash",
+                   help="node-loss: SIGKILL a whole node (agent and workers); a new node "
+                        "then joins and the job grows back")
+    d.add_argument("--replace", action="store_true",
+                   help="agents keep a warm spare and replace a crashed (or, with --fault "
+                        "bitflip, evicted) worker with it: the job returns to full strength "
+                        "with a peer's snapshot")
     d.add_argument("--straggler-policy", choices=["alert", "rebalance", "evict"],
                    default=None, help="what a straggler verdict does (default: rebalance with "
                                       "--fault straggler, alert otherwise)")
     d.add_argument("--slowdown", type=float, default=1.5, help="with --fault straggler")
     d.add_argument("--store", choices=["memory", "etcd"], default="memory",
                    help="state store (controller-loss needs etcd)")
-    d.add_argument("--steps", type=int, default=300)
+    d.add_argument("--steps", type=int, default=0,
+                   help="training steps (default 300; 600 with --fault node-loss)")
     d.add_argument("--kill-at-step", type=int, default=100)
     d.add_argument("--nodes", type=int, default=2)
     d.add_argument("--nproc", type=int, default=2)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from splice.controller.hang import HangConfig
 from splice.controller.job import JobSpec
 from splice.controller.service import Controller, ControllerConfig
 from splice.controller.store import InMemoryStateStore
@@ -48,6 +49,8 @@ class LocalJobConfig:
     metrics: bool = False
     # What a detected straggler triggers: alert, rebalance or evict.
     straggler_policy: str = "alert"
+    # A hang is declared after max(this, 3 x median step) without progress.
+    hang_floor_s: float = 1.0
     # Warm spares per agent, and whether agents replace a crashed worker.
     spares: int = 0
     replace: bool = False
@@ -86,7 +89,8 @@ class LocalJob:
                     job_id=config.job_id, world_size=config.world_size,
                     min_world_size=config.min_world_size),)),
                 InMemoryStateStore(),
-                detection=DetectionConfig(straggler_policy=config.straggler_policy))
+                detection=DetectionConfig(straggler_policy=config.straggler_policy,
+                                          hang=HangConfig(floor_s=config.hang_floor_s)))
         self.agent_metrics: list[str] = []
         self.controller_metrics: list[str] = []
         self.agents: list[subprocess.Popen[bytes]] = []
@@ -117,7 +121,8 @@ class LocalJob:
                     "--listen", address, "--job", c.job_id,
                     "--world-size", str(c.world_size), "--min-world-size",
                     str(c.min_world_size), "--lease-ttl-s", str(c.lease_ttl_s),
-                    "--straggler-policy", c.straggler_policy]
+                    "--straggler-policy", c.straggler_policy,
+                    "--hang-floor-s", str(c.hang_floor_s)]
             if c.metrics:
                 port = _free_port()
                 argv += ["--metrics-port", str(port), "--metrics-host", "127.0.0.1"]

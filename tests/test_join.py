@@ -343,15 +343,14 @@ def test_too_few_standbys_fail_the_job() -> None:
 
 
 def test_standbys_alone_cannot_carry_on_when_every_member_is_lost() -> None:
-    # Current behaviour, pinned: the standby gets an epoch of its own, but nobody holds a
-    # snapshot to send it, so the resume fails (without it the loss fails at once).
+    # Nobody would hold a snapshot to send the standby: the job fails at once, with the
+    # planner's reason, instead of announcing an epoch that cannot resume.
     state = running(world_size=1, workers=("a/0",))
     state, _ = apply(state, WorkerReady("c/0", 200))
-    state, _ = apply(state, WorkerExited("a/0", -SIGKILL, SIGKILL))
-    assert members(state) == ("c/0",) and state.joining == {"c/0"}
-    state, ready = apply(state, RecoveryReady("c/0", 2, ()))
-    assert state.phase is Phase.FAILED and "every member is joining" in state.message
-    assert not ready.send
+    state, ready = apply(state, WorkerExited("a/0", -SIGKILL, SIGKILL))
+    assert state.phase is Phase.FAILED and "survivors" in state.message
+    assert ready.persist is None and not ready.send
+    assert state.joining == frozenset()
 
 
 def test_a_standby_on_the_lost_node_does_not_replace_anyone() -> None:

@@ -589,10 +589,10 @@ def init(config: HookConfig | None = None) -> Session:
     holder.append(session)
     # A warm spare waits as long as the job runs: its agent promotes it when a worker dies.
     spare = env.get("SPLICE_SPARE") == "1"
-    if spare:
-        # What a training script imports lazily on its first optimizer (torch's compiler
-        # stack, seconds to load) is loaded now, while the spare has nothing else to do.
-        import torch._dynamo  # noqa: F401
+    # What a training script imports lazily on its first optimizer (torch's compiler stack,
+    # seconds to load) is loaded before the worker says it is ready: a spare or a joining
+    # worker must not keep the running members waiting for it.
+    import torch._dynamo  # noqa: F401
     timeout_s = 1e8 if spare else config.join_timeout_s
     session._join("initial membership", time.monotonic() + timeout_s)
     return session

@@ -42,6 +42,10 @@ def main() -> int:
     p.add_argument("--step-sleep-s", type=float, default=0.0,
                    help="extra time per step (stands in for compute), so that faults of the "
                         "control plane happen while training is under way")
+    p.add_argument("--hold-at", default="",
+                   help="STEP:EPOCH:WORLD - after completing STEP, wait (on the agent "
+                        "channel, at most 60 s) until a membership of epoch >= EPOCH with "
+                        "WORLD members is announced: a survivor waits for a newcomer")
     args = p.parse_args()
     torch.set_num_threads(1)
     me = os.environ.get("SPLICE_WORKER_ID", "standalone/0")
@@ -102,12 +106,22 @@ def main() -> int:
                 from splice.examples.train_mlp import flip_one_bit
 
                 flip_one_bit(model)
+            if args.hold_at and int(args.hold_at.split(":")[0]) == r.step:
+                _, epoch, world = (int(x) for x in args.hold_at.split(":"))
+                link = session._link
+                assert link is not None
+
+                def grown() -> bool:
+                    m = link.latest_membership()
+                    return m is not None and m.epoch >= epoch and len(m.members) >= world
+
+                link.wait(grown, 60.0)
             if args.step_sleep_s:
                 time.sleep(args.step_sleep_s)  # simulated compute, not synchronisation
     with open(os.path.join(args.out, me.replace("/", "_") + ".json"), "w") as f:
         json.dump({"worker_id": me, "losses": losses, "recoveries": session.recoveries,
                    "world_size": session.world_size, "epoch": session.epoch,
-                   "pid": os.getpid()}, f)
+                   "pid": os.getpid(), "restored_from": session.restored_from}, f)
     session.close()
     return 0
 
