@@ -68,8 +68,14 @@ class AgentConfig:
     # When a worker crashes: promote a spare (or, without one, start a fresh process) that
     # joins at the next step boundary with a peer's snapshot. Off: survivors shrink.
     replace: bool = False
+    # Persistent checkpoints: the hook's rank 0 saves every `persist_every` steps under
+    # `persist_dir` (storage every node can read); empty: off.
+    persist_dir: str = ""
+    persist_every: int = 0
 
     def __post_init__(self) -> None:
+        if self.persist_every < 0 or (self.persist_every and not self.persist_dir):
+            raise ValueError("--persist-every must be >= 0 and needs --persist-dir")
         if self.nproc < 1:
             raise ValueError(f"--nproc must be >= 1, got {self.nproc}")
         if self.spares < 0:
@@ -309,6 +315,9 @@ class Agent:
             "SPLICE_LOCAL_RANK": str(local_rank), "SPLICE_GLOO_HOST": self.config.gloo_host,
             "SPLICE_PROGRESS_PATH": progress_path, "SPLICE_SPARE": "1" if spare else "0",
         })
+        if self.config.persist_dir:
+            env["SPLICE_PERSIST_DIR"] = self.config.persist_dir
+            env["SPLICE_PERSIST_EVERY"] = str(self.config.persist_every)
         env.setdefault("OMP_NUM_THREADS", "1")
         with self._lock:
             self._expected.add(wid)

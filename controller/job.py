@@ -91,6 +91,8 @@ class RecoveryReady:
     worker_id: str
     epoch: int
     snapshot_steps: tuple[int, ...]
+    # The newest intact persistent checkpoint the worker can read (None: none).
+    persisted_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,8 @@ class Resume:
     reason: str
     # (joining worker, member that sends it the snapshot of `step`)
     transfers: tuple[tuple[str, str], ...] = ()
+    # Nobody holds a snapshot in memory: every member loads `step` from persistent storage.
+    from_disk: bool = False
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,8 @@ class JobState:
     workers: Mapping[str, WorkerRecord] = field(default_factory=lambda: MappingProxyType({}))
     # During RECOVERING: snapshot steps each member reported for the current epoch.
     ready: Mapping[str, tuple[int, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    # During RECOVERING: the newest persistent checkpoint each ready member can read.
+    persisted: Mapping[str, int | None] = field(default_factory=lambda: MappingProxyType({}))
     resume_step: int | None = None
     # Members of the current epoch that joined it without state (they get a peer's).
     joining: frozenset[str] = frozenset()
@@ -304,6 +310,7 @@ def _announce(state: JobState, membership: Membership, phase: Phase, *, kind: st
     joining = frozenset(w for w in joining | state.joining if w in membership.members)
     new = replace(state, membership=membership, phase=phase,
                   workers=MappingProxyType(workers), ready=MappingProxyType({}),
+                  persisted=MappingProxyType({}),
                   resume_step=0 if membership.initial else None, joining=joining,
                   joined=False)
     return new, Ready(
@@ -328,8 +335,8 @@ def _lose(state: JobState, lost: dict[str, WorkerRecord], why: str) -> tuple[Job
     plan = planner.plan_without(current, members_lost, min_world_size=state.spec.min_world_size)
     kept = [w for w in current.members if w not in members_lost]
     joining = sorted(standbys(state), key=rank_order)[:max(0, state.spec.world_size - len(kept))]
-    # Standbys need a survivor to send them its snapshot.
-    if not (joining and kept and len(kept) + len(joining) >= max(1, state.spec.min_world_size)):
+    # Standbys alone (every member lost) can still resume from a persistent checkpoint.
+    if not (joining and len(kept) + len(joining) >= max(1, state.spec.min_world_size)):
         joining = []
     if joining:
         # Ready standbys (a spare the agent promoted) take the lost ranks' places in the
@@ -407,15 +414,25 @@ def _on_recovery_ready(state: JobState, ev: RecoveryReady) -> tuple[JobState, Re
         return state, Ready()
     ready = dict(state.ready)
     ready[ev.worker_id] = tuple(sorted(ev.snapshot_steps))
-    state = replace(state, ready=MappingProxyType(ready))
+    persisted = dict(state.persisted)
+    persisted[ev.worker_id] = ev.persisted_step
+    state = replace(state, ready=MappingProxyType(ready), persisted=MappingProxyType(persisted))
     if set(ready) != set(state.membership.members):
         return state, Ready()
     # A member with no snapshot at all joined without state (or lost it while joining).
     joining = state.joining | {w for w, steps in ready.items() if not steps}
     plan = planner.plan_resume(ready, joining)
     if isinstance(plan, planner.NoCommonSnapshot):
-        failed = replace(state, phase=Phase.FAILED, message=plan.reason)
-        return failed, Ready(timeline=(TimelineEntry("failed", state.epoch, plan.reason),))
+        disk = planner.plan_from_disk(state.persisted, plan.reason)
+        if isinstance(disk, planner.NoCommonSnapshot):
+            failed = replace(state, phase=Phase.FAILED, message=disk.reason)
+            return failed, Ready(timeline=(TimelineEntry("failed", state.epoch, disk.reason),))
+        resumed = replace(state, phase=Phase.RUNNING, resume_step=disk.step,
+                          recoveries=state.recoveries + 1, joining=frozenset(), joined=True)
+        resume = Resume(state.epoch, disk.step, disk.reason, from_disk=True)
+        return resumed, Ready(
+            persist_resume=resume, send=((state.membership.nodes(), resume),),
+            timeline=(TimelineEntry("fallback", state.epoch, disk.reason),))
     resumed = replace(state, phase=Phase.RUNNING, resume_step=plan.step,
                       recoveries=state.recoveries + 1, joining=frozenset(),
                       joined=bool(plan.transfers))

@@ -142,3 +142,20 @@ def plan_resume(held: Mapping[str, Iterable[int]], joining: Iterable[str] = ()
     else:
         reason = f"resume at step {step}, the newest snapshot all {len(sets)} members hold"
     return ResumePlan(step=step, reason=reason)
+
+
+def plan_from_disk(persisted: Mapping[str, int | None], why: str
+                   ) -> ResumePlan | NoCommonSnapshot:
+    """Every in-memory copy is gone: resume from the persistent checkpoint, if every member
+    can read one. The oldest of the newest steps they report is one all of them hold (a
+    save may have landed between two members' reports; the older stays until the newer is
+    complete)."""
+    missing = sorted((w for w, s in persisted.items() if s is None), key=rank_order)
+    if not persisted or missing:
+        return NoCommonSnapshot(
+            f"{why}; and no persistent checkpoint is readable by "
+            f"{', '.join(missing) or 'the members'}: the job cannot go on")
+    step = min(s for s in persisted.values() if s is not None)
+    return ResumePlan(step=step, reason=(
+        f"FALLBACK TO DISK: {why}; every member loads the persistent checkpoint of step "
+        f"{step} (the work since then is redone)"))

@@ -480,7 +480,8 @@ class Controller(Leadership):
                 session.outbox.put(refusal("MALFORMED", problem))
                 return
             self._events.put((session, job_id, jobs.RecoveryReady(
-                rr.worker_id, rr.epoch, tuple(rr.snapshot_steps))))
+                rr.worker_id, rr.epoch, tuple(rr.snapshot_steps),
+                rr.persisted_step if rr.has_persisted else None)))
             return
         session.outbox.put(refusal("MALFORMED", f"unexpected message {kind!r} after hello"))
 
@@ -674,7 +675,8 @@ class Controller(Leadership):
             return pb.ControllerMessage(resume=pb.Resume(
                 epoch=message.epoch, step=message.step, reason=message.reason,
                 transfers=[pb.StateTransfer(to_worker=dst, from_worker=src)
-                           for dst, src in message.transfers]))
+                           for dst, src in message.transfers],
+                from_disk=message.from_disk))
         assert self.rendezvous is not None
         return pb.ControllerMessage(membership=pb.Membership(
             epoch=message.epoch, members=list(message.members), shares=list(message.shares),

@@ -207,14 +207,18 @@ class StepReport(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., step_time_s: _Optional[float] = ..., completed_at_s: _Optional[float] = ..., num_samples: _Optional[int] = ..., compute_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., collective_bytes: _Optional[int] = ..., snapshot_bytes: _Optional[int] = ..., snapshot_at_s: _Optional[float] = ...) -> None: ...
 
 class RecoveryReady(_message.Message):
-    __slots__ = ("worker_id", "epoch", "snapshot_steps")
+    __slots__ = ("worker_id", "epoch", "snapshot_steps", "has_persisted", "persisted_step")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    HAS_PERSISTED_FIELD_NUMBER: _ClassVar[int]
+    PERSISTED_STEP_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     epoch: int
     snapshot_steps: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., snapshot_steps: _Optional[_Iterable[int]] = ...) -> None: ...
+    has_persisted: bool
+    persisted_step: int
+    def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., snapshot_steps: _Optional[_Iterable[int]] = ..., has_persisted: _Optional[bool] = ..., persisted_step: _Optional[int] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
     __slots__ = ("welcome", "membership", "resume", "refusal", "shutdown", "kill")
@@ -275,16 +279,18 @@ class Membership(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., shares: _Optional[_Iterable[float]] = ..., store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., store_prefix: _Optional[str] = ..., reason: _Optional[str] = ..., initial: _Optional[bool] = ...) -> None: ...
 
 class Resume(_message.Message):
-    __slots__ = ("epoch", "step", "reason", "transfers")
+    __slots__ = ("epoch", "step", "reason", "transfers", "from_disk")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    FROM_DISK_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     step: int
     reason: str
     transfers: _containers.RepeatedCompositeFieldContainer[StateTransfer]
-    def __init__(self, epoch: _Optional[int] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ..., transfers: _Optional[_Iterable[_Union[StateTransfer, _Mapping]]] = ...) -> None: ...
+    from_disk: bool
+    def __init__(self, epoch: _Optional[int] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ..., transfers: _Optional[_Iterable[_Union[StateTransfer, _Mapping]]] = ..., from_disk: _Optional[bool] = ...) -> None: ...
 
 class StateTransfer(_message.Message):
     __slots__ = ("to_worker", "from_worker")

@@ -107,7 +107,8 @@ def _agent(args: argparse.Namespace) -> int:
                          job_id=args.job, node_id=args.node_id or socket.gethostname(),
                          gloo_host=args.gloo_host, connect_timeout_s=args.connect_timeout_s,
                          metrics_port=args.metrics_port, metrics_host=args.metrics_host,
-                         spares=args.spares, replace=args.replace)
+                         spares=args.spares, replace=args.replace,
+                         persist_dir=args.persist_dir, persist_every=args.persist_every)
     tls = tls_from_args(args)
     return run_agent(config, channel_credentials(tls) if tls else None)
 
@@ -231,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--replace", action="store_true",
                    help="replace a crashed worker (a warm spare, else a fresh process) "
                         "instead of training on with fewer ranks")
+    a.add_argument("--persist-dir", default="",
+                   help="persistent checkpoints go here (shared by every node); a job "
+                        "started with checkpoints there resumes from the newest")
+    a.add_argument("--persist-every", type=int, default=0,
+                   help="rank 0 saves a checkpoint every N steps, in the background (0: "
+                        "never; a cold start still resumes from --persist-dir)")
     add_tls_flags(a)
     a.add_argument("command", nargs=argparse.REMAINDER, help="-- worker command line")
     a.set_defaults(func=_agent)

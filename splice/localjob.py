@@ -54,6 +54,9 @@ class LocalJobConfig:
     # Warm spares per agent, and whether agents replace a crashed worker.
     spares: int = 0
     replace: bool = False
+    # Persistent checkpoints (agents' --persist-dir / --persist-every).
+    persist_dir: str = ""
+    persist_every: int = 0
 
     def __post_init__(self) -> None:
         if self.store not in ("memory", "etcd"):
@@ -155,6 +158,9 @@ class LocalJob:
                 "--nproc", str(self.config.nproc), "--spares", str(self.config.spares)]
         if self.config.replace:
             argv.append("--replace")
+        if self.config.persist_dir:
+            argv += ["--persist-dir", self.config.persist_dir,
+                     "--persist-every", str(self.config.persist_every)]
         if self.config.metrics:
             port = _free_port()
             argv += ["--metrics-port", str(port), "--metrics-host", "127.0.0.1"]

@@ -22,7 +22,8 @@ def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool 
                   etcd_endpoint: str = "", step_sleep_s: float = 0.0,
                   at_step: int | None = None, action: Callable[[LocalJob], None] | None = None,
                   slow: str = "", straggler_policy: str = "alert", extra_args: tuple[str, ...] = (),
-                  spares: int = 0, replace: bool = False, hang_floor_s: float = 1.0
+                  spares: int = 0, replace: bool = False, hang_floor_s: float = 1.0,
+                  persist_dir: str = "", persist_every: int = 0
                   ) -> tuple[dict, dict[str, dict]]:
     """Run the fault-injection worker as a local job to completion.
 
@@ -53,7 +54,8 @@ def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool 
                          store="etcd" if etcd_endpoint else "memory",
                          controllers=2 if etcd_endpoint else 1, etcd_endpoint=etcd_endpoint,
                          straggler_policy=straggler_policy, spares=spares, replace=replace,
-                         hang_floor_s=hang_floor_s)
+                         hang_floor_s=hang_floor_s, persist_dir=persist_dir,
+                         persist_every=persist_every)
     with LocalJob(cfg) as job:
         try:
             if action is not None:

@@ -342,15 +342,34 @@ def test_too_few_standbys_fail_the_job() -> None:
     assert [e.kind for e in ready.timeline] == ["fault", "failed"]
 
 
-def test_standbys_alone_cannot_carry_on_when_every_member_is_lost() -> None:
-    # Nobody would hold a snapshot to send the standby: the job fails at once, with the
-    # planner's reason, instead of announcing an epoch that cannot resume.
+def test_standbys_alone_cannot_carry_on_without_a_persistent_checkpoint() -> None:
+    # The standby gets an epoch of its own (a checkpoint on disk could carry it), but
+    # nobody holds a snapshot in memory and it reports none on disk: the resume fails.
     state = running(world_size=1, workers=("a/0",))
     state, _ = apply(state, WorkerReady("c/0", 200))
-    state, ready = apply(state, WorkerExited("a/0", -SIGKILL, SIGKILL))
-    assert state.phase is Phase.FAILED and "survivors" in state.message
-    assert ready.persist is None and not ready.send
-    assert state.joining == frozenset()
+    state, _ = apply(state, WorkerExited("a/0", -SIGKILL, SIGKILL))
+    assert members(state) == ("c/0",) and state.joining == {"c/0"}
+    state, ready = apply(state, RecoveryReady("c/0", 2, ()))
+    assert state.phase is Phase.FAILED and "every member is joining" in state.message
+    assert "no persistent checkpoint" in state.message
+    assert not ready.send
+
+
+def test_standbys_alone_resume_from_the_persistent_checkpoint() -> None:
+    state = running(world_size=2, workers=("a/0", "a/1"))
+    state, _ = apply(state, WorkerReady("c/0", 200))
+    state, _ = apply(state, WorkerReady("c/1", 201))
+    state, _ = apply(state, NodeLost("a", "power"))
+    assert members(state) == ("c/0", "c/1")
+    state, ready = apply(state, RecoveryReady("c/0", 2, (), persisted_step=30))
+    assert not ready.send
+    state, ready = apply(state, RecoveryReady("c/1", 2, (), persisted_step=35))
+    assert state.phase is Phase.RUNNING and state.resume_step == 30
+    (nodes, resume), = ready.send
+    assert resume.from_disk and resume.step == 30 and resume.transfers == ()
+    assert ready.persist_resume == resume
+    assert [e.kind for e in ready.timeline] == ["fallback"]
+    assert "FALLBACK TO DISK" in ready.timeline[0].text
 
 
 def test_a_standby_on_the_lost_node_does_not_replace_anyone() -> None:

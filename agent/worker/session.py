@@ -60,6 +60,18 @@ class HookConfig:
     collective_timeout_s: float = 300.0
     # Interface address gloo binds to (the agent passes its node's address).
     gloo_host: str = "127.0.0.1"
+    # Persistent checkpoints (off when empty): rank 0 saves the snapshot every
+    # `persist_every` steps in the background. A job started with checkpoints there resumes
+    # from the newest; when every in-memory copy is lost the job falls back to it.
+    persist_dir: str = ""
+    persist_every: int = 0
+    job_id: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.persist_every < 0:
+            raise ValueError(f"persist_every must be >= 0, got {self.persist_every}")
+        if self.persist_every and not self.persist_dir:
+            raise ValueError("persist_every needs persist_dir")
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,12 @@ class Session:
         self.joined_once = False
         # Where this worker's state came from when it joined: "<worker> memory, step N".
         self.restored_from = ""
+        self._persist = None
+        if config.persist_dir:
+            from splice.checkpoint.persist import PersistentStore
+
+            self._persist = PersistentStore(config.persist_dir, job_id=config.job_id)
+        self._persisted_at = -1
 
     # ---- membership ---------------------------------------------------------------------
     @property
@@ -164,9 +182,11 @@ class Session:
                          store_port=m.store_port, store_prefix=m.store_prefix)
         build = self.group.begin_build(spec, on_done=link.notify)
         if not m.initial:
+            persisted = self._newest_persisted()
             link.send(lpb.WorkerToAgent(recovery_ready=pb.RecoveryReady(
                 worker_id=self.worker_id, epoch=epoch,
-                snapshot_steps=self._snapshots.steps())))
+                snapshot_steps=self._snapshots.steps(), has_persisted=persisted is not None,
+                persisted_step=persisted or 0)))
 
         def superseded() -> bool:
             return link.membership_newer_than(epoch) is not None
@@ -197,11 +217,26 @@ class Session:
         if m.initial:
             self.step = 0
             self._needs_sync = True
-            return True
+            persisted = self._newest_persisted()
+            if persisted is None:
+                return True
+            # A cold start of a job that has a persistent checkpoint: resume from it.
+            self._pending_state = (epoch, persisted, -1, "disk")
+            self.step = persisted
+            log.info("worker %s: cold start from the persistent checkpoint of step %d",
+                     self.worker_id, persisted)
+            return True if not self._registered else self._receive_state()
         resume = link.resume_for(epoch)
         assert resume is not None
         members = list(m.members)
         mine = [t for t in resume.transfers if t.to_worker == self.worker_id]
+        if resume.from_disk:
+            log.error("worker %s: no in-memory snapshot is left anywhere; loading the "
+                      "persistent checkpoint of step %d (%s)", self.worker_id, resume.step,
+                      resume.reason)
+            self._pending_state = (epoch, resume.step, -1, "disk")
+            self.step = resume.step
+            return True if not self._registered else self._receive_state()
         if mine:
             src = mine[0].from_worker
             self._pending_state = (epoch, resume.step, members.index(src), src)
@@ -251,6 +286,8 @@ class Session:
         if self.group.epoch != epoch:
             return False
         t0 = time.perf_counter()
+        if src < 0:
+            return self._load_persisted(step)
         try:
             blob = self.group.recv_bytes(src)
         except CollectiveAborted as e:
@@ -335,6 +372,41 @@ class Session:
             "samples_seen": self.step * self.batch.global_batch_size,
         }
 
+    def _newest_persisted(self) -> int | None:
+        if self._persist is None:
+            return None
+        held = self._persist.list()
+        return held[-1].step if held else None
+
+    def _load_persisted(self, step: int) -> bool:
+        """Load the persistent checkpoint of `step` (verified), then check with one
+        collective that every member loaded the same step."""
+        from splice.checkpoint.persist import PersistError
+
+        assert self._persist is not None
+        t0 = time.perf_counter()
+        try:
+            snap = self._persist.load(step)
+        except PersistError as e:
+            raise RecoveryFailed(f"cannot load the persistent checkpoint of step {step}: "
+                                 f"{e}") from e
+        self._load(snap)
+        self._snapshots.discard_after(-1)
+        self._snapshots.capture(step, self._state())
+        self._pending_state = None
+        self.restored_from = f"disk, step {step}"
+        try:
+            steps = self.group.all_reduce(torch.tensor([float(step), 1.0], dtype=torch.float64))
+        except CollectiveAborted:
+            return False
+        if steps[0].item() != step * steps[1].item():
+            raise RecoveryFailed(f"members loaded different persistent checkpoints (mean "
+                                 f"step {steps[0].item() / steps[1].item()}, mine {step})")
+        self._needs_sync = False
+        log.info("worker %s: loaded the persistent checkpoint of step %d in %.3f s",
+                 self.worker_id, step, time.perf_counter() - t0)
+        return True
+
     def _restore(self, step: int) -> None:
         self._load(self._snapshots.restore(step))
         self._snapshots.discard_after(step)
@@ -379,6 +451,13 @@ class Session:
                 self._sync_from_rank0()
             self._snapshots.capture(self.step, self._state())
             self._snapshot_at_s = time.time()
+            if (self._persist is not None and self.config.persist_every
+                    and self.rank == 0 and self.step > 0
+                    and self.step % self.config.persist_every == 0
+                    and self.step != self._persisted_at):
+                # A private copy for the writer thread; the training thread goes on.
+                self._persist.save_async(self.step, self._snapshots.restore(self.step))
+                self._persisted_at = self.step
             if self.sdc_every and self.step % self.sdc_every == 0:
                 self._check_replicas()
             loss, num_samples = self._forward_backward()
@@ -561,6 +640,8 @@ class Session:
                 pass
             link.close()
         self.group.close()
+        if self._persist is not None:
+            self._persist.close()
 
 
 def init(config: HookConfig | None = None) -> Session:
@@ -571,7 +652,10 @@ def init(config: HookConfig | None = None) -> Session:
     env = os.environ
     path = env.get("SPLICE_AGENT_SOCKET")
     if config is None:
-        config = HookConfig(gloo_host=env.get("SPLICE_GLOO_HOST", "127.0.0.1"))
+        config = HookConfig(gloo_host=env.get("SPLICE_GLOO_HOST", "127.0.0.1"),
+                            persist_dir=env.get("SPLICE_PERSIST_DIR", ""),
+                            persist_every=int(env.get("SPLICE_PERSIST_EVERY", "0") or 0),
+                            job_id=env.get("SPLICE_JOB_ID", "default"))
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
