@@ -53,10 +53,10 @@ def test_check_detects_a_field_added_to_a_message(genproto: tuple[ModuleType, Pa
     proto = proto_dir / "controller.proto"
     before = (proto_dir / "controller_pb2.py").read_text()
     text = proto.read_text()
-    old = "message Shutdown {\n  string reason = 1;\n}"
+    old = "message Shutdown {\n  string reason = 1;\n"
     assert old in text
     proto.write_text(text.replace(old, "message Shutdown {\n  string reason = 1;\n"
-                                       "  uint32 grace_s = 2;\n}"))
+                                       "  uint32 grace_s = 9;\n"))
     assert module.main() == 1
     out = capsys.readouterr()
     assert "controller_pb2" in out.err and "grace_s" in out.out
