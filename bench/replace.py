@@ -1,0 +1,108 @@
+"""Replacement benchmark: a worker is SIGKILLed, a warm spare takes its place, the job is
+back at full strength with a peer's in-memory snapshot.
+
+Each run starts a local job (in-process controller, two agents with one warm spare each,
+--replace) training the toy MLP sized so that one rank's state (parameters plus SGD
+momentum) is about --state-mb, waits for some steps, SIGKILLs a non-zero rank and measures:
+  detect_s         kill -> the controller has the fault
+  full_strength_s  kill -> the first step completed at the original world size
+  transfer_s       the holder's encode + send of its snapshot and the newcomer's receive
+                   + decode + load, from the newcomer's log line
+  state_mb         the snapshot bytes the newcomer received
+
+    python -m bench.replace [--state-mb 100] [--runs 3]
+
+Prints one JSON object per run, then a summary object (the DESIGN target: full strength
+within 1 s with 100 MB of state per rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+
+from bench.torchrun_baseline import percentile
+from splice.diagnostics.demo import full_strength_at
+from splice.localjob import LocalJob, LocalJobConfig, timeline_time, worker_argv
+
+WARMUP_STEPS = 3
+_LOADED = re.compile(r"loaded ([0-9.]+) MB of step-(\d+) state from (\S+) in ([0-9.]+) s")
+
+
+def hidden_for(state_mb: float) -> int:
+    """Width of the 3-layer MLP whose parameters + momentum are about `state_mb` MB:
+    two hidden x hidden layers dominate, 2 tensors (weights, momentum) x 4 bytes each."""
+    return max(64, int(math.sqrt(state_mb * 1e6 / 16)))
+
+
+def one_run(state_mb: float, run: int, timeout_s: float) -> dict[str, object]:
+    cfg = LocalJobConfig(
+        worker_command=worker_argv("splice.examples.train_mlp",
+                                   ["--steps", "1000000", "--log-every", "1000000",
+                                    "--hidden", str(hidden_for(state_mb))]),
+        nodes=2, nproc=2, job_id=f"replace-{run}", spares=1, replace=True)
+    with LocalJob(cfg) as job:
+        status = job.wait_until(
+            lambda s: s.epoch == 1 and min((w.last_step for w in s.workers), default=0)
+            >= WARMUP_STEPS, timeout_s, f"{WARMUP_STEPS} warm-up steps")
+        # Both agents' spares must be warm (they log it) before the kill.
+        deadline = time.monotonic() + timeout_s
+        while job.logs().count("is warm") < 2:
+            if time.monotonic() > deadline:
+                raise TimeoutError("spares did not get warm")
+            time.sleep(0.2)  # polling log files, not synchronising processes
+        victim = status.members[1 + run % 3]
+        t_kill = job.kill_worker(victim)
+        status = job.wait_until(lambda s: full_strength_at(s, 4, t_kill) is not None,
+                                timeout_s, "full strength")
+        at = full_strength_at(status, 4, t_kill)
+        fault = timeline_time(status, "fault")
+        assert at is not None
+        logs = job.logs()
+    loaded = _LOADED.search(logs)
+    return {
+        "run": run, "victim": victim,
+        "detect_s": round(fault - t_kill, 4) if fault else None,
+        "full_strength_s": round(at - t_kill, 4),
+        "transfer_s": float(loaded.group(4)) if loaded else None,
+        "state_mb": float(loaded.group(1)) if loaded else None,
+        "restored_from": f"{loaded.group(3)} memory, step {loaded.group(2)}" if loaded else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--state-mb", type=float, default=100.0)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--timeout-s", type=float, default=300.0)
+    args = p.parse_args(argv)
+    runs = []
+    for run in range(args.runs):
+        r = one_run(args.state_mb, run, args.timeout_s)
+        print(json.dumps(r), flush=True)
+        runs.append(r)
+    full = sorted(float(r["full_strength_s"]) for r in runs)  # type: ignore[arg-type]
+    transfer = sorted(float(r["transfer_s"]) for r in runs if r["transfer_s"] is not None)  # type: ignore[arg-type]
+    print(json.dumps({
+        "benchmark": "replace",
+        "command": "python -m bench.replace " + " ".join(argv if argv is not None
+                                                          else sys.argv[1:]),
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "world": 4, "state_mb_per_rank": runs[0]["state_mb"], "runs": len(runs),
+        "full_strength_p50_s": percentile(full, 50), "full_strength_max_s": full[-1],
+        "transfer_p50_s": percentile(transfer, 50) if transfer else None,
+        "target": "full strength <= 1 s with 100 MB of state per rank",
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
