@@ -6,8 +6,12 @@ Each run starts a local job (in-process controller, two agents with one warm spa
 momentum) is about --state-mb, waits for some steps, SIGKILLs a non-zero rank and measures:
   detect_s         kill -> the controller has the fault
   full_strength_s  kill -> the first step completed at the original world size
-  transfer_s       the holder's encode + send of its snapshot and the newcomer's receive
-                   + decode + load, from the newcomer's log line
+  state_loaded_s   kill -> the newcomer has loaded a survivor's snapshot (its log line):
+                   detection, the survivors' abort and regroup, the holder's restore,
+                   pack and send, the newcomer's receive, check and load
+  transfer_s       the newcomer's wait for and load of the snapshot (from its log)
+  step_s           the last step time before the fault: full strength is only reached
+                   once the first step at full size completes
   state_mb         the snapshot bytes the newcomer received
 
     python -m bench.replace [--state-mb 100] [--runs 3]
@@ -33,7 +37,8 @@ from splice.diagnostics.demo import full_strength_at
 from splice.localjob import LocalJob, LocalJobConfig, timeline_time, worker_argv
 
 WARMUP_STEPS = 3
-_LOADED = re.compile(r"loaded ([0-9.]+) MB of step-(\d+) state from (\S+) in ([0-9.]+) s")
+_LOADED = re.compile(r"^(\S+ \S+) \S+ INFO worker \S+: loaded ([0-9.]+) MB of step-(\d+) "
+                     r"state from (\S+) in ([0-9.]+) s", re.M)
 
 
 def hidden_for(state_mb: float) -> int:
@@ -59,6 +64,7 @@ def one_run(state_mb: float, run: int, timeout_s: float) -> dict[str, object]:
                 raise TimeoutError("spares did not get warm")
             time.sleep(0.2)  # polling log files, not synchronising processes
         victim = status.members[1 + run % 3]
+        step_s = max(w.last_step_time_s for w in status.workers)
         t_kill = job.kill_worker(victim)
         status = job.wait_until(lambda s: full_strength_at(s, 4, t_kill) is not None,
                                 timeout_s, "full strength")
@@ -67,13 +73,19 @@ def one_run(state_mb: float, run: int, timeout_s: float) -> dict[str, object]:
         assert at is not None
         logs = job.logs()
     loaded = _LOADED.search(logs)
+    loaded_at = None
+    if loaded:
+        when = datetime.datetime.strptime(loaded.group(1), "%Y-%m-%d %H:%M:%S,%f")
+        loaded_at = round(when.timestamp() - t_kill, 3)  # log lines are local wall clock
     return {
         "run": run, "victim": victim,
         "detect_s": round(fault - t_kill, 4) if fault else None,
+        "state_loaded_s": loaded_at,
         "full_strength_s": round(at - t_kill, 4),
-        "transfer_s": float(loaded.group(4)) if loaded else None,
-        "state_mb": float(loaded.group(1)) if loaded else None,
-        "restored_from": f"{loaded.group(3)} memory, step {loaded.group(2)}" if loaded else None,
+        "step_s": round(step_s, 3),
+        "transfer_s": float(loaded.group(5)) if loaded else None,
+        "state_mb": float(loaded.group(2)) if loaded else None,
+        "restored_from": f"{loaded.group(4)} memory, step {loaded.group(3)}" if loaded else None,
     }
 
 
@@ -90,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(r)
     full = sorted(float(r["full_strength_s"]) for r in runs)  # type: ignore[arg-type]
     transfer = sorted(float(r["transfer_s"]) for r in runs if r["transfer_s"] is not None)  # type: ignore[arg-type]
+    loaded = sorted(float(r["state_loaded_s"]) for r in runs  # type: ignore[arg-type]
+                    if r["state_loaded_s"] is not None)
     print(json.dumps({
         "benchmark": "replace",
         "command": "python -m bench.replace " + " ".join(argv if argv is not None
@@ -99,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         "world": 4, "state_mb_per_rank": runs[0]["state_mb"], "runs": len(runs),
         "full_strength_p50_s": percentile(full, 50), "full_strength_max_s": full[-1],
         "transfer_p50_s": percentile(transfer, 50) if transfer else None,
+        "state_loaded_p50_s": percentile(loaded, 50) if loaded else None,
+        "step_p50_s": percentile(sorted(float(r["step_s"]) for r in runs), 50),  # type: ignore[arg-type]
         "target": "full strength <= 1 s with 100 MB of state per rank",
     }))
     return 0

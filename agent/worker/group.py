@@ -323,27 +323,32 @@ class ResilientGroup:
             self._wait_s += time.perf_counter() - t0
             self._bytes += num_bytes
 
-    def send_bytes(self, blob: bytes, dst: int, tag: int = 0) -> None:
-        """Send `blob` to rank `dst` (which calls `recv_bytes`), abortable."""
-        header = torch.tensor([len(blob)], dtype=torch.int64)
+    def send_buffer(self, flat: torch.Tensor, dst: int, tag: int = 0) -> None:
+        """Send a flat uint8 tensor to rank `dst` (which calls `recv_buffer`), abortable."""
+        assert flat.dtype == torch.uint8 and flat.dim() == 1, (flat.dtype, flat.shape)
+        header = torch.tensor([flat.numel()], dtype=torch.int64)
         self.wait(self._issue_p2p(lambda pg: pg.send([header], dst, 2 * tag), 8))
-        if blob:
-            payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-            self.wait(self._issue_p2p(lambda pg: pg.send([payload], dst, 2 * tag + 1),
-                                      len(blob)))
+        if flat.numel():
+            self.wait(self._issue_p2p(lambda pg: pg.send([flat], dst, 2 * tag + 1),
+                                      flat.numel()))
 
-    def recv_bytes(self, src: int, tag: int = 0, *, max_bytes: int = 1 << 40) -> bytes:
-        """Receive what rank `src` sends with `send_bytes`, abortable."""
+    def recv_buffer(self, src: int, tag: int = 0, *, max_bytes: int = 1 << 40) -> torch.Tensor:
+        """Receive what rank `src` sends with `send_buffer`, abortable."""
         header = torch.zeros(1, dtype=torch.int64)
         self.wait(self._issue_p2p(lambda pg: pg.recv([header], src, 2 * tag), 8))
         n = int(header[0])
         if not 0 <= n <= max_bytes:
             raise CollectiveAborted(f"rank {src} announced {n} bytes (limit {max_bytes})")
-        if n == 0:
-            return b""
-        payload = torch.empty(n, dtype=torch.uint8)
-        self.wait(self._issue_p2p(lambda pg: pg.recv([payload], src, 2 * tag + 1), n))
-        return payload.numpy().tobytes()
+        flat = torch.empty(n, dtype=torch.uint8)
+        if n:
+            self.wait(self._issue_p2p(lambda pg: pg.recv([flat], src, 2 * tag + 1), n))
+        return flat
+
+    def send_bytes(self, blob: bytes, dst: int, tag: int = 0) -> None:
+        self.send_buffer(torch.frombuffer(bytearray(blob), dtype=torch.uint8), dst, tag)
+
+    def recv_bytes(self, src: int, tag: int = 0, *, max_bytes: int = 1 << 40) -> bytes:
+        return self.recv_buffer(src, tag, max_bytes=max_bytes).numpy().tobytes()
 
     def close(self) -> None:
         """Release the current epoch's group (its collectives are all complete).

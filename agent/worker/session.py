@@ -261,25 +261,26 @@ class Session:
     def _send_state(self, dst: int, to_worker: str) -> bool:
         """Send this rank's state (just restored: the snapshot of the resume step) to a
         joining member. False if the epoch broke meanwhile (a newer one follows)."""
-        from splice.checkpoint.codec import encode_state
+        from splice.checkpoint.codec import pack_state
 
         t0 = time.perf_counter()
-        blob = encode_state(self._state())
+        head, flat = pack_state(self._state())
         try:
-            self.group.send_bytes(blob, dst)
+            self.group.send_bytes(head, dst, tag=0)
+            self.group.send_buffer(flat, dst, tag=1)
         except CollectiveAborted as e:
             log.warning("sending state to %s failed (%s); waiting for the next membership",
                         to_worker, e)
             return False
         log.info("worker %s: sent %.1f MB of step-%d state to %s (rank %d) in %.3f s",
-                 self.worker_id, len(blob) / 1e6, self.step, to_worker, dst,
+                 self.worker_id, flat.numel() / 1e6, self.step, to_worker, dst,
                  time.perf_counter() - t0)
         return True
 
     def _receive_state(self) -> bool:
         """Receive and load the state a peer sends this joining worker. False if the epoch
         broke meanwhile; a snapshot that fails its checksum is an error, never loaded."""
-        from splice.checkpoint.codec import CorruptState, decode_state
+        from splice.checkpoint.codec import CorruptState, unpack_state
 
         assert self._pending_state is not None
         epoch, step, src, src_worker = self._pending_state
@@ -289,13 +290,14 @@ class Session:
         if src < 0:
             return self._load_persisted(step)
         try:
-            blob = self.group.recv_bytes(src)
+            head = self.group.recv_bytes(src, tag=0, max_bytes=1 << 30)
+            flat = self.group.recv_buffer(src, tag=1)
         except CollectiveAborted as e:
             log.warning("receiving state from %s failed (%s); waiting for the next "
                         "membership", src_worker, e)
             return False
         try:
-            snap = decode_state(blob)
+            snap = unpack_state(head, flat)
         except CorruptState as e:
             raise RecoveryFailed(f"the state {src_worker} sent is corrupt: {e}") from e
         if snap.get("step") != step:
@@ -307,7 +309,8 @@ class Session:
         self._pending_state = None
         self.restored_from = f"{src_worker} memory, step {step}"
         log.info("worker %s: loaded %.1f MB of step-%d state from %s in %.3f s",
-                 self.worker_id, len(blob) / 1e6, step, src_worker, time.perf_counter() - t0)
+                 self.worker_id, flat.numel() / 1e6, step, src_worker,
+                 time.perf_counter() - t0)
         return True
 
     # ---- registration -------------------------------------------------------------------
@@ -415,7 +418,9 @@ class Session:
         step = snap["step"]
         self.model.load_state_dict(snap["model"])
         self.optimizer.load_state_dict(snap["optimizer"])
-        torch.set_rng_state(snap["rng"]["torch"])
+        # A private contiguous copy: set_rng_state crashes on a view with a storage offset
+        # (a received snapshot's tensors are views of one flat buffer).
+        torch.set_rng_state(snap["rng"]["torch"].clone())
         random.setstate(snap["rng"]["python"].value)
         self.step = step
         if self.ddp is not None:
