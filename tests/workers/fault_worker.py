@@ -111,7 +111,7 @@ def main() -> int:
                 link = session._link
                 assert link is not None
 
-                def grown() -> bool:
+                def grown(link=link, epoch=epoch, world=world) -> bool:  # type: ignore[no-untyped-def]
                     m = link.latest_membership()
                     return m is not None and m.epoch >= epoch and len(m.members) >= world
 
