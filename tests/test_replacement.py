@@ -114,3 +114,20 @@ def test_spares_are_stopped_when_the_job_completes(tmp_path: Path) -> None:
         summary["logs"]
     assert "node-0/2" not in summary["members"]
     # (run_fault_job waits for every agent to exit: a spare left waiting would hang it)
+
+
+def test_a_corrupted_snapshot_is_caught_and_a_peer_replica_used(
+        tmp_path: Path, reference: dict[int, float]) -> None:
+    # node-1/1's snapshots are damaged in memory; when node-0/1 dies in the same step, the
+    # checksums catch the damage, node-1/1 offers no snapshot, and node-0/0 sends it one.
+    summary, records = run_fault_job(tmp_path, steps=STEPS, die=["node-0/1:12:before"],
+                                     extra_args=("--corrupt-snapshots", "node-1/1:12"))
+    assert summary["phase"] == "complete", summary["message"] + summary["logs"]
+    assert "snapshot of step 12 is corrupt" in summary["logs"]
+    resume = [t for k, e, t in summary["timeline"] if k == "resume"]
+    assert resume and "node-0/0 sends node-1/1 its snapshot" in resume[0], resume
+    rec = records["node-1/1"]
+    assert rec["pid"] == summary["pids"]["node-1/1"]  # the same process, repaired in place
+    assert rec["restored_from"] == "node-0/0 memory, step 12"
+    assert sorted(rec["losses"]) == list(range(STEPS))
+    assert_losses_match(records, reference)

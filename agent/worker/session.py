@@ -185,7 +185,7 @@ class Session:
             persisted = self._newest_persisted()
             link.send(lpb.WorkerToAgent(recovery_ready=pb.RecoveryReady(
                 worker_id=self.worker_id, epoch=epoch,
-                snapshot_steps=self._snapshots.steps(), has_persisted=persisted is not None,
+                snapshot_steps=self._intact_steps(), has_persisted=persisted is not None,
                 persisted_step=persisted or 0)))
 
         def superseded() -> bool:
@@ -374,6 +374,22 @@ class Session:
             "step": self.step,
             "samples_seen": self.step * self.batch.global_batch_size,
         }
+
+    def _intact_steps(self) -> list[int]:
+        """Snapshot steps whose checksums still verify. A corrupted one is dropped (the
+        ring forgets it) and not offered: the controller then resumes at a step this
+        worker holds intact, or has a peer send it one."""
+        from splice.checkpoint.snapshot import SnapshotCorrupt
+
+        intact = []
+        for step in self._snapshots.steps():
+            try:
+                self._snapshots.verify(step)
+            except SnapshotCorrupt as e:
+                log.error("worker %s: %s", self.worker_id, e)  # verify() dropped it
+                continue
+            intact.append(step)
+        return intact
 
     def _newest_persisted(self) -> int | None:
         if self._persist is None:

@@ -42,6 +42,9 @@ def main() -> int:
     p.add_argument("--step-sleep-s", type=float, default=0.0,
                    help="extra time per step (stands in for compute), so that faults of the "
                         "control plane happen while training is under way")
+    p.add_argument("--corrupt-snapshots", default="",
+                   help="WORKER_ID:STEP - in step STEP, before its all-reduce, that worker "
+                        "flips a byte in every in-memory snapshot it holds")
     p.add_argument("--hold-at", default="",
                    help="STEP:EPOCH:WORLD - after completing STEP, wait (on the agent "
                         "channel, at most 60 s) until a membership of epoch >= EPOCH with "
@@ -74,7 +77,19 @@ def main() -> int:
     def at(phase: str) -> bool:
         return any(s == session.step and ph == phase for s, ph in plans)
 
+    corrupt_at = -1
+    if args.corrupt_snapshots and args.corrupt_snapshots.rsplit(":", 1)[0] == me:
+        corrupt_at = int(args.corrupt_snapshots.rsplit(":", 1)[1])
+
     def issue_hook(tensor: torch.Tensor):  # type: ignore[no-untyped-def]
+        nonlocal corrupt_at
+        if session.step == corrupt_at:
+            corrupt_at = -1
+            ring = session._snapshots
+            for held in ring.steps():
+                ring.checksums(held)  # the background checksum of the slot is complete
+                victim = next(iter(ring.buffers(held).values()))
+                victim.view(-1).view(torch.uint8)[0] ^= 0x40
         if at("before"):
             _die()
         fut = issue(tensor)
