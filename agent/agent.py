@@ -72,8 +72,12 @@ class AgentConfig:
     # `persist_dir` (storage every node can read); empty: off.
     persist_dir: str = ""
     persist_every: int = 0
+    # Host memory each worker's in-memory snapshots may take (MB); 0: unlimited.
+    snapshot_budget_mb: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.snapshot_budget_mb < 0:
+            raise ValueError(f"--snapshot-budget-mb must be >= 0, got {self.snapshot_budget_mb}")
         if self.persist_every < 0 or (self.persist_every and not self.persist_dir):
             raise ValueError("--persist-every must be >= 0 and needs --persist-dir")
         if self.nproc < 1:
@@ -315,6 +319,8 @@ class Agent:
             "SPLICE_LOCAL_RANK": str(local_rank), "SPLICE_GLOO_HOST": self.config.gloo_host,
             "SPLICE_PROGRESS_PATH": progress_path, "SPLICE_SPARE": "1" if spare else "0",
         })
+        if self.config.snapshot_budget_mb:
+            env["SPLICE_SNAPSHOT_BUDGET_MB"] = str(self.config.snapshot_budget_mb)
         if self.config.persist_dir:
             env["SPLICE_PERSIST_DIR"] = self.config.persist_dir
             env["SPLICE_PERSIST_EVERY"] = str(self.config.persist_every)

@@ -108,7 +108,8 @@ def _agent(args: argparse.Namespace) -> int:
                          gloo_host=args.gloo_host, connect_timeout_s=args.connect_timeout_s,
                          metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                          spares=args.spares, replace=args.replace,
-                         persist_dir=args.persist_dir, persist_every=args.persist_every)
+                         persist_dir=args.persist_dir, persist_every=args.persist_every,
+                         snapshot_budget_mb=args.snapshot_budget_mb)
     tls = tls_from_args(args)
     return run_agent(config, channel_credentials(tls) if tls else None)
 
@@ -235,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--persist-dir", default="",
                    help="persistent checkpoints go here (shared by every node); a job "
                         "started with checkpoints there resumes from the newest")
+    a.add_argument("--snapshot-budget-mb", type=float, default=0.0,
+                   help="host memory each worker's in-memory snapshots may take (two "
+                        "steps' state); a worker over it stops with a clear error (0: no "
+                        "limit)")
     a.add_argument("--persist-every", type=int, default=0,
                    help="rank 0 saves a checkpoint every N steps, in the background (0: "
                         "never; a cold start still resumes from --persist-dir)")

@@ -39,7 +39,7 @@ from splice.proto import local_pb2 as lpb
 log = logging.getLogger("splice.worker")
 
 __all__ = ["CollectiveAborted", "Evicted", "HookConfig", "RecoveryFailed", "Session",
-           "StepResult", "init"]
+           "SnapshotBudgetExceeded", "StepResult", "init"]
 
 
 class Evicted(Exception):
@@ -66,12 +66,21 @@ class HookConfig:
     persist_dir: str = ""
     persist_every: int = 0
     job_id: str = "default"
+    # Host memory the in-memory snapshots (two steps' worth) may take; 0: unlimited.
+    snapshot_budget_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.persist_every < 0:
             raise ValueError(f"persist_every must be >= 0, got {self.persist_every}")
         if self.persist_every and not self.persist_dir:
             raise ValueError("persist_every needs persist_dir")
+        if self.snapshot_budget_bytes < 0:
+            raise ValueError(f"snapshot_budget_bytes must be >= 0, got "
+                             f"{self.snapshot_budget_bytes}")
+
+
+class SnapshotBudgetExceeded(Exception):
+    """The in-memory snapshots need more host memory than the configured budget."""
 
 
 @dataclass(frozen=True)
@@ -375,6 +384,16 @@ class Session:
             "samples_seen": self.step * self.batch.global_batch_size,
         }
 
+    def _check_budget(self) -> None:
+        budget = self.config.snapshot_budget_bytes
+        used = self._snapshots.num_bytes
+        if budget and used > budget:
+            raise SnapshotBudgetExceeded(
+                f"worker {self.worker_id}: its in-memory snapshots take {used / 1e6:.1f} MB "
+                f"(the state of steps {self._snapshots.steps()}), over the budget of "
+                f"{budget / 1e6:.1f} MB; raise --snapshot-budget-mb (or "
+                f"HookConfig.snapshot_budget_bytes) or shrink the state")
+
     def _intact_steps(self) -> list[int]:
         """Snapshot steps whose checksums still verify. A corrupted one is dropped (the
         ring forgets it) and not offered: the controller then resumes at a step this
@@ -472,6 +491,7 @@ class Session:
                 self._sync_from_rank0()
             self._snapshots.capture(self.step, self._state())
             self._snapshot_at_s = time.time()
+            self._check_budget()
             if (self._persist is not None and self.config.persist_every
                     and self.rank == 0 and self.step > 0
                     and self.step % self.config.persist_every == 0
@@ -676,7 +696,9 @@ def init(config: HookConfig | None = None) -> Session:
         config = HookConfig(gloo_host=env.get("SPLICE_GLOO_HOST", "127.0.0.1"),
                             persist_dir=env.get("SPLICE_PERSIST_DIR", ""),
                             persist_every=int(env.get("SPLICE_PERSIST_EVERY", "0") or 0),
-                            job_id=env.get("SPLICE_JOB_ID", "default"))
+                            job_id=env.get("SPLICE_JOB_ID", "default"),
+                            snapshot_budget_bytes=int(float(
+                                env.get("SPLICE_SNAPSHOT_BUDGET_MB", "0") or 0) * 1e6))
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
