@@ -248,6 +248,9 @@ class Agent:
         """Every interval: the workers' progress counters and the steps completed since."""
         while not self._stopping.wait(self.config.telemetry_interval_s):  # a period
             batch = pb.Telemetry(sent_at_s=time.time(), health=self.health.read())
+            if self.config.replace:
+                with self._lock:
+                    batch.replacements_ready = sum(1 for pid in self._spares.values() if pid)
             if self.metrics is not None:
                 self.metrics.node_health(batch.health.memory_used_ratio,
                                          batch.health.cpu_throttled_ratio)

@@ -109,6 +109,7 @@ class AgentSession:
     outbox: queue.SimpleQueue[pb.ControllerMessage | None] = field(default_factory=queue.SimpleQueue)
     last_seen_s: float = 0.0
     closed: bool = False
+    replacements_ready: int = 0  # warm spares the agent would promote (its telemetry)
 
 
 @dataclass
@@ -324,6 +325,14 @@ class Controller(Leadership):
             rank=m.rank_of(first) if first else -1, worker_id=first, score=len(culprits),
             action="kill" if culprits else "alert", reason=report.reason), fault="bitflip")
 
+    def spare_capacity(self, job_id: str) -> int:
+        """Workers that could take a member's place now: ready standbys the controller
+        knows, plus warm spares agents running with --replace report."""
+        with self._sessions_lock:
+            spares = sum(s.replacements_ready for (j, _), s in self._sessions.items()
+                         if j == job_id)
+        return spares + len(jobs.standbys(self._jobs[job_id].state))
+
     def check_admin(self, context: grpc.ServicerContext, action: str) -> None:
         self._admin_check(context, action)
 
@@ -495,6 +504,7 @@ class Controller(Leadership):
             if problem:  # the whole batch is refused: none of it is applied
                 session.outbox.put(refusal("MALFORMED", problem))
                 return
+        session.replacements_ready = batch.replacements_ready
         for rep in batch.steps:
             if rep.epoch == epoch:
                 rt.view.step_reported(rep, epoch)

@@ -216,6 +216,8 @@ class TelemetryHub:
             else:
                 t.scores.pop(wid, None)
             pstate = replace(t.policy_state, shares=m.shares)
+        if self.config.straggler_policy == "replace":
+            pstate = replace(pstate, spares=self._c.spare_capacity(job_id))
         metrics = self._c.metrics
         if metrics is not None:
             if v.active:
@@ -239,8 +241,10 @@ class TelemetryHub:
                 events.append(jobs.Rebalance(m.epoch, a.shares, a.reason))
                 taken = "rebalance"
             elif a.kind in ("evict", "replace") and running:
+                # Replace: the evicted worker exits and its agent (--replace) puts a warm
+                # spare in its place, or a ready standby is admitted.
                 events += [jobs.Evict(m.epoch, m.members[r], a.reason) for r in a.ranks]
-                taken = "evict"
+                taken = a.kind
         self._c.record_verdict(job_id, pb.Verdict(
             at_s=self._clock(), detector="straggler", kind=v.kind, rank=v.rank,
             worker_id=wid, score=v.score, action=taken, reason=v.reason),

@@ -49,18 +49,20 @@ class CorruptionReport(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., culprits: _Optional[_Iterable[str]] = ..., fingerprints: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Telemetry(_message.Message):
-    __slots__ = ("progress", "steps", "sent_at_s", "dropped", "health")
+    __slots__ = ("progress", "steps", "sent_at_s", "dropped", "health", "replacements_ready")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_S_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
+    REPLACEMENTS_READY_FIELD_NUMBER: _ClassVar[int]
     progress: _containers.RepeatedCompositeFieldContainer[WorkerProgress]
     steps: _containers.RepeatedCompositeFieldContainer[StepReport]
     sent_at_s: float
     dropped: int
     health: NodeHealth
-    def __init__(self, progress: _Optional[_Iterable[_Union[WorkerProgress, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., sent_at_s: _Optional[float] = ..., dropped: _Optional[int] = ..., health: _Optional[_Union[NodeHealth, _Mapping]] = ...) -> None: ...
+    replacements_ready: int
+    def __init__(self, progress: _Optional[_Iterable[_Union[WorkerProgress, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., sent_at_s: _Optional[float] = ..., dropped: _Optional[int] = ..., health: _Optional[_Union[NodeHealth, _Mapping]] = ..., replacements_ready: _Optional[int] = ...) -> None: ...
 
 class WorkerProgress(_message.Message):
     __slots__ = ("worker_id", "epoch", "step", "seq_entered", "seq_exited", "in_collective_since_s", "last_progress_s", "op", "op_bytes", "heartbeat_s")

@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="agents keep a warm spare and replace a crashed (or, with --fault "
                         "bitflip, evicted) worker with it: the job returns to full strength "
                         "with a peer's snapshot")
-    d.add_argument("--straggler-policy", choices=["alert", "rebalance", "evict"],
+    d.add_argument("--straggler-policy", choices=["alert", "rebalance", "evict", "replace"],
                    default=None, help="what a straggler verdict does (default: rebalance with "
                                       "--fault straggler, alert otherwise)")
     d.add_argument("--slowdown", type=float, default=1.5, help="with --fault straggler")
