@@ -131,3 +131,33 @@ def test_a_corrupted_snapshot_is_caught_and_a_peer_replica_used(
     assert rec["restored_from"] == "node-0/0 memory, step 12"
     assert sorted(rec["losses"]) == list(range(STEPS))
     assert_losses_match(records, reference)
+
+
+@pytest.fixture(scope="module")
+def zero_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    summary, records = run_fault_job(tmp_path_factory.mktemp("zero-reference"), steps=STEPS,
+                                     extra_args=("--zero",))
+    assert summary["phase"] == "complete", summary["logs"]
+    curves = [r["losses"] for r in records.values()]
+    assert all(c == curves[0] for c in curves)
+    return curves[0]
+
+
+def test_sharded_optimizer_state_survives_n_to_n_minus_1_to_n(
+        tmp_path: Path, zero_reference: dict[int, float]) -> None:
+    # ZeRO-1: each rank holds a quarter of the AdamW moments, plus a replica of the
+    # previous rank's. node-0/1 dies: its shard is rebuilt from node-1/0's replica while
+    # the 3 survivors reshard; then a fresh process joins and the 4-rank layout returns.
+    summary, records = run_fault_job(
+        tmp_path, steps=STEPS, die=["node-0/1:10:during"], replace=True,
+        extra_args=("--zero", "--hold-at", f"{HOLD}:3:4"), hang_floor_s=HOLD_FLOOR_S)
+    assert summary["phase"] == "complete", summary["message"] + summary["logs"]
+    worlds = [t for k, e, t in summary["timeline"] if k == "epoch"]
+    assert "world 3" in worlds[1] and "world 4" in worlds[2], worlds
+    assert "node-0/2" in summary["members"] and len(records) == 4
+    assert "from the 4-rank layout" in summary["logs"]
+    assert "from the 3-rank layout" in summary["logs"]
+    for wid, rec in records.items():
+        for step, loss in rec["losses"].items():
+            assert math.isclose(loss, zero_reference[step], rel_tol=1e-6, abs_tol=1e-9), (
+                f"{wid} step {step}: {loss} != reference {zero_reference[step]}")

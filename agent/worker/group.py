@@ -344,6 +344,21 @@ class ResilientGroup:
             self.wait(self._issue_p2p(lambda pg: pg.recv([flat], src, 2 * tag + 1), n))
         return flat
 
+    def exchange(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int,
+                 tag: int) -> None:
+        """Send `send` to `dst` while receiving `recv` from `src` (both posted before either
+        is waited on, so a ring of ranks doing this cannot deadlock). Empty tensors are
+        skipped: both ends know the sizes."""
+        futs = []
+        if send.numel():
+            futs.append(self._issue_p2p(lambda pg: pg.send([send], dst, tag),
+                                        send.numel() * send.element_size()))
+        if recv.numel():
+            futs.append(self._issue_p2p(lambda pg: pg.recv([recv], src, tag),
+                                        recv.numel() * recv.element_size()))
+        for fut in futs:
+            self.wait(fut)
+
     def send_bytes(self, blob: bytes, dst: int, tag: int = 0) -> None:
         self.send_buffer(torch.frombuffer(bytearray(blob), dtype=torch.uint8), dst, tag)
 

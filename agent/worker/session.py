@@ -132,6 +132,9 @@ class Session:
 
             self._persist = PersistentStore(config.persist_dir, job_id=config.job_id)
         self._persisted_at = -1
+        self._zero = False
+        self._zero_replica: dict[str, Any] | None = None
+        self._zero_held: tuple[dict[str, Any], dict[str, Any]] | None = None
 
     # ---- membership ---------------------------------------------------------------------
     @property
@@ -264,6 +267,8 @@ class Session:
             if t.from_worker == self.worker_id:
                 if not self._send_state(members.index(t.to_worker), t.to_worker):
                     return False
+        if self._zero:
+            return self._zero_reshard()
         return True
 
     # ---- state for joining members ------------------------------------------------------
@@ -314,9 +319,14 @@ class Session:
                                  f"expected step {step}")
         self._load(snap)
         self._snapshots.discard_after(-1)
-        self._snapshots.capture(step, self._state())
         self._pending_state = None
         self.restored_from = f"{src_worker} memory, step {step}"
+        if self._zero:
+            self._zero_held = None  # the sender's shards are the sender's, not ours
+            if not self._zero_reshard():
+                return False
+        else:
+            self._snapshots.capture(step, self._state())
         log.info("worker %s: loaded %.1f MB of step-%d state from %s in %.3f s",
                  self.worker_id, flat.numel() / 1e6, step, src_worker,
                  time.perf_counter() - t0)
@@ -358,6 +368,16 @@ class Session:
         self.exact_reduction = exact_reduction
         self.collate_fn = collate_fn or torch.utils.data.default_collate
         self._perm_cache: dict[int, torch.Tensor] = {}
+        from splice.agent.worker.zero import ShardedAdamW
+
+        self._zero = isinstance(optimizer, ShardedAdamW)
+        if self._zero and (ddp or self._persist is not None):
+            raise ValueError("the sharded optimizer (ShardedAdamW) does not work with "
+                             "ddp=True or persistent checkpoints yet")
+        if self._zero and optimizer.group is not self.group:  # type: ignore[attr-defined]
+            raise ValueError("create ShardedAdamW over session.group")
+        # A sharded optimizer's snapshot (the state before step k) also carries a replica
+        # of the previous rank's shard, so a lost rank's optimizer state survives.
         self.ddp: nn.parallel.DistributedDataParallel | None = None
         if ddp:
             from splice.agent.worker.ddp import wrap_ddp
@@ -373,16 +393,96 @@ class Session:
             return
         # Snapshot of step 0 exists before any collective, so a fault during the first
         # step still leaves every member a common step to resume from.
-        self._snapshots.capture(0, self._state())
+        self._capture(0)
 
     def _state(self) -> dict[str, Any]:
-        return {
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": Frozen(random.getstate())},
             "step": self.step,
             "samples_seen": self.step * self.batch.global_batch_size,
         }
+        if self._zero:
+            state["zero"] = {"world": self.world_size, "rank": self.rank,
+                             "replica": self._zero_replica}
+        return state
+
+    def _capture(self, step: int) -> None:
+        if self._zero and step not in self._snapshots.steps():
+            self._zero_replica = self._ring_replica()
+        self._snapshots.capture(step, self._state())
+
+    def _ring_replica(self) -> dict[str, Any] | None:
+        """Each rank sends its optimizer shard to the next rank and keeps the previous
+        rank's (k = 1 replication, one point-to-point exchange per snapshot)."""
+        from splice.controller.resharding import partition
+
+        opt: Any = self.optimizer
+        world, rank = self.world_size, self.rank
+        if world == 1:
+            return None
+        prev = (rank - 1) % world
+        shard = partition(opt.flat.numel(), world, opt.align)[prev]
+        mine = torch.stack([opt._exp_avg, opt._exp_avg_sq])
+        theirs = torch.empty(2, len(shard))
+        self.group.exchange(mine, (rank + 1) % world, theirs, prev, tag=7)
+        return {"start": shard.start, "stop": shard.stop, "step": opt.num_steps,
+                "exp_avg": theirs[0], "exp_avg_sq": theirs[1]}
+
+    def _zero_reshard(self) -> bool:
+        """After a membership change: every rank takes its shard of the new layout from
+        what the members hold (their own old shard and the replica of the previous rank's),
+        exchanging exactly the ranges that move. False if the epoch broke meanwhile."""
+        from splice.agent.worker.zero import ShardStateLost, StateShard, exchange_over
+        from splice.controller.resharding import partition, plan_reshard
+
+        opt: Any = self.optimizer
+        held: list[StateShard] = []
+        old_world = 0
+        if self._zero_held is not None:
+            own, zinfo = self._zero_held
+            old_world = int(zinfo["world"])
+            held.append(StateShard(own["start"], own["stop"], own["step"], own["exp_avg"],
+                                   own["exp_avg_sq"]))
+            if zinfo.get("replica") is not None:
+                r = zinfo["replica"]
+                held.append(StateShard(r["start"], r["stop"], r["step"], r["exp_avg"],
+                                       r["exp_avg_sq"]))
+        try:
+            agree = torch.tensor([float(old_world), float(bool(held))], dtype=torch.float64)
+            self.group.all_reduce(agree)
+            if agree[1].item() == 0:
+                raise RecoveryFailed("no member holds any optimizer shard")
+            old_world = round(agree[0].item() / agree[1].item())
+            holdings = torch.zeros(self.world_size, old_world, dtype=torch.float64)
+            for h in held:
+                old = partition(opt.flat.numel(), old_world, opt.align)
+                holdings[self.rank, next(s for s, rg in enumerate(old)
+                                         if (rg.start, rg.stop) == (h.start, h.stop))] = 1
+            self.group.all_reduce(holdings)
+            holders = {s: [n for n in range(self.world_size) if holdings[n, s] > 0]
+                       for s in range(old_world)}
+            plan = plan_reshard(partition(opt.flat.numel(), old_world, opt.align), holders,
+                                partition(opt.flat.numel(), self.world_size, opt.align))
+            opt.reshard(plan, exchange_over(self.group, plan), held, step=self.step)
+        except CollectiveAborted as e:
+            log.warning("resharding the optimizer state failed (%s); waiting for the next "
+                        "membership", e)
+            return False
+        except ShardStateLost as e:
+            raise RecoveryFailed(f"optimizer state lost with every copy: {e}") from e
+        self._zero_held = None
+        log.info("worker %s: optimizer shard of rank %d/%d from the %d-rank layout (the "
+                 "plan keeps %d elements in place, moves %d)", self.worker_id, self.rank,
+                 self.world_size, old_world, plan.elems_kept, plan.elems_sent)
+        # Every member re-snapshots the resume step in the new layout.
+        self._snapshots.discard_after(-1)
+        try:
+            self._capture(self.step)
+        except CollectiveAborted:
+            return False
+        return True
 
     def _check_budget(self) -> None:
         budget = self.config.snapshot_budget_bytes
@@ -452,7 +552,10 @@ class Session:
     def _load(self, snap: dict[str, Any]) -> None:
         step = snap["step"]
         self.model.load_state_dict(snap["model"])
-        self.optimizer.load_state_dict(snap["optimizer"])
+        if self._zero:  # the shard layout may have changed: _zero_reshard loads it
+            self._zero_held = (snap["optimizer"], snap["zero"])
+        else:
+            self.optimizer.load_state_dict(snap["optimizer"])
         # A private contiguous copy: set_rng_state crashes on a view with a storage offset
         # (a received snapshot's tensors are views of one flat buffer).
         torch.set_rng_state(snap["rng"]["torch"].clone())
@@ -489,7 +592,7 @@ class Session:
             self.group.check()
             if self._needs_sync:
                 self._sync_from_rank0()
-            self._snapshots.capture(self.step, self._state())
+            self._capture(self.step)
             self._snapshot_at_s = time.time()
             self._check_budget()
             if (self._persist is not None and self.config.persist_every
@@ -526,7 +629,10 @@ class Session:
 
         if self.world_size < 2:
             return
-        fp = combine([fingerprint_module(self.model), fingerprint_optimizer(self.optimizer)])
+        parts = [fingerprint_module(self.model)]
+        if not self._zero:  # a sharded optimizer's state differs across ranks by design
+            parts.append(fingerprint_optimizer(self.optimizer))
+        fp = combine(parts)
         slots = torch.zeros(self.world_size, dtype=torch.int64)
         slots[self.rank] = fp - (1 << 64) if fp >= (1 << 63) else fp  # as a signed int64
         self.group.all_reduce(slots)

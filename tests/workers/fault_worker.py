@@ -45,6 +45,8 @@ def main() -> int:
     p.add_argument("--corrupt-snapshots", default="",
                    help="WORKER_ID:STEP - in step STEP, before its all-reduce, that worker "
                         "flips a byte in every in-memory snapshot it holds")
+    p.add_argument("--zero", action="store_true",
+                   help="ZeRO-1: AdamW with its state sharded across the ranks")
     p.add_argument("--hold-at", default="",
                    help="STEP:EPOCH:WORLD - after completing STEP, wait (on the agent "
                         "channel, at most 60 s) until a membership of epoch >= EPOCH with "
@@ -60,7 +62,12 @@ def main() -> int:
 
     session = splice.init()
     model = make_mlp(hidden=64, seed=0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if args.zero:
+        from splice.agent.worker.zero import AdamWConfig, ShardedAdamW
+
+        optimizer = ShardedAdamW(model.parameters(), session.group, AdamWConfig(lr=0.01))
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loss_fn = mse_loss
     if args.slow and args.slow.rsplit(":", 2)[0] == me:
         from splice.examples.train_mlp import slowed
