@@ -161,3 +161,30 @@ def test_sharded_optimizer_state_survives_n_to_n_minus_1_to_n(
         for step, loss in rec["losses"].items():
             assert math.isclose(loss, zero_reference[step], rel_tol=1e-6, abs_tol=1e-9), (
                 f"{wid} step {step}: {loss} != reference {zero_reference[step]}")
+
+
+def test_sharded_optimizer_state_survives_losing_a_whole_node(
+        tmp_path: Path, zero_reference: dict[int, float]) -> None:
+    # Replicas are placed on the other node, so the 2 ranks of the lost node leave no gap.
+    summary, records = run_fault_job(tmp_path, steps=STEPS, lose_node_at_step=10,
+                                     extra_args=("--zero",))
+    assert summary["phase"] == "complete", summary["message"] + summary["logs"]
+    assert sorted(summary["members"]) == ["node-0/0", "node-0/1"]
+    assert "from the 4-rank layout" in summary["logs"]
+    for wid, rec in records.items():
+        assert sorted(rec["losses"]) == list(range(STEPS))
+        for step, loss in rec["losses"].items():
+            assert math.isclose(loss, zero_reference[step], rel_tol=1e-6, abs_tol=1e-9), (
+                f"{wid} step {step}: {loss} != reference {zero_reference[step]}")
+
+
+def test_replicas_go_to_another_node() -> None:
+    from splice.agent.worker.session import replica_shift
+
+    assert replica_shift(["a/0", "a/1", "b/0", "b/1"]) == 2
+    assert replica_shift(["a/0", "b/0", "a/1", "b/1"]) == 1
+    assert replica_shift(["a/0", "a/1", "a/2"]) == 1  # one node: the best there is
+    assert replica_shift(["a/0", "a/1", "a/2", "b/0"]) == 1  # no shift crosses for all
+    members = ["a/0", "a/1", "a/2", "b/0", "b/1", "c/0"]
+    s = replica_shift(members)
+    assert all(members[r][0] != members[(r + s) % 6][0] for r in range(6)), s

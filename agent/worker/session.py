@@ -99,6 +99,20 @@ class StepResult:
         return max(0.0, self.step_time_s - self.wait_s)
 
 
+def replica_shift(members: Sequence[str]) -> int:
+    """Rank r's optimizer shard is replicated on rank (r + shift) % world: the smallest
+    shift that puts every replica on another node than its original (so losing a whole
+    node loses no shard), or 1 when there is no such shift (one node)."""
+    from splice.controller.membership import node_of
+
+    world = len(members)
+    nodes = [node_of(w) for w in members]
+    for shift in range(1, world):
+        if all(nodes[r] != nodes[(r + shift) % world] for r in range(world)):
+            return shift
+    return 1
+
+
 def _seed_for(seed: int, step: int, micro_batch: int) -> int:
     """RNG seed of one global micro-batch: the same on whichever rank runs it."""
     return (seed * 0x9E3779B1 + step * 1_000_003 + micro_batch) % (2**63 - 1)
@@ -133,6 +147,7 @@ class Session:
             self._persist = PersistentStore(config.persist_dir, job_id=config.job_id)
         self._persisted_at = -1
         self._zero = False
+        self._members: tuple[str, ...] = ()
         self._zero_replica: dict[str, Any] | None = None
         self._zero_held: tuple[dict[str, Any], dict[str, Any]] | None = None
 
@@ -225,6 +240,7 @@ class Session:
             self.group.abort(f"epoch {newer.epoch} announced", below_epoch=newer.epoch)
             return False
         self._shares = tuple(m.shares) or (1.0,) * len(m.members)
+        self._members = tuple(m.members)
         self.joined_once = True
         if m.initial:
             self.step = 0
@@ -414,19 +430,21 @@ class Session:
         self._snapshots.capture(step, self._state())
 
     def _ring_replica(self) -> dict[str, Any] | None:
-        """Each rank sends its optimizer shard to the next rank and keeps the previous
-        rank's (k = 1 replication, one point-to-point exchange per snapshot)."""
+        """Each rank sends its optimizer shard to the rank `replica_shift` places on (on
+        another node) and keeps the shard of the rank as far behind (k = 1 replication,
+        one point-to-point exchange per snapshot)."""
         from splice.controller.resharding import partition
 
         opt: Any = self.optimizer
         world, rank = self.world_size, self.rank
         if world == 1:
             return None
-        prev = (rank - 1) % world
+        shift = replica_shift(self._members)
+        prev = (rank - shift) % world
         shard = partition(opt.flat.numel(), world, opt.align)[prev]
         mine = torch.stack([opt._exp_avg, opt._exp_avg_sq])
         theirs = torch.empty(2, len(shard))
-        self.group.exchange(mine, (rank + 1) % world, theirs, prev, tag=7)
+        self.group.exchange(mine, (rank + shift) % world, theirs, prev, tag=7)
         return {"start": shard.start, "stop": shard.stop, "step": opt.num_steps,
                 "exp_avg": theirs[0], "exp_avg_sq": theirs[1]}
 
