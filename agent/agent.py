@@ -202,6 +202,11 @@ class Agent:
                         log.info("ignoring a kill of epoch %d (now %d)", msg.kill.epoch,
                                  self._epoch)
                     continue
+                if kind == "check_replicas":
+                    log.info("controller asks for a replica check: %s",
+                             msg.check_replicas.reason)
+                    self._local.broadcast(lpb.AgentToWorker(check_replicas=msg.check_replicas))
+                    continue
                 if kind == "membership":
                     with self._lock:
                         self._epoch = max(self._epoch, msg.membership.epoch)

@@ -325,6 +325,21 @@ class Controller(Leadership):
             rank=m.rank_of(first) if first else -1, worker_id=first, score=len(culprits),
             action="kill" if culprits else "alert", reason=report.reason), fault="bitflip")
 
+    def check_replicas(self, job_id: str, reason: str) -> pb.JobStatus:
+        """Have every worker compare replica fingerprints at the next step boundary."""
+        if job_id not in self._jobs:
+            raise KeyError(job_id)
+        rt = self._jobs[job_id]
+        epoch = rt.state.epoch
+        with self._sessions_lock:
+            targets = [s for (j, _), s in self._sessions.items() if j == job_id]
+        rt.view.add_event(self._clock(), "sdc_check", epoch,
+                          f"replica check requested: {reason}")
+        for s in targets:
+            s.outbox.put(pb.ControllerMessage(check_replicas=pb.CheckReplicas(
+                epoch=epoch, reason=reason)))
+        return self.job_status(job_id)
+
     def spare_capacity(self, job_id: str) -> int:
         """Workers that could take a member's place now: ready standbys the controller
         knows, plus warm spares agents running with --replace report."""

@@ -88,6 +88,21 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
             raise
 
+    def CheckReplicas(self, request: pb.CheckReplicasRequest,
+                      context: grpc.ServicerContext) -> pb.JobStatus:
+        try:
+            self._c.check_admin(context, f"check the replicas of job {request.job_id!r}")
+        except PermissionError as e:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+        if not self._c.leading:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"not the leader; ask {self._c._leader_hint() or 'the leader'}")
+        try:
+            return self._c.check_replicas(request.job_id, request.reason or "on demand")
+        except KeyError:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
+            raise
+
     def GetJobStatus(self, request: pb.JobStatusRequest,
                      context: grpc.ServicerContext) -> pb.JobStatus:
         try:

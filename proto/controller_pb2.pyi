@@ -223,20 +223,22 @@ class RecoveryReady(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., snapshot_steps: _Optional[_Iterable[int]] = ..., has_persisted: _Optional[bool] = ..., persisted_step: _Optional[int] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("welcome", "membership", "resume", "refusal", "shutdown", "kill")
+    __slots__ = ("welcome", "membership", "resume", "refusal", "shutdown", "kill", "check_replicas")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
     KILL_FIELD_NUMBER: _ClassVar[int]
+    CHECK_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     membership: Membership
     resume: Resume
     refusal: Refusal
     shutdown: Shutdown
     kill: KillWorker
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., membership: _Optional[_Union[Membership, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., kill: _Optional[_Union[KillWorker, _Mapping]] = ...) -> None: ...
+    check_replicas: CheckReplicas
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., membership: _Optional[_Union[Membership, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., kill: _Optional[_Union[KillWorker, _Mapping]] = ..., check_replicas: _Optional[_Union[CheckReplicas, _Mapping]] = ...) -> None: ...
 
 class KillWorker(_message.Message):
     __slots__ = ("worker_id", "epoch", "reason")
@@ -347,6 +349,22 @@ class JobStatusRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CheckReplicasRequest(_message.Message):
+    __slots__ = ("job_id", "reason")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    reason: str
+    def __init__(self, job_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CheckReplicas(_message.Message):
+    __slots__ = ("epoch", "reason")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    reason: str
+    def __init__(self, epoch: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class StopJobRequest(_message.Message):
     __slots__ = ("job_id", "reason")

@@ -49,6 +49,11 @@ class ControllerStub:
                 request_serializer=splice_dot_proto_dot_controller__pb2.StopJobRequest.SerializeToString,
                 response_deserializer=splice_dot_proto_dot_controller__pb2.JobStatus.FromString,
                 _registered_method=True)
+        self.CheckReplicas = channel.unary_unary(
+                '/splice.v1.Controller/CheckReplicas',
+                request_serializer=splice_dot_proto_dot_controller__pb2.CheckReplicasRequest.SerializeToString,
+                response_deserializer=splice_dot_proto_dot_controller__pb2.JobStatus.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -76,6 +81,14 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckReplicas(self, request, context):
+        """Administrative: compare every data-parallel replica's fingerprint right away (at the
+        next step boundary) instead of waiting for the periodic check.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +105,11 @@ def add_ControllerServicer_to_server(servicer, server):
             'StopJob': grpc.unary_unary_rpc_method_handler(
                     servicer.StopJob,
                     request_deserializer=splice_dot_proto_dot_controller__pb2.StopJobRequest.FromString,
+                    response_serializer=splice_dot_proto_dot_controller__pb2.JobStatus.SerializeToString,
+            ),
+            'CheckReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckReplicas,
+                    request_deserializer=splice_dot_proto_dot_controller__pb2.CheckReplicasRequest.FromString,
                     response_serializer=splice_dot_proto_dot_controller__pb2.JobStatus.SerializeToString,
             ),
     }
@@ -175,6 +193,33 @@ class Controller:
             target,
             '/splice.v1.Controller/StopJob',
             splice_dot_proto_dot_controller__pb2.StopJobRequest.SerializeToString,
+            splice_dot_proto_dot_controller__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splice.v1.Controller/CheckReplicas',
+            splice_dot_proto_dot_controller__pb2.CheckReplicasRequest.SerializeToString,
             splice_dot_proto_dot_controller__pb2.JobStatus.FromString,
             options,
             channel_credentials,

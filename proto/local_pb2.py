@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splice.proto import controller_pb2 as splice_dot_proto_dot_controller__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18splice/proto/local.proto\x12\tsplice.v1\x1a\x1dsplice/proto/controller.proto\"\x84\x02\n\rWorkerToAgent\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.splice.v1.WorkerHelloH\x00\x12,\n\x0bstep_report\x18\x02 \x01(\x0b\x32\x15.splice.v1.StepReportH\x00\x12\x32\n\x0erecovery_ready\x18\x03 \x01(\x0b\x32\x18.splice.v1.RecoveryReadyH\x00\x12-\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x19.splice.v1.WorkerFinishedH\x00\x12\x31\n\ncorruption\x18\x05 \x01(\x0b\x32\x1b.splice.v1.CorruptionReportH\x00\x42\x06\n\x04kind\"-\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\"1\n\x0eWorkerFinished\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\"\xb9\x01\n\rAgentToWorker\x12+\n\nmembership\x18\x01 \x01(\x0b\x32\x15.splice.v1.MembershipH\x00\x12#\n\x06resume\x18\x02 \x01(\x0b\x32\x11.splice.v1.ResumeH\x00\x12%\n\x07refusal\x18\x03 \x01(\x0b\x32\x12.splice.v1.RefusalH\x00\x12\'\n\x08shutdown\x18\x04 \x01(\x0b\x32\x13.splice.v1.ShutdownH\x00\x42\x06\n\x04kindb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18splice/proto/local.proto\x12\tsplice.v1\x1a\x1dsplice/proto/controller.proto\"\x84\x02\n\rWorkerToAgent\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.splice.v1.WorkerHelloH\x00\x12,\n\x0bstep_report\x18\x02 \x01(\x0b\x32\x15.splice.v1.StepReportH\x00\x12\x32\n\x0erecovery_ready\x18\x03 \x01(\x0b\x32\x18.splice.v1.RecoveryReadyH\x00\x12-\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x19.splice.v1.WorkerFinishedH\x00\x12\x31\n\ncorruption\x18\x05 \x01(\x0b\x32\x1b.splice.v1.CorruptionReportH\x00\x42\x06\n\x04kind\"-\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\"1\n\x0eWorkerFinished\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\"\xed\x01\n\rAgentToWorker\x12+\n\nmembership\x18\x01 \x01(\x0b\x32\x15.splice.v1.MembershipH\x00\x12#\n\x06resume\x18\x02 \x01(\x0b\x32\x11.splice.v1.ResumeH\x00\x12%\n\x07refusal\x18\x03 \x01(\x0b\x32\x12.splice.v1.RefusalH\x00\x12\'\n\x08shutdown\x18\x04 \x01(\x0b\x32\x13.splice.v1.ShutdownH\x00\x12\x32\n\x0e\x63heck_replicas\x18\x05 \x01(\x0b\x32\x18.splice.v1.CheckReplicasH\x00\x42\x06\n\x04kindb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,5 +39,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERFINISHED']._serialized_start=380
   _globals['_WORKERFINISHED']._serialized_end=429
   _globals['_AGENTTOWORKER']._serialized_start=432
-  _globals['_AGENTTOWORKER']._serialized_end=617
+  _globals['_AGENTTOWORKER']._serialized_end=669
 # @@protoc_insertion_point(module_scope)

@@ -37,13 +37,15 @@ class WorkerFinished(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class AgentToWorker(_message.Message):
-    __slots__ = ("membership", "resume", "refusal", "shutdown")
+    __slots__ = ("membership", "resume", "refusal", "shutdown", "check_replicas")
     MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
+    CHECK_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     membership: _controller_pb2.Membership
     resume: _controller_pb2.Resume
     refusal: _controller_pb2.Refusal
     shutdown: _controller_pb2.Shutdown
-    def __init__(self, membership: _Optional[_Union[_controller_pb2.Membership, _Mapping]] = ..., resume: _Optional[_Union[_controller_pb2.Resume, _Mapping]] = ..., refusal: _Optional[_Union[_controller_pb2.Refusal, _Mapping]] = ..., shutdown: _Optional[_Union[_controller_pb2.Shutdown, _Mapping]] = ...) -> None: ...
+    check_replicas: _controller_pb2.CheckReplicas
+    def __init__(self, membership: _Optional[_Union[_controller_pb2.Membership, _Mapping]] = ..., resume: _Optional[_Union[_controller_pb2.Resume, _Mapping]] = ..., refusal: _Optional[_Union[_controller_pb2.Refusal, _Mapping]] = ..., shutdown: _Optional[_Union[_controller_pb2.Shutdown, _Mapping]] = ..., check_replicas: _Optional[_Union[_controller_pb2.CheckReplicas, _Mapping]] = ...) -> None: ...

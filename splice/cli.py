@@ -129,6 +129,9 @@ def _status(args: argparse.Namespace) -> int:
             if args.cmd == "stop":
                 status = stub.StopJob(pb.StopJobRequest(job_id=args.job, reason=args.reason),
                                       timeout=5)
+            elif args.cmd == "check-replicas":
+                status = stub.CheckReplicas(pb.CheckReplicasRequest(
+                    job_id=args.job, reason=args.reason), timeout=5)
             else:
                 status = stub.GetJobStatus(pb.JobStatusRequest(job_id=args.job), timeout=5)
         except grpc.RpcError as e:
@@ -274,6 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--reason", default="stopped from the command line")
     add_tls_flags(st)
     st.set_defaults(func=_status)
+
+    cr = sub.add_parser("check-replicas",
+                        help="compare every replica's fingerprint at the next step boundary "
+                             "(silent data corruption check on demand; needs an admin identity)")
+    cr.add_argument("--controller", default="127.0.0.1:29400")
+    cr.add_argument("--job", default="default")
+    cr.add_argument("--reason", default="requested from the command line")
+    add_tls_flags(cr)
+    cr.set_defaults(func=_status)
 
     add_certs_parser(sub)
 

@@ -113,3 +113,26 @@ def test_dashboard_queries_return_series_from_a_real_job(tmp_path: Path) -> None
                                   timeout_s=60)
             failures = check_dashboard_against(prom, DASHBOARD)
     assert not failures, "\n".join(failures)
+
+
+def test_replica_check_on_demand(tmp_path: Path) -> None:
+    """No periodic check: a bit flip goes unnoticed until an operator asks for a check
+    (`splice check-replicas`); the request rides on the next gradient all-reduce, every
+    rank compares fingerprints at the same step, and the corrupted replica is named."""
+    requested: list[float] = []
+
+    def ask(job: LocalJob) -> None:
+        assert job.controller is not None
+        requested.append(time.time())
+        job.controller.check_replicas(job.config.job_id, "test")
+
+    summary, records = run_fault_job(
+        tmp_path, steps=STEPS, step_sleep_s=0.01, extra_args=("--bitflip", "node-0/1:5"),
+        at_step=10, action=ask)
+    assert summary["phase"] == "complete", summary["logs"]
+    kinds = [k for k, _, _ in summary["timeline"]]
+    assert "sdc_check" in kinds
+    sdc = [v for v in summary["verdicts"] if v[0] == "sdc"]
+    assert sdc and sdc[0][1:] == ("bitflip", "node-0/1", "kill"), summary["verdicts"]
+    assert "node-0/1" not in summary["members"] and len(summary["members"]) == 3
+    assert len(records) == 3

@@ -38,6 +38,9 @@ class AgentLink:
         self._closed: str | None = None
         self._on_membership = on_membership
         self._on_closed = on_closed
+        # An on-demand replica check was asked for (the hook folds it into its next
+        # gradient all-reduce, so every rank runs the check at the same step).
+        self.check_requested = False
         self.send(lpb.WorkerToAgent(hello=lpb.WorkerHello(worker_id=worker_id, pid=os.getpid())))
         threading.Thread(target=self._read, name="splice-agent-link", daemon=True).start()
 
@@ -63,6 +66,8 @@ class AgentLink:
                     with self._cond:
                         self._resumes[msg.resume.epoch] = msg.resume
                         self._cond.notify_all()
+                elif kind == "check_replicas":
+                    self.check_requested = True
                 elif kind == "refusal":
                     log.warning("controller refused: %s", msg.refusal.message)
                 elif kind == "shutdown":

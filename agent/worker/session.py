@@ -147,6 +147,7 @@ class Session:
             self._persist = PersistentStore(config.persist_dir, job_id=config.job_id)
         self._persisted_at = -1
         self._zero = False
+        self._check_next = False  # every rank agreed (in a reduce) to check replicas next
         self._members: tuple[str, ...] = ()
         self._zero_replica: dict[str, Any] | None = None
         self._zero_held: tuple[dict[str, Any], dict[str, Any]] | None = None
@@ -242,6 +243,7 @@ class Session:
         self._shares = tuple(m.shares) or (1.0,) * len(m.members)
         self._members = tuple(m.members)
         self.joined_once = True
+        self._check_next = False  # a request agreed in the old epoch is dropped alike
         if m.initial:
             self.step = 0
             self._needs_sync = True
@@ -620,7 +622,8 @@ class Session:
                 # A private copy for the writer thread; the training thread goes on.
                 self._persist.save_async(self.step, self._snapshots.restore(self.step))
                 self._persisted_at = self.step
-            if self.sdc_every and self.step % self.sdc_every == 0:
+            if (self.sdc_every and self.step % self.sdc_every == 0) or self._check_next:
+                self._check_next = False
                 self._check_replicas()
             loss, num_samples = self._forward_backward()
             self.optimizer.step()
@@ -699,7 +702,7 @@ class Session:
         exact = self.exact_reduction and self.ddp is None and bool(params)
         acc = None
         if exact:
-            acc = torch.zeros(sum(p.numel() for p in params) + 1, dtype=torch.float64)
+            acc = torch.zeros(sum(p.numel() for p in params) + 2, dtype=torch.float64)
         loss_sum = torch.zeros((), dtype=torch.float64)
         num_samples = 0
         for j in mine:
@@ -715,7 +718,7 @@ class Session:
                 loss = self.loss_fn(module, batch)
                 (loss * (len(positions) / g)).backward()
             if acc is not None:
-                acc[:-1] += torch._utils._flatten_dense_tensors(
+                acc[:-2] += torch._utils._flatten_dense_tensors(
                     [p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
                 for p in params:
                     if p.grad is not None:
@@ -723,15 +726,26 @@ class Session:
             loss_sum += loss.detach().double() * len(positions)
             num_samples += len(positions)
             self.group.check()
+        # One more element rides along: whether any rank was asked for a replica check,
+        # so that all of them run it at the start of the next step.
+        asked = self._link is not None and self._link.check_requested
+        if asked:
+            assert self._link is not None
+            self._link.check_requested = False
+        flag = torch.tensor([1.0 if asked else 0.0], dtype=torch.float64)
         if self.ddp is not None:
-            total = self.group.all_reduce(loss_sum.reshape(1))
+            both = self.group.all_reduce(torch.cat([loss_sum.reshape(1), flag]))
+            total, flag = both[:1], both[1:]
         elif acc is not None:
-            acc[-1] = loss_sum
+            acc[-2] = loss_sum
+            acc[-1] = flag[0]
             self.group.wait(self.group.all_reduce_async(acc))
-            self._set_grads(params, acc[:-1])
-            total = acc[-1:]
+            self._set_grads(params, acc[:-2])
+            total, flag = acc[-2:-1], acc[-1:]
         else:
-            total = self._all_reduce_grads(params, loss_sum)
+            total, flag = self._all_reduce_grads(params, loss_sum, flag)
+        if flag.item() > 0:
+            self._check_next = True
         return float(total[0]) / g, num_samples
 
     @staticmethod
@@ -745,19 +759,20 @@ class Session:
                 else:
                     p.grad.copy_(r)
 
-    def _all_reduce_grads(self, params: list[nn.Parameter],
-                          loss_sum: torch.Tensor) -> torch.Tensor:
-        """One SUM all-reduce of every gradient plus the loss, through a fresh flat buffer."""
+    def _all_reduce_grads(self, params: list[nn.Parameter], loss_sum: torch.Tensor,
+                          flag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SUM all-reduce of every gradient plus the loss and the check flag, through a
+        fresh flat buffer. Returns (loss sum, flag sum)."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        extra = torch.cat([loss_sum.reshape(1), flag])
         if grads:
-            flat = torch._utils._flatten_dense_tensors(
-                [*grads, loss_sum.to(grads[0].dtype).reshape(1)])
+            flat = torch._utils._flatten_dense_tensors([*grads, extra.to(grads[0].dtype)])
         else:
-            flat = loss_sum.reshape(1).clone()
+            flat = extra.clone()
         self.group.wait(self.group.all_reduce_async(flat))
         if grads:
-            self._set_grads(params, flat[:-1])
-        return flat[-1:].double()
+            self._set_grads(params, flat[:-2])
+        return flat[-2:-1].double(), flat[-1:].double()
 
     def _recover(self, why: str) -> None:
         if self._link is None:
