@@ -130,7 +130,7 @@ KINDS = [(env, f.name) for env in ENVELOPES
 def test_every_envelope_has_its_kinds() -> None:
     names = {env.__name__: {k for e, k in KINDS if e is env} for env in ENVELOPES}
     assert names["ControllerMessage"] == {"welcome", "membership", "resume", "refusal",
-                                          "shutdown", "kill"}
+                                          "shutdown", "kill", "check_replicas"}
     assert names["AgentMessage"] == {"hello", "heartbeat", "worker_event", "step_report",
                                      "recovery_ready", "telemetry", "corruption"}
 
