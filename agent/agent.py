@@ -38,6 +38,8 @@ from splice.proto import local_pb2 as lpb
 
 log = logging.getLogger("splice.agent")
 
+SPARE_REFILL_DELAY_S = 5.0
+
 __all__ = ["Agent", "AgentConfig", "AgentRefused", "run_agent"]
 
 
@@ -383,8 +385,11 @@ class Agent:
                 self._state[wid].state = pb.WorkerResync.CONNECTED
             self._send_up(pb.AgentMessage(worker_event=pb.WorkerEvent(
                 worker_id=wid, kind=pb.WorkerEvent.READY, pid=pid, at_s=time.time())))
-        threading.Thread(target=self._launch_spare, daemon=True,
-                         name="splice-spare").start()
+        # Refill the spare once the replacement has joined: a process importing torch
+        # now would compete for the CPU with the recovery it is meant to speed up.
+        refill = threading.Timer(SPARE_REFILL_DELAY_S, self._launch_spare)
+        refill.daemon = True
+        refill.start()
 
     def _release_standbys(self, why: str) -> None:
         """The job is over: stop every process that is not a finished member (spares,
