@@ -21,11 +21,11 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 
-from splice.agent import progress
+from splice.agent import linkprobe, progress
 from splice.agent.health import NodeHealthProbe
 from splice.agent.local_server import LocalServer
 from splice.agent.metrics import AgentMetrics
@@ -76,8 +76,13 @@ class AgentConfig:
     persist_every: int = 0
     # Host memory each worker's in-memory snapshots may take (MB); 0: unlimited.
     snapshot_budget_mb: float = 0.0
+    # The link probe server (on gloo_host) answers each ping and each MiB this much later:
+    # a simulated slow link to this node, for tests and demos (SPLICE_PROBE_DELAY_S).
+    probe_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.probe_delay_s <= 10:
+            raise ValueError(f"probe delay must be in [0, 10] s, got {self.probe_delay_s}")
         if self.snapshot_budget_mb < 0:
             raise ValueError(f"--snapshot-budget-mb must be >= 0, got {self.snapshot_budget_mb}")
         if self.persist_every < 0 or (self.persist_every and not self.persist_dir):
@@ -155,13 +160,28 @@ class Agent:
                 log.warning("agent %s: cannot serve metrics on port %d: %s", config.node_id,
                             config.metrics_port, e)
         self.reconnects = 0
+        # Link probes: a server peers measure this node's links with, and one thread that
+        # runs the controller's probe requests one after another (at most a few queued).
+        self._probe_server: linkprobe.ProbeServer | None = None
+        self.probe_address = ""
+        try:
+            self._probe_server = linkprobe.ProbeServer(config.gloo_host, 0,
+                                                       delay_s=config.probe_delay_s)
+            self.probe_address = self._probe_server.address
+        except OSError as e:  # links go unmeasured; the node's workers matter more
+            log.warning("agent %s: cannot serve link probes on %s: %s", config.node_id,
+                        config.gloo_host, e)
+        self._probe_cv = threading.Condition()
+        self._probe_requests: collections.deque[pb.ProbeLinks] = collections.deque()
+        self._probes_closed = False
+        self._prober: threading.Thread | None = None
 
     # ---- upstream -----------------------------------------------------------------------
     def _hello(self) -> pb.AgentHello:
         hello = pb.AgentHello(
             protocol_version=pb.PROTOCOL_VERSION_1, job_id=self.config.job_id,
             node_id=self.config.node_id, num_workers=self.config.nproc,
-            hostname=socket.gethostname())
+            hostname=socket.gethostname(), probe_address=self.probe_address)
         with self._lock:
             if self._attached_once:  # a re-attach: tell the controller what it missed
                 hello.epoch = self._epoch
@@ -203,6 +223,9 @@ class Agent:
                     else:
                         log.info("ignoring a kill of epoch %d (now %d)", msg.kill.epoch,
                                  self._epoch)
+                    continue
+                if kind == "probe_links":
+                    self._queue_probes(msg.probe_links)
                     continue
                 if kind == "check_replicas":
                     log.info("controller asks for a replica check: %s",
@@ -285,6 +308,61 @@ class Agent:
             self._stopping.wait(attached.heartbeat_interval_s)  # a period, not a sync
             attached.outbox.put(pb.AgentMessage(heartbeat=pb.Heartbeat(
                 epoch=self._epoch, sent_at_s=time.time())))
+
+    # ---- link probes --------------------------------------------------------------------
+    _MAX_QUEUED_PROBE_REQUESTS = 2   # a controller asks once per cool-down; more is stale
+    _MAX_PROBE_TARGETS = 1024        # a round names each other node at most once
+
+    def _queue_probes(self, req: pb.ProbeLinks) -> None:
+        with self._probe_cv:
+            if len(self._probe_requests) >= self._MAX_QUEUED_PROBE_REQUESTS:
+                log.warning("agent %s: dropping link probe round %d: %d rounds queued",
+                            self.config.node_id, req.round, len(self._probe_requests))
+                return
+            self._probe_requests.append(req)
+            self._probe_cv.notify()
+
+    def _run_probes(self) -> None:
+        """One request at a time: its targets one after another (concurrent probes would
+        share this node's link and measure each other), then one report up."""
+        while True:
+            with self._probe_cv:
+                self._probe_cv.wait_for(lambda: self._probe_requests or self._probes_closed)
+                if self._probes_closed:
+                    return
+                req = self._probe_requests.popleft()
+            payload = min(max(req.payload_bytes, 1), linkprobe.MAX_BULK_BYTES)
+            timeout_s = min(max(req.timeout_s, 0.1), 60.0) if req.timeout_s > 0 else 10.0
+            report = pb.LinkProbeReport(round=req.round)
+            for t in req.targets[:self._MAX_PROBE_TARGETS]:
+                if self._probes_closed:
+                    return
+                if t.node_id == self.config.node_id:
+                    continue
+                res = pb.LinkProbeResult(from_node=self.config.node_id, to_node=t.node_id,
+                                         at_s=time.time())
+                try:
+                    res.rtt_s, res.bandwidth_bytes_per_s = linkprobe.probe(
+                        t.address, payload, timeout_s)
+                except (linkprobe.ProbeError, ValueError) as e:
+                    res.error = str(e)[:500]
+                report.results.append(res)
+            log.info("agent %s: link probe round %d: %s", self.config.node_id, req.round,
+                     ", ".join(f"{r.to_node} " + (f"failed ({r.error})" if r.error else
+                                                  f"{r.bandwidth_bytes_per_s / 1e6:.0f} MB/s"
+                                                  f" rtt {r.rtt_s * 1e3:.2f} ms")
+                               for r in report.results) or "no targets")
+            self._send_up(pb.AgentMessage(link_probes=report))
+
+    def _close_probes(self) -> None:
+        with self._probe_cv:
+            self._probes_closed = True
+            self._probe_cv.notify_all()
+        if self._probe_server is not None:
+            self._probe_server.close()
+        if self._prober is not None:
+            # A probe in flight ends within its timeout (the peer's server may be gone).
+            self._prober.join(timeout=1.0)
 
     # ---- workers ------------------------------------------------------------------------
     def _on_exit(self, ex: Exit) -> None:
@@ -478,11 +556,13 @@ class Agent:
         except AgentRefused as e:
             log.error("agent %s: %s", self.config.node_id, e)
             self._local.close()
+            self._close_probes()
             return 2
         if attached is None:
             log.error("agent %s: no controller reachable at %s within %.0f s",
                       self.config.node_id, self.config.controller, self.config.connect_timeout_s)
             self._local.close()
+            self._close_probes()
             return 2
         log.info("agent %s attached to %s (job %s)", self.config.node_id, attached.address,
                  self.config.job_id)
@@ -496,6 +576,9 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda s, _f: self._supervisor.signal_all(s))
         threading.Thread(target=self._telemetry, daemon=True, name="splice-telemetry").start()
+        self._prober = threading.Thread(target=self._run_probes, daemon=True,
+                                        name="splice-link-probes")
+        self._prober.start()
         for local_rank, wid in enumerate(self._workers):
             self._launch(wid, local_rank, spare=False)
         for _ in range(self.config.spares):
@@ -513,6 +596,7 @@ class Agent:
         if outbox is not None:
             outbox.put(None)
         self._local.close()
+        self._close_probes()
         for reader in self._readers.values():
             reader.close()
         if self.metrics is not None:
@@ -529,4 +613,7 @@ class Agent:
 def run_agent(config: AgentConfig, credentials: grpc.ChannelCredentials | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    delay = os.environ.get("SPLICE_PROBE_DELAY_S")
+    if delay:  # the process edge: tests and demos slow this node's links with it
+        config = replace(config, probe_delay_s=linkprobe.delay_from_env(delay))
     return Agent(config, credentials).run()

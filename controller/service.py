@@ -21,6 +21,7 @@ import grpc
 
 from splice.controller import job as jobs
 from splice.controller.leadership import Leadership, refusal
+from splice.controller.links import LinkProbeConfig, LinkProber, check_report
 from splice.controller.membership import Membership, node_of, parse_worker_id, rank_order
 from splice.controller.rendezvous import RendezvousStore
 from splice.controller.status import JobView
@@ -110,6 +111,7 @@ class AgentSession:
     last_seen_s: float = 0.0
     closed: bool = False
     replacements_ready: int = 0  # warm spares the agent would promote (its telemetry)
+    probe_address: str = ""      # its link probe server (HOST:PORT), "" if none
 
 
 @dataclass
@@ -139,7 +141,8 @@ class Controller(Leadership):
                  server_credentials: grpc.ServerCredentials | None = None,
                  admin_check: AdminCheck = allow_everyone,
                  attach_check: AdminCheck = allow_everyone,
-                 detection: DetectionConfig | None = None) -> None:
+                 detection: DetectionConfig | None = None,
+                 links: LinkProbeConfig | None = None) -> None:
         self.config = config
         self._store = store
         self._clock = clock
@@ -160,6 +163,8 @@ class Controller(Leadership):
                         "is taken over only by an elected controller (run with an election)")
         # Detectors fed by telemetry (controller/telemetry_hub.py).
         self.telemetry: TelemetrySink | None = TelemetryHub(self, detection, clock)
+        # Link probe rounds between the agents (controller/links.py).
+        self.links = LinkProber(self, links, clock)
         # Prometheus metrics (controller/metrics.py); None: not exported.
         self.metrics: Any = None
         self.metrics_address = ""
@@ -340,6 +345,24 @@ class Controller(Leadership):
                 epoch=epoch, reason=reason)))
         return self.job_status(job_id)
 
+    def probe_links(self, job_id: str, reason: str = "requested") -> int:
+        """Have the job's agents probe every pair of nodes now; a slow link found becomes
+        a "link" verdict. Returns the number of pairs asked for."""
+        if job_id not in self._jobs:
+            raise KeyError(job_id)
+        return self.links.start_round(job_id, reason, respect_cooldown=False)
+
+    def maybe_probe_links(self, job_id: str, reason: str) -> int:
+        """`probe_links`, unless a round started within the cool-down (a detector's ask)."""
+        return self.links.start_round(job_id, reason, respect_cooldown=True)
+
+    def probe_targets(self, job_id: str
+                      ) -> dict[str, tuple[str, Callable[[pb.ControllerMessage], None]]]:
+        """Attached agents of the job: node -> (probe server address, send to it)."""
+        with self._sessions_lock:
+            return {n: (s.probe_address, s.outbox.put)
+                    for (j, n), s in self._sessions.items() if j == job_id}
+
     def spare_capacity(self, job_id: str) -> int:
         """Workers that could take a member's place now: ready standbys the controller
         knows, plus warm spares agents running with --replace report."""
@@ -380,6 +403,11 @@ class Controller(Leadership):
             return refusal("NOT_LEADER", f"{self.address} is a standby"
                            + (f"; the leader is {hint}" if hint else "; no leader yet"),
                            leader=hint)
+        if hello.probe_address:
+            host, sep, port = hello.probe_address.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                return refusal("MALFORMED", f"probe address must be HOST:PORT, got "
+                                            f"{hello.probe_address!r}")
         for w in hello.workers:
             problem = self._check_worker_id_of(hello.node_id, w.worker_id)
             if problem:
@@ -389,7 +417,8 @@ class Controller(Leadership):
             if key in self._sessions:
                 return refusal("MALFORMED", f"node {hello.node_id!r} is already attached to "
                                             f"job {hello.job_id!r}")
-            session = AgentSession(hello.job_id, hello.node_id, last_seen_s=self._clock())
+            session = AgentSession(hello.job_id, hello.node_id, last_seen_s=self._clock(),
+                                   probe_address=hello.probe_address)
             self._sessions[key] = session
         log.info("agent %s attached to job %s with %d workers", hello.node_id, hello.job_id,
                  hello.num_workers)
@@ -506,6 +535,13 @@ class Controller(Leadership):
             self._events.put((session, job_id, jobs.RecoveryReady(
                 rr.worker_id, rr.epoch, tuple(rr.snapshot_steps),
                 rr.persisted_step if rr.has_persisted else None)))
+            return
+        if kind == "link_probes":
+            problem = check_report(session.node_id, msg.link_probes)
+            if problem:
+                session.outbox.put(refusal("MALFORMED", problem))
+                return
+            self.links.on_report(job_id, session.node_id, msg.link_probes)
             return
         session.outbox.put(refusal("MALFORMED", f"unexpected message {kind!r} after hello"))
 

@@ -203,7 +203,7 @@ class TelemetryHub:
     def _act_on_straggler(self, job_id: str, v: StragglerVerdict) -> None:
         """Loop thread: the job's policy (controller/policy.py) decides what a straggler
         verdict does: alert, rebalance (a new epoch with new shares) or evict, at most once
-        per cool-down per rank; link verdicts only alert."""
+        per cool-down per rank; link verdicts only alert, and start a link probe round."""
         state = self._c.job_state(job_id)
         m = state.membership
         if m is None or v.rank >= m.world_size:
@@ -233,6 +233,10 @@ class TelemetryHub:
             actions, pstate = decide([v], policy, pstate, self._clock())
             with self._lock:
                 self._jobs[job_id].policy_state = pstate
+        elif v.active:
+            # Which link? Have the agents measure every node pair (at most once per
+            # cool-down per job); a slow pair is recorded as a "link" verdict.
+            self._c.maybe_probe_links(job_id, f"link straggler: {v.reason}")
         running = state.phase is jobs.Phase.RUNNING
         events: list[jobs.Event] = []
         taken = "alert" if v.active else "cleared"

@@ -15,7 +15,7 @@ PROTOCOL_VERSION_UNSPECIFIED: ProtocolVersion
 PROTOCOL_VERSION_1: ProtocolVersion
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "worker_event", "step_report", "recovery_ready", "telemetry", "corruption")
+    __slots__ = ("hello", "heartbeat", "worker_event", "step_report", "recovery_ready", "telemetry", "corruption", "link_probes")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     WORKER_EVENT_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class AgentMessage(_message.Message):
     RECOVERY_READY_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     CORRUPTION_FIELD_NUMBER: _ClassVar[int]
+    LINK_PROBES_FIELD_NUMBER: _ClassVar[int]
     hello: AgentHello
     heartbeat: Heartbeat
     worker_event: WorkerEvent
@@ -30,7 +31,32 @@ class AgentMessage(_message.Message):
     recovery_ready: RecoveryReady
     telemetry: Telemetry
     corruption: CorruptionReport
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., worker_event: _Optional[_Union[WorkerEvent, _Mapping]] = ..., step_report: _Optional[_Union[StepReport, _Mapping]] = ..., recovery_ready: _Optional[_Union[RecoveryReady, _Mapping]] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., corruption: _Optional[_Union[CorruptionReport, _Mapping]] = ...) -> None: ...
+    link_probes: LinkProbeReport
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., worker_event: _Optional[_Union[WorkerEvent, _Mapping]] = ..., step_report: _Optional[_Union[StepReport, _Mapping]] = ..., recovery_ready: _Optional[_Union[RecoveryReady, _Mapping]] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., corruption: _Optional[_Union[CorruptionReport, _Mapping]] = ..., link_probes: _Optional[_Union[LinkProbeReport, _Mapping]] = ...) -> None: ...
+
+class LinkProbeReport(_message.Message):
+    __slots__ = ("round", "results")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    results: _containers.RepeatedCompositeFieldContainer[LinkProbeResult]
+    def __init__(self, round: _Optional[int] = ..., results: _Optional[_Iterable[_Union[LinkProbeResult, _Mapping]]] = ...) -> None: ...
+
+class LinkProbeResult(_message.Message):
+    __slots__ = ("from_node", "to_node", "rtt_s", "bandwidth_bytes_per_s", "at_s", "error")
+    FROM_NODE_FIELD_NUMBER: _ClassVar[int]
+    TO_NODE_FIELD_NUMBER: _ClassVar[int]
+    RTT_S_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    AT_S_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    from_node: str
+    to_node: str
+    rtt_s: float
+    bandwidth_bytes_per_s: float
+    at_s: float
+    error: str
+    def __init__(self, from_node: _Optional[str] = ..., to_node: _Optional[str] = ..., rtt_s: _Optional[float] = ..., bandwidth_bytes_per_s: _Optional[float] = ..., at_s: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
 
 class CorruptionReport(_message.Message):
     __slots__ = ("worker_id", "epoch", "step", "culprits", "fingerprints", "reason")
@@ -101,7 +127,7 @@ class NodeHealth(_message.Message):
     def __init__(self, memory_used_ratio: _Optional[float] = ..., cpu_throttled_ratio: _Optional[float] = ..., gpus: _Optional[int] = ..., notes: _Optional[str] = ...) -> None: ...
 
 class AgentHello(_message.Message):
-    __slots__ = ("protocol_version", "job_id", "node_id", "num_workers", "hostname", "epoch", "workers")
+    __slots__ = ("protocol_version", "job_id", "node_id", "num_workers", "hostname", "epoch", "workers", "probe_address")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +135,7 @@ class AgentHello(_message.Message):
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PROBE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: ProtocolVersion
     job_id: str
     node_id: str
@@ -116,7 +143,8 @@ class AgentHello(_message.Message):
     hostname: str
     epoch: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerResync]
-    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., job_id: _Optional[str] = ..., node_id: _Optional[str] = ..., num_workers: _Optional[int] = ..., hostname: _Optional[str] = ..., epoch: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerResync, _Mapping]]] = ...) -> None: ...
+    probe_address: str
+    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., job_id: _Optional[str] = ..., node_id: _Optional[str] = ..., num_workers: _Optional[int] = ..., hostname: _Optional[str] = ..., epoch: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerResync, _Mapping]]] = ..., probe_address: _Optional[str] = ...) -> None: ...
 
 class WorkerResync(_message.Message):
     __slots__ = ("worker_id", "state", "pid", "exit_code", "signal")
@@ -223,7 +251,7 @@ class RecoveryReady(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., snapshot_steps: _Optional[_Iterable[int]] = ..., has_persisted: _Optional[bool] = ..., persisted_step: _Optional[int] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("welcome", "membership", "resume", "refusal", "shutdown", "kill", "check_replicas")
+    __slots__ = ("welcome", "membership", "resume", "refusal", "shutdown", "kill", "check_replicas", "probe_links")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +259,7 @@ class ControllerMessage(_message.Message):
     SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
     KILL_FIELD_NUMBER: _ClassVar[int]
     CHECK_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    PROBE_LINKS_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     membership: Membership
     resume: Resume
@@ -238,7 +267,28 @@ class ControllerMessage(_message.Message):
     shutdown: Shutdown
     kill: KillWorker
     check_replicas: CheckReplicas
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., membership: _Optional[_Union[Membership, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., kill: _Optional[_Union[KillWorker, _Mapping]] = ..., check_replicas: _Optional[_Union[CheckReplicas, _Mapping]] = ...) -> None: ...
+    probe_links: ProbeLinks
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., membership: _Optional[_Union[Membership, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., kill: _Optional[_Union[KillWorker, _Mapping]] = ..., check_replicas: _Optional[_Union[CheckReplicas, _Mapping]] = ..., probe_links: _Optional[_Union[ProbeLinks, _Mapping]] = ...) -> None: ...
+
+class ProbeLinks(_message.Message):
+    __slots__ = ("round", "targets", "payload_bytes", "timeout_s")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    targets: _containers.RepeatedCompositeFieldContainer[ProbeTarget]
+    payload_bytes: int
+    timeout_s: float
+    def __init__(self, round: _Optional[int] = ..., targets: _Optional[_Iterable[_Union[ProbeTarget, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class ProbeTarget(_message.Message):
+    __slots__ = ("node_id", "address")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class KillWorker(_message.Message):
     __slots__ = ("worker_id", "epoch", "reason")

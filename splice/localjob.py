@@ -39,6 +39,9 @@ class LocalJobConfig:
     min_world_size: int = 1
     log_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="splice-job-"))
     extra_env: tuple[tuple[str, str], ...] = ()
+    # (node index, name, value): environment for one node's agent (and its workers) only,
+    # e.g. (2, "SPLICE_PROBE_DELAY_S", "0.05") to slow the links to node-2.
+    node_env: tuple[tuple[int, str, str], ...] = ()
     # "memory": one in-process controller. "etcd": `controllers` replicas as subprocesses
     # electing a leader through the etcd at `etcd_endpoint`.
     store: str = "memory"
@@ -168,7 +171,8 @@ class LocalJob:
         else:
             argv += ["--metrics-port", "-1"]
         argv += ["--", *self.config.worker_command]
-        self.agents.append(subprocess.Popen(argv, env=self._env, stdout=log,
+        env = {**self._env, **{k: v for n, k, v in self.config.node_env if n == i}}
+        self.agents.append(subprocess.Popen(argv, env=env, stdout=log,
                                             stderr=subprocess.STDOUT,
                                             start_new_session=True))
 

@@ -130,9 +130,11 @@ KINDS = [(env, f.name) for env in ENVELOPES
 def test_every_envelope_has_its_kinds() -> None:
     names = {env.__name__: {k for e, k in KINDS if e is env} for env in ENVELOPES}
     assert names["ControllerMessage"] == {"welcome", "membership", "resume", "refusal",
-                                          "shutdown", "kill", "check_replicas"}
+                                          "shutdown", "kill", "check_replicas",
+                                          "probe_links"}
     assert names["AgentMessage"] == {"hello", "heartbeat", "worker_event", "step_report",
-                                     "recovery_ready", "telemetry", "corruption"}
+                                     "recovery_ready", "telemetry", "corruption",
+                                     "link_probes"}
 
 
 @pytest.mark.parametrize(("envelope", "kind"), KINDS,
