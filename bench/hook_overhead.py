@@ -1,20 +1,37 @@
 """Hook overhead: what telemetry and per-step snapshots add to a training step.
 
-Measures, on this machine:
-  telemetry_us   the hook's per-step telemetry work: progress counters around one
-                 collective and at the step's end, and one step report framed and sent
-                 over a Unix socket (what a worker does per step under an agent)
-  snapshot_us    one per-step snapshot of the demo model and optimizer (double-buffered
-                 copy into preallocated buffers)
-  step_ms        the median step of the demo job (train_mlp, one process, 200 steps)
-and prints them as JSON with the overhead as a fraction of the step.
+Measures, on this machine, with one torch thread (as workers run):
+  telemetry_us_per_step  the hook's per-step telemetry work: progress counters around one
+                         collective and at the step's end, and one step report framed and
+                         sent over a Unix socket (what a worker does per step under an agent)
+  snapshot_us_per_step   the per-step snapshot inside the demo job's real step loop
+                         (train_mlp's model, one process): `Session.run_step` builds the
+                         state (`_state()`) and captures it into the ring (copy, then the
+                         checksums) at the start of every step. The median, per step, of
+                         the wall time of both on the training thread, between optimizer
+                         steps that leave the caches as training does, not back-to-back
+                         captures in a hot loop (which read ~2.5x faster).
+  checksum_us_per_step   of which the checksums (`_record`), CPU time
+  step_ms                the median step without snapshots (capture a no-op)
+and the fractions of that step. Rounds of --round steps rotate between three rings, so a
+shared machine's load hits them alike:
+  off          no snapshot: the baseline step
+  inline       the ring splice runs: checksums at the end of `capture` (hook_fraction)
+  background   checksums on a helper thread (`checksum_in_background=True`): the
+               training thread's time plus the helper's CPU time, which a step pays too
+               when no core is spare (workers usually fill the cores)
+`step_delta_us` (the median step with a ring minus without) is a cross-check: noisy on a
+shared machine, and it can come out below the snapshot's own time (the copy's reads may
+warm the caches for the step that follows).
 
-    python -m bench.hook_overhead
+    python -m bench.hook_overhead [--steps 400] [--round 25]    (~20-40 s)
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import json
 import os
 import platform
 import socket
@@ -22,12 +39,15 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from splice.agent import progress
 from splice.agent.framing import encode
 from splice.agent.progress import ProgressWriter
+from splice.checkpoint import snapshot as snapshot_module
 from splice.checkpoint.snapshot import SnapshotRing
 from splice.examples.toy import TeacherDataset, make_mlp, mse_loss
 from splice.proto import controller_pb2 as pb
@@ -60,7 +80,48 @@ def telemetry_us(iterations: int = 20_000) -> float:
     return elapsed / iterations * 1e6
 
 
-def snapshot_us_and_step_ms(steps: int = 200) -> tuple[float, float, int]:
+class _Timed:
+    """Wall and CPU time of the calls it wraps, summed per step (`take` ends a step)."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+        self.walls: list[float] = []
+        self.cpus: list[float] = []
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.cpu += time.thread_time() - c0  # this thread's CPU time only
+                self.wall += time.perf_counter() - t0
+        return timed
+
+    def take(self) -> None:
+        self.walls.append(self.wall)
+        self.cpus.append(self.cpu)
+        self.wall = self.cpu = 0.0
+
+
+class _Off:
+    """A ring that keeps nothing: the baseline step."""
+
+    num_bytes = 0
+
+    def capture(self, step: int, state: Any) -> None:
+        pass
+
+    def steps(self) -> list[int]:
+        return []
+
+
+MODES = ("off", "inline", "background")
+
+
+def snapshot_in_step_loop(steps: int = 400, round_steps: int = 25) -> dict[str, Any]:
+    """Per mode, from `steps` measured steps: the steps' times, the snapshot's time on the
+    training thread (`_state()` + `capture`) and the checksum's CPU time, per step (s)."""
     import splice
 
     torch.set_num_threads(1)
@@ -69,34 +130,92 @@ def snapshot_us_and_step_ms(steps: int = 200) -> tuple[float, float, int]:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     session.register(model=model, optimizer=opt, dataset=TeacherDataset(), loss_fn=mse_loss,
                      global_batch_size=64, micro_batch_size=8)
-    times = []
-    for _ in range(steps):
-        r = session.run_step()
-        assert r is not None
-        times.append(r.step_time_s)
-    ring = SnapshotRing()
-    state = session._state()
-    ring.capture(0, state)
-    t0 = time.perf_counter()
-    n = 50
-    for k in range(1, n + 1):
-        ring.capture(k, session._state())
-    snap_us = (time.perf_counter() - t0) / n * 1e6
-    return snap_us, statistics.median(times[20:]) * 1e3, ring.num_bytes // 2
+    rings: dict[str, Any] = {"off": _Off(), "inline": SnapshotRing(),
+                             "background": SnapshotRing(checksum_in_background=True)}
+    snap = {m: _Timed() for m in MODES}  # on the training thread
+    checksum = {m: _Timed() for m in MODES}  # wherever `_record` runs
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    state_fn = session._state
+    record = snapshot_module._record
+    mode = "off"
+    snapshot_module._record = lambda *a: checksum[mode].wrap(record)(*a)  # type: ignore
+    try:
+        for measured in (False, True):
+            # Rounds rotate the modes, so that a shared machine's load hits them alike;
+            # the unmeasured first pass warms up the allocator and both slots of each ring.
+            for _ in range(-(-steps // round_steps) if measured else 2):
+                for mode in MODES:
+                    session._snapshots = rings[mode]
+                    session._state = snap[mode].wrap(state_fn)  # type: ignore[method-assign]
+                    if mode != "off":
+                        rings[mode].capture = snap[mode].wrap(  # type: ignore[method-assign]
+                            type(rings[mode]).capture.__get__(rings[mode]))
+                    for _ in range(round_steps):
+                        r = session.run_step()
+                        assert r is not None
+                        if mode == "background":  # its checksum is done by the next step
+                            rings[mode].checksums(max(rings[mode].steps()))
+                        snap[mode].take()
+                        checksum[mode].take()
+                        times[mode].append(r.step_time_s)
+            if not measured:
+                for t in (*snap.values(), *checksum.values()):
+                    t.walls.clear()
+                    t.cpus.clear()
+                for k in MODES:
+                    times[k].clear()
+    finally:
+        snapshot_module._record = record
+        session._state = state_fn  # type: ignore[method-assign]
+    return {m: {"step_s": times[m], "snapshot_wall_s": snap[m].walls,
+                "snapshot_cpu_s": snap[m].cpus, "checksum_cpu_s": checksum[m].cpus}
+            for m in MODES} | {"snapshot_bytes": rings["inline"].num_bytes // 2}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=400, help="measured steps per mode")
+    parser.add_argument("--round", type=int, default=25, help="steps per mode per round")
+    args = parser.parse_args(argv)
+    t_start = time.perf_counter()
     tel = telemetry_us()
-    snap, step_ms, snap_bytes = snapshot_us_and_step_ms()
-    print(__import__("json").dumps({
-        "benchmark": "hook_overhead", "command": "python -m bench.hook_overhead",
+    m = snapshot_in_step_loop(args.steps, args.round)
+    med, mean = statistics.median, statistics.mean
+    step_us = med(m["off"]["step_s"]) * 1e6
+    inline_us = med(m["inline"]["snapshot_wall_s"]) * 1e6
+    checksum_us = mean(m["inline"]["checksum_cpu_s"]) * 1e6
+    bg_thread_us = med(m["background"]["snapshot_wall_s"]) * 1e6
+    bg_checksum_us = mean(m["background"]["checksum_cpu_s"]) * 1e6
+
+    def r1(x: float) -> float:
+        return round(x, 1)
+
+    print(json.dumps({
+        "benchmark": "hook_overhead",
+        "command": " ".join(["python -m bench.hook_overhead",
+                             *(sys.argv[1:] if argv is None else argv)]),
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
+        "load_avg_1m": round(os.getloadavg()[0], 2), "torch_threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "telemetry_us_per_step": round(tel, 2), "snapshot_us_per_step": round(snap, 1),
-        "snapshot_bytes": snap_bytes, "step_ms": round(step_ms, 3),
-        "telemetry_fraction": round(tel / 1e3 / step_ms, 5),
-        "hook_fraction": round((tel + snap) / 1e3 / step_ms, 5),
+        "steps_per_mode": len(m["off"]["step_s"]), "snapshot_bytes": m["snapshot_bytes"],
+        "telemetry_us_per_step": round(tel, 2),
+        "step_ms": round(step_us / 1e3, 3),
+        "snapshot_us_per_step": r1(inline_us),
+        "snapshot_cpu_us_per_step": r1(mean(m["inline"]["snapshot_cpu_s"]) * 1e6),
+        "checksum_us_per_step": r1(checksum_us),
+        "snapshot_without_checksum_us": r1(inline_us - checksum_us),
+        "background": {"training_thread_us": r1(bg_thread_us),
+                       "checksum_cpu_us": r1(bg_checksum_us),
+                       "no_spare_core_us": r1(bg_thread_us + bg_checksum_us)},
+        "step_delta_us": {k: r1((med(m[k]["step_s"]) - med(m["off"]["step_s"])) * 1e6)
+                          for k in ("inline", "background")},
+        "telemetry_fraction": round(tel / step_us, 5),
+        "checksum_fraction": round(checksum_us / step_us, 5),
+        "snapshot_fraction": round(inline_us / step_us, 5),
+        "background_fraction_no_spare_core": round((bg_thread_us + bg_checksum_us) / step_us, 5),
+        "hook_fraction": round((tel + inline_us) / step_us, 5),
         "targets": "telemetry <= 1 % of step time; telemetry + snapshot <= 2 %",
+        "wall_s": round(time.perf_counter() - t_start, 1),
     }))
     return 0
 

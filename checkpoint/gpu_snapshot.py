@@ -26,14 +26,13 @@ from typing import Any
 
 import torch
 
-from splice.checkpoint.snapshot import SnapshotMissing
+# One SnapshotCorrupt for both rings (a SnapshotMissing: callers move on to a peer's
+# replica or the persistent checkpoint alike); raised here when a fingerprint differs.
+from splice.checkpoint.snapshot import SnapshotCorrupt, SnapshotMissing
 from splice.kernels import fingerprint as fp
 
-
-class SnapshotCorrupt(Exception):
-    """A snapshot's bytes no longer match the fingerprint taken when it was captured.
-    Do not train on it: restore this step from a peer's replica or the persistent
-    checkpoint instead."""
+__all__ = ["GpuSnapshotRing", "SnapshotCorrupt", "SnapshotMissing", "capture_fingerprint",
+           "state_tensors"]
 
 
 @dataclass

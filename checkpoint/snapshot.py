@@ -2,42 +2,66 @@
 
 A snapshot of step k is the state before step k runs. Capturing step k+1 overwrites the
 slot of step k-1, never the one of step k, so a complete snapshot of the newer step always
-exists before the older one is touched. Tensors are copied into buffers allocated once per
-slot, all in one batched call, so steady-state capture runs at memcpy speed with no
-allocation (bench/snapshot.py).
+exists before the older one is touched. A slot keeps its CPU tensors in one flat buffer,
+allocated once (again only when the state's shapes or dtypes change), every tensor
+starting on a block of 512 words (4 KiB: at most that much zero padding per tensor).
+`capture` copies into it in one batched call, at memcpy speed with no allocation
+(bench/snapshot.py).
 
-Every slot carries a CRC-32 of each of its tensors' bytes, checked on restore: a mismatch
-raises `SnapshotCorrupt`, naming the step and the tensors (`model.layer.weight`).
+Checksums. `capture` takes a checksum of every tensor right after the copy, and `restore`
+checks the copy it hands back against it: a mismatch raises `SnapshotCorrupt`, naming the
+step and the tensors (`model.layer.weight`). A tensor's checksum reads its row-major bytes
+as little-endian 64-bit words w_0 .. w_{n-1} (the last one zero-padded):
 
-Why the checksum is computed in a background thread right after the copy. CRC-32 (zlib)
-runs at ~2-3.5 GB/s on one core, a copy at ~6-20 GB/s: computed inside `capture` it would
-make it three times slower or more. Computed lazily (first restore, send or `verify`) it
-would cost nothing per step, but would also bless whatever the slot's memory holds by then,
-so a byte flipped after capture would go unnoticed. So `capture` copies, hands the slot to
-one background thread and returns; the thread reads the slot (zlib releases the GIL) while
-the step runs forward, backward and the optimizer update. The training thread waits for it
-only when it needs it: `restore`, `checksums` and `verify` of that step, and a `capture`
-about to overwrite that slot, two steps later (so a step shorter than the checksum of its
-state does pay for it; the copy alone never waits).
+    S1 = sum_i w_i              mod 2^64
+    S2 = sum_i (i + 1) * w_i    mod 2^64          checksum = S1 * 2^64 + S2 (128 bits)
 
-What is covered: any change to a slot's tensor bytes after the background thread has read
-them, up to the moment `restore` copies them out (the copy handed back is what is checked,
-so corruption while copying out is caught too). What is not: a change in the window
-between the copy and the thread reading that tensor (at most the checksum's duration,
-~40 ms for 100 MB; the change is then part of the recorded checksum), a source tensor
-already wrong when captured, and non-tensor values (ints, RNG tuples), which are Python
-objects rather than bytes in a buffer. The CPU cost of the checksum is moved off the
-step's critical path, not removed: where every core is busy training it still competes.
+It is computed for the whole slot at once with a fixed handful of torch calls, however
+many tensors the state has (`_block_sums`): per 4 KiB block (16 rows of 32 words) its row
+sums and its column sums, two passes of plain int64 additions, then a matrix-vector
+product over the column sums (1/16 of the data) for the in-row weights. A capture records
+those per-block sums; the per-tensor values are derived when asked for. In bulk on one
+core that is about twice the speed of the zlib CRC-32 it replaces (bench/snapshot.py:
+verify_gbps, crc32_gbps); in the demo job's step loop, where the data comes from memory
+rather than cache, it took ~0.2 ms of CPU per step against ~0.7 ms for the CRC-32.
+
+It runs inline, at the end of `capture`. In the demo's step loop (bench/hook_overhead.py)
+a helper thread, as the CRC-32 used, spent more CPU on the same sums (~0.35 ms) plus the
+hand-off, and the step was no faster with it even with a core to spare; inline also
+leaves no window between the copy and the checksum. `SnapshotRing(checksum_in_background=
+True)` keeps the helper thread, for that comparison.
+
+What it detects, whatever the data (tests/test_snapshot.py checks each):
+  - any change confined to one word: every single bit flip, any damage within 8 aligned
+    bytes. S1 moves by the word's difference, never 0 mod 2^64.
+  - two different words swapped, d words apart, whenever they differ in one of their
+    lowest 64 - v2(d) bits (2^v2(d) the largest power of two dividing d): S2 moves by
+    (difference * d). So every swap at an odd distance, and every swap of two words that
+    differ in their low 32 bits in a tensor under 2^32 words (32 GiB).
+What it does not guarantee: changes spread over two or more words can cancel in both
+sums. Random damage goes unseen with probability about 2^-128, but some patterns always
+do: bit b flipped in two words d apart, one from 0 to 1 and the other from 1 to 0 (for
+bit 63 either way), when b + v2(d) >= 64: e.g. the sign bits of two float64 an even
+distance apart, or a float64 x and -x swapped at an even distance. CRC-32 caught every
+2-bit error; this checksum trades that for speed.
+
+What is covered: any change to a slot's tensor bytes after `capture` returns, up to the
+moment `restore` copies them out (the copy handed back is what is checked, so corruption
+while copying out is caught too). What is not: a source tensor already wrong when
+captured, non-tensor values (ints, RNG tuples), which are Python objects rather than bytes
+in a buffer, and tensors inside other objects than dicts, lists and tuples (deep-copied).
+Tensors not on the CPU are cloned on their device, outside the flat buffer, and copied to
+the host for their checksums (slow, but splice snapshots GPU state with gpu_snapshot.py).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import copy
-import ctypes
-import zlib
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+import math
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -61,61 +85,246 @@ class SnapshotMissing(Exception):
 
 
 class SnapshotCorrupt(SnapshotMissing):
-    """A held snapshot's bytes no longer match the checksums taken when it was captured.
-    The ring forgets it; as for a missing one, restore the step from a peer's replica or
-    the persistent checkpoint."""
+    """A held snapshot's bytes no longer match the checksums taken when it was captured
+    (raised by both the CPU and the GPU ring). As for a missing one, restore the step from
+    a peer's replica or the persistent checkpoint; the CPU ring forgets the snapshot."""
 
 
-Checksums = list[tuple[str, int]]  # (tensor path, CRC-32), in the tree's walk order
+ROW_WORDS = 32  # C: words per row
+BLOCK_ROWS = 16  # G: rows per block; every tensor starts on a block (4 KiB)
+CHUNK_BLOCKS = 512  # blocks per pair of passes (2 MiB): the second pass reads from cache
+BLOCK_WORDS = BLOCK_ROWS * ROW_WORDS
+_COL_WEIGHTS = torch.arange(1, ROW_WORDS + 1, dtype=torch.int64)  # k + 1
+_ROW_WEIGHTS = torch.arange(BLOCK_ROWS, dtype=torch.int64) * ROW_WORDS  # g * C
+_M64 = (1 << 64) - 1
+
+Signature = list[tuple[torch.Size, torch.dtype] | None]  # None: a tensor off the CPU
 
 
-@dataclass
-class _Slot:
-    step: int = -1
-    tree: Any = None
-    num_bytes: int = 0
-    checksums: cf.Future[Checksums] | None = None  # computed in the background
+class _Layout:
+    """Where each tensor of a slot lives in its flat buffer, and what its checksums need.
+    The checksum of a step is recorded per block of the buffer (`record`), in buffers
+    allocated here once: a capture's checksum allocates nothing and calls a fixed handful
+    of torch ops. The per-tensor values are derived from the blocks' when asked for."""
+
+    __slots__ = ("signature", "words", "blocks", "views", "flat_views", "num_tensors",
+                 "num_blocks", "chunk", "block_tensor", "block_offset", "row_sums",
+                 "col_sums", "record")
+
+    def __init__(self, signature: Signature, chunk: int = CHUNK_BLOCKS) -> None:
+        self.signature = signature
+        rows, cols = BLOCK_ROWS, ROW_WORDS
+        block_bytes = 8 * rows * cols
+        blocks = []
+        for sig in signature:
+            nbytes = 0 if sig is None else math.prod(sig[0]) * sig[1].itemsize
+            blocks.append(-(-nbytes // block_bytes))
+        self.num_tensors, self.num_blocks = len(blocks), sum(blocks)
+        self.words = torch.zeros(self.num_blocks * rows * cols, dtype=torch.int64)
+        self.blocks = self.words.view(self.num_blocks, rows, cols)
+        raw = self.words.view(torch.uint8)
+        self.views: list[torch.Tensor | None] = []
+        first = 0
+        for sig, n in zip(signature, blocks, strict=True):
+            if sig is None:
+                self.views.append(None)
+            else:
+                shape, dtype = sig
+                start = first * block_bytes
+                nbytes = math.prod(shape) * dtype.itemsize
+                self.views.append(raw[start:start + nbytes].view(dtype).view(shape))
+            first += n
+        self.flat_views = [v for v in self.views if v is not None]
+        counts = torch.tensor(blocks, dtype=torch.int64)
+        self.block_tensor = torch.repeat_interleave(torch.arange(len(blocks)), counts)
+        first_block = torch.cumsum(counts, 0) - counts
+        # words before each block within its own tensor
+        self.block_offset = ((torch.arange(self.num_blocks) - first_block[self.block_tensor])
+                             * (rows * cols))
+        self.chunk = max(1, min(chunk, self.num_blocks))
+        self.row_sums = torch.empty(self.chunk, rows, dtype=torch.int64)
+        self.col_sums = torch.empty(self.chunk, cols, dtype=torch.int64)
+        self.record = torch.zeros(2, self.num_blocks, dtype=torch.int64)
+
+    def block_sums(self, out: torch.Tensor) -> None:
+        """Into `out` (2 x blocks): each block's two sums (`_block_sums`)."""
+        _block_sums(self.blocks, out, self.row_sums, self.col_sums, self.chunk)
+
+    def per_tensor(self, block: torch.Tensor) -> list[int]:
+        """The checksum of each tensor from its blocks' sums (0 for tensors off the CPU,
+        which have no blocks here): S1 adds the blocks' sums, S2 their weighted sums plus
+        each block's offset in its tensor times its sum."""
+        both = block.clone()
+        both[1].addcmul_(both[0], self.block_offset)
+        out = torch.zeros(2, self.num_tensors, dtype=torch.int64)
+        out.index_add_(1, self.block_tensor, both)
+        a, b = out.tolist()
+        return [((x & _M64) << 64) | (y & _M64) for x, y in zip(a, b, strict=True)]
+
+    def sums(self) -> list[int]:
+        """The checksum of each tensor as the flat buffer holds it now."""
+        now = torch.empty_like(self.record)
+        self.block_sums(now)
+        return self.per_tensor(now)
 
 
-class _Copies:
-    """The copies a capture owes: destination buffers and sources, done in one batch."""
+def _block_sums(blocks: torch.Tensor, out: torch.Tensor, row_sums: torch.Tensor,
+                col_sums: torch.Tensor, chunk: int) -> None:
+    """Into `out` (2 x n): the sum of the words of each of `blocks` (n x G x C int64), and
+    their sum weighted by position in the block plus one. int64 arithmetic wraps: all of
+    it is mod 2^64. Word (g, k) of a block has weight C*g + (k+1), so per chunk of blocks
+    two passes of additions, row sums r (the plain sum, and the C*g part) and column sums
+    c, then a matrix-vector product over c (1/G of the data) for the k+1 part. `chunk`
+    blocks at a time, small enough for the second pass to read from cache; `row_sums` and
+    `col_sums` are scratch for that many."""
+    n = blocks.shape[0]
+    s1, s2 = out[0], out[1]
+    r, c = row_sums, col_sums
+    for b0 in range(0, n, chunk):
+        part = blocks if n <= chunk else blocks[b0:b0 + chunk]
+        m = part.shape[0]
+        if m != r.shape[0]:
+            r, c = r[:m], c[:m]
+        p1, p2 = (s1, s2) if m == n else (s1[b0:b0 + m], s2[b0:b0 + m])
+        torch.sum(part, 2, out=r)
+        torch.sum(part, 1, out=c)
+        torch.sum(r, 1, out=p1)
+        torch.mv(c, _COL_WEIGHTS, out=p2)
+        p2.addmv_(r, _ROW_WEIGHTS)
 
-    __slots__ = ("dsts", "srcs", "num_bytes")
 
-    def __init__(self) -> None:
-        self.dsts: list[torch.Tensor] = []
+def _in_place_blocks(t: torch.Tensor) -> torch.Tensor | None:
+    """The whole blocks at the start of a tensor's own memory, as int64 blocks (no copy),
+    if it is a CPU tensor laid out so that they can be read in place."""
+    nbytes = t.nbytes
+    if (nbytes < 8 * BLOCK_WORDS or not t.is_cpu or t.layout != torch.strided
+            or not t.is_contiguous() or t.data_ptr() % 8
+            or t.storage_offset() * t.element_size() % 8):
+        return None
+    n = nbytes // (8 * BLOCK_WORDS)
+    raw = t.detach().reshape(-1).view(torch.uint8)
+    return raw[:n * 8 * BLOCK_WORDS].view(torch.int64).view(n, BLOCK_ROWS, ROW_WORDS)
+
+
+def checksums_of(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """The checksum (module docstring) of each tensor, on any device and in any layout of
+    strides: it depends only on the values' bytes in row-major order.
+
+    Large contiguous CPU tensors are read in place, block by block; what is left (their
+    last partial block, and every other tensor) is copied into a small flat buffer, so the
+    check of a copy (`restore`) allocates little beyond the copy itself."""
+    if not tensors:
+        return []
+    bodies = [_in_place_blocks(t) for t in tensors]
+    rests = [t if b is None else t.detach().reshape(-1).view(torch.uint8)[b.numel() * 8:]
+             for t, b in zip(tensors, bodies, strict=True)]
+    layout = _Layout([(t.shape, t.dtype) for t in rests])
+    with torch.no_grad():
+        torch._foreach_copy_(layout.flat_views, rests)
+    sums = layout.sums()
+    for i, body in enumerate(bodies):
+        if body is None:
+            continue
+        part = torch.empty(2, body.shape[0], dtype=torch.int64)
+        chunk = min(CHUNK_BLOCKS, body.shape[0])
+        _block_sums(body, part, torch.empty(chunk, BLOCK_ROWS, dtype=torch.int64),
+                    torch.empty(chunk, ROW_WORDS, dtype=torch.int64), chunk)
+        offsets = torch.arange(body.shape[0], dtype=torch.int64) * BLOCK_WORDS
+        b1, b2 = int(part[0].sum()), int(part[1].addcmul_(part[0], offsets).sum())
+        r1, r2 = sums[i] >> 64, sums[i] & _M64  # the rest starts at word body.numel()
+        sums[i] = (((b1 + r1) & _M64) << 64) | ((b2 + r2 + body.numel() * r1) & _M64)
+    return sums
+
+
+def _record(layout: _Layout, others: dict[int, torch.Tensor]) -> dict[int, int]:
+    """Take a capture's checksums: the flat buffer's into `layout.record`, and those of
+    the tensors off the CPU, returned by walk index."""
+    layout.block_sums(layout.record)
+    return dict(zip(others, checksums_of(list(others.values())), strict=True))
+
+
+class _Pending:
+    """Stands for a tensor whose place in a new layout is not known yet."""
+
+
+_PENDING = _Pending()
+
+
+class _Capture:
+    """One capture's walk: the sources in walk order, and where each goes (the slot's
+    current layout if the state still fits it)."""
+
+    __slots__ = ("signature", "old", "views", "srcs", "others", "num_bytes", "fits")
+
+    def __init__(self, layout: _Layout | None) -> None:
+        self.signature: Signature = []
+        self.old: Signature = layout.signature if layout is not None else []
+        self.views = layout.views if layout is not None else []
         self.srcs: list[torch.Tensor] = []
+        self.others: dict[int, torch.Tensor] = {}  # by walk index: tensors off the CPU
         self.num_bytes = 0
+        self.fits = layout is not None
 
-    def run(self) -> None:
-        # One call for all tensors: ~memcpy speed, where a Python loop of `copy_` reaches
-        # half of it on two busy cores (each copy_ its own parallel region).
-        if self.dsts:
-            torch._foreach_copy_(self.dsts, self.srcs)
+    def tensor(self, value: torch.Tensor) -> Any:
+        self.num_bytes += value.nbytes
+        i = len(self.signature)
+        if not value.is_cpu or value.layout != torch.strided:
+            self.signature.append(None)
+            self.others[i] = clone = value.detach().clone()
+            return clone
+        sig = (value.shape, value.dtype)
+        self.signature.append(sig)
+        self.srcs.append(value.detach() if value.requires_grad else value)
+        if self.fits:
+            if i < len(self.views) and self.old[i] == sig:
+                return self.views[i]
+            self.fits = False
+        return _PENDING
+
+    def done(self) -> bool:
+        """Whether every tensor found its place in the current layout."""
+        return self.fits and len(self.signature) == len(self.views)
 
 
-def _copy_into(value: Any, old: Any, copies: _Copies) -> Any:
-    """Deep-copy `value`, reusing tensors of `old` (same structure) as copy targets: new
-    tensors are cloned here, reused ones are queued in `copies`, whose bytes are counted."""
+_SCALAR_TYPES = frozenset(_SCALARS)
+_DICTS = frozenset({dict, OrderedDict})
+
+
+def _copy_into(value: Any, cap: _Capture) -> Any:
+    """Deep-copy `value`'s structure, each tensor replaced by its place in the slot.
+    (Exact-type checks first: this walk runs every step, over every optimizer setting.)"""
+    kind = type(value)
+    if kind in _SCALAR_TYPES:
+        return value
+    if kind in _DICTS:
+        return {k: _copy_into(v, cap) for k, v in value.items()}
+    if kind is torch.Tensor or isinstance(value, torch.Tensor):
+        return cap.tensor(value)
+    if kind is list:
+        return [_copy_into(v, cap) for v in value]
     if isinstance(value, _SCALARS):
         return value
-    if isinstance(value, torch.Tensor):
-        copies.num_bytes += value.numel() * value.element_size()
-        if (isinstance(old, torch.Tensor) and old.shape == value.shape
-                and old.dtype == value.dtype and old.device == value.device):
-            copies.dsts.append(old)
-            copies.srcs.append(value.detach())
-            return old
-        return value.detach().clone()
     if isinstance(value, Mapping):
-        prev = old if isinstance(old, dict) else {}
-        return {k: _copy_into(v, prev.get(k), copies) for k, v in value.items()}
+        return {k: _copy_into(v, cap) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        prev_seq = old if isinstance(old, (list, tuple)) and len(old) == len(value) else None
-        items = [_copy_into(v, prev_seq[i] if prev_seq is not None else None, copies)
-                 for i, v in enumerate(value)]
+        items = [_copy_into(v, cap) for v in value]
         return items if isinstance(value, list) else tuple(items)
     return copy.deepcopy(value)
+
+
+def _place(value: Any, views: Iterator[torch.Tensor | None]) -> Any:
+    """`value` (a tree from `_copy_into`) with every tensor moved into a new layout."""
+    if value is _PENDING or isinstance(value, torch.Tensor):
+        view = next(views)
+        return value if view is None else view
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, dict):
+        return {k: _place(v, views) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_place(v, views) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
 
 
 def _clone(value: Any) -> Any:
@@ -156,31 +365,32 @@ def _tensors(value: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
             yield from _tensors(v, f"{path}.{i}" if path else str(i))
 
 
-def _crc32(t: torch.Tensor) -> int:
-    """CRC-32 of a tensor's row-major bytes, read in place (state tensors are contiguous;
-    another layout is copied first), so the checksum depends on the values, not strides."""
-    if t.device.type != "cpu" or not t.is_contiguous():
-        t = t.cpu().contiguous()
-    num_bytes = t.numel() * t.element_size()
-    if num_bytes == 0:
-        return 0
-    return zlib.crc32((ctypes.c_char * num_bytes).from_address(t.data_ptr()))
-
-
-def _checksum_tree(tree: Any) -> Checksums:
-    return [(path, _crc32(t)) for path, t in _tensors(tree)]
+@dataclass
+class _Slot:
+    step: int = -1
+    tree: Any = None
+    num_bytes: int = 0
+    layout: _Layout | None = None  # its flat buffer holds the tree's CPU tensors
+    others: dict[int, torch.Tensor] = field(default_factory=dict)  # walk index: off-CPU
+    recorded: dict[int, int] | cf.Future[dict[int, int]] | None = None  # others' checksums
 
 
 class SnapshotRing:
-    """The two newest per-step snapshots of one worker's state."""
+    """The two newest per-step snapshots of one worker's state.
 
-    def __init__(self) -> None:
+    `checksum_in_background=True` takes the checksums on a helper thread instead of at the
+    end of `capture` (bench/hook_overhead.py compares the two): `restore`, `checksums` and
+    `verify` of a step, and the capture that reuses its slot two steps later, wait for it;
+    a change to the slot before the thread has read it would go unnoticed."""
+
+    def __init__(self, *, checksum_in_background: bool = False) -> None:
         self._slots = [_Slot(), _Slot()]
-        self._checksummer: cf.ThreadPoolExecutor | None = None  # started on first capture
+        self._background = checksum_in_background
+        self._checksummer: cf.ThreadPoolExecutor | None = None
 
     def capture(self, step: int, state: Mapping[str, Any]) -> None:
-        """Record `state` as the snapshot of `step` (the state before step `step` runs).
-        Returns once the copy is complete; its checksums follow in the background."""
+        """Record `state` as the snapshot of `step` (the state before step `step` runs),
+        copied and checksummed by the time it returns."""
         held = self.steps()
         assert not held or step >= max(held), (step, held)
         if step in held:
@@ -189,16 +399,27 @@ class SnapshotRing:
             return
         slot = min(self._slots, key=lambda s: s.step)
         slot.step = -1  # incomplete while copying
-        if slot.checksums is not None and not slot.checksums.cancel():
-            cf.wait([slot.checksums])  # still reading the buffers about to be overwritten
-        copies = _Copies()
-        slot.tree = _copy_into(state, slot.tree, copies)
-        copies.run()
-        slot.num_bytes = copies.num_bytes
-        if self._checksummer is None:
-            self._checksummer = cf.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="splice-snapshot-crc")
-        slot.checksums = self._checksummer.submit(_checksum_tree, slot.tree)
+        if isinstance(slot.recorded, cf.Future) and not slot.recorded.cancel():
+            cf.wait([slot.recorded])  # still reading the buffers about to be overwritten
+        cap = _Capture(slot.layout)
+        tree = _copy_into(state, cap)
+        if not cap.done():  # first capture into this slot, or the state changed shape
+            slot.layout = _Layout(cap.signature)
+            tree = _place(tree, iter(slot.layout.views))
+        layout = slot.layout
+        assert layout is not None
+        if cap.srcs:
+            # One call for all tensors: ~memcpy speed, where a Python loop of `copy_`
+            # reaches half of it on two busy cores (each copy_ its own parallel region).
+            torch._foreach_copy_(layout.flat_views, cap.srcs)
+        slot.tree, slot.num_bytes, slot.others = tree, cap.num_bytes, cap.others
+        if self._background:
+            if self._checksummer is None:
+                self._checksummer = cf.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="splice-snapshot-sum")
+            slot.recorded = self._checksummer.submit(_record, layout, cap.others)
+        else:
+            slot.recorded = _record(layout, cap.others)
         slot.step = step
 
     def steps(self) -> list[int]:
@@ -210,19 +431,27 @@ class SnapshotRing:
         slot = self._slot(step)
         recorded = self._recorded(slot)
         out = _clone(slot.tree)
-        self._check(slot, recorded, _checksum_tree(out))
+        self._check(slot, recorded, checksums_of([t for _, t in _tensors(out)]))
         return out  # type: ignore[no-any-return]
 
     def checksums(self, step: int) -> dict[str, int]:
-        """CRC-32 of each tensor of the snapshot of `step` as taken at capture, by path
-        (waits for the background computation if it is still running)."""
-        return dict(self._recorded(self._slot(step)))
+        """The checksum (module docstring) of each tensor of the snapshot of `step` as
+        taken at capture, by path."""
+        slot = self._slot(step)
+        return {path: s for (path, _), s in zip(_tensors(slot.tree), self._recorded(slot),
+                                                strict=True)}
 
     def verify(self, step: int) -> None:
         """Check the held snapshot of `step` in place, e.g. before sending it to a peer;
         SnapshotCorrupt (and the snapshot forgotten) if any tensor changed."""
         slot = self._slot(step)
-        self._check(slot, self._recorded(slot), _checksum_tree(slot.tree))
+        recorded = self._recorded(slot)
+        assert slot.layout is not None
+        now = slot.layout.sums()
+        for i, value in zip(slot.others, checksums_of(list(slot.others.values())),
+                            strict=True):
+            now[i] = value
+        self._check(slot, recorded, now)
 
     def buffers(self, step: int) -> dict[str, torch.Tensor]:
         """The ring's own tensors of the snapshot of `step`, by path, not copies: to send
@@ -246,14 +475,21 @@ class SnapshotRing:
         raise SnapshotMissing(f"no snapshot of step {step} here (held: {self.steps()})")
 
     @staticmethod
-    def _recorded(slot: _Slot) -> Checksums:
-        assert slot.checksums is not None, "a held slot always has checksums under way"
-        return slot.checksums.result()
+    def _recorded(slot: _Slot) -> list[int]:
+        """The checksums taken at capture, per tensor in walk order."""
+        assert slot.recorded is not None and slot.layout is not None, "a held slot has both"
+        others = (slot.recorded.result() if isinstance(slot.recorded, cf.Future)
+                  else slot.recorded)
+        sums = slot.layout.per_tensor(slot.layout.record)
+        for i, value in others.items():
+            sums[i] = value
+        return sums
 
     @staticmethod
-    def _check(slot: _Slot, recorded: Checksums, now: Checksums) -> None:
-        bad = [f"{path} (recorded {want:#010x}, now {got:#010x})"
-               for (path, want), (_, got) in zip(recorded, now, strict=True) if want != got]
+    def _check(slot: _Slot, recorded: list[int], now: list[int]) -> None:
+        bad = [f"{path} (recorded {want:#034x}, now {got:#034x})"
+               for (path, _), want, got in zip(_tensors(slot.tree), recorded, now, strict=True)
+               if want != got]
         if bad:
             step, slot.step = slot.step, -1  # no longer a snapshot anyone should train on
             raise SnapshotCorrupt(

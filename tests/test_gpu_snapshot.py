@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from splice.checkpoint import snapshot as cpu_snapshot
 from splice.checkpoint.gpu_snapshot import (
     GpuSnapshotRing,
     SnapshotCorrupt,
@@ -22,6 +23,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def test_without_cuda_the_ring_says_what_to_use_instead() -> None:
     with pytest.raises(RuntimeError, match="SnapshotRing"):
         GpuSnapshotRing()
+
+
+def test_both_rings_raise_the_same_snapshot_corrupt() -> None:
+    # One class: a caller that handles a corrupt CPU snapshot (or any missing one, by
+    # asking a peer) handles a corrupt GPU snapshot the same way.
+    assert SnapshotCorrupt is cpu_snapshot.SnapshotCorrupt
+    assert issubclass(SnapshotCorrupt, SnapshotMissing)
 
 
 def test_state_tensors_names_model_and_optimizer_state() -> None:

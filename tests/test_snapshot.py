@@ -1,25 +1,31 @@
 """Per-step in-memory snapshots (checkpoint/snapshot.py): double buffering, private copies
 and checksums verified on restore.
 
-Checked through the public API only, and against a naive model: a dict of deep copies of
-the two newest captured steps, with the CRC-32 of each tensor's bytes computed here.
-Corruption is injected by flipping a byte of a tensor the ring holds (`ring.buffers`).
+Checked through the public API, and against a naive model: a dict of deep copies of the
+two newest captured steps, with each tensor's checksum computed here from its definition
+(two wrapping sums over little-endian 64-bit words, numpy and plain Python ints). What
+the checksum detects is checked exhaustively where small (every bit of a tensor) and over
+random positions where large (across rows, blocks and chunks of the flat buffer).
+Corruption is injected by flipping bits of a tensor the ring holds (`ring.buffers`).
 """
 
 from __future__ import annotations
 
-import zlib
+import random
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from splice.checkpoint import snapshot as snapshot_module
 from splice.checkpoint.snapshot import (
     SnapshotCorrupt,
     SnapshotMissing,
     SnapshotRing,
+    checksums_of,
     tensor_bytes,
 )
 
@@ -61,12 +67,39 @@ def tensors(tree: Any) -> list[torch.Tensor]:
     return []
 
 
+M64 = (1 << 64) - 1
+
+
+def raw(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def checksum_py(data: bytes) -> int:
+    """The definition, over Python ints: S1 = sum w_i, S2 = sum (i+1) w_i, mod 2^64, of
+    the little-endian 64-bit words of `data` zero-padded; S1 * 2^64 + S2."""
+    data += b"\0" * (-len(data) % 8)
+    words = [int.from_bytes(data[i:i + 8], "little") for i in range(0, len(data), 8)]
+    s1 = sum(words) & M64
+    s2 = sum((i + 1) * w for i, w in enumerate(words)) & M64
+    return (s1 << 64) | s2
+
+
+def checksum_np(data: bytes) -> int:
+    """The same definition with numpy's wrapping uint64 arithmetic (fast: large tensors)."""
+    data += b"\0" * (-len(data) % 8)
+    w = np.frombuffer(data, dtype="<u8")
+    s1 = int(w.sum(dtype=np.uint64))
+    s2 = int((w * np.arange(1, len(w) + 1, dtype=np.uint64)).sum(dtype=np.uint64))
+    return (s1 << 64) | s2
+
+
 def crc(t: torch.Tensor) -> int:
-    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    """The oracle for one tensor (name kept from the CRC-32 days: a tensor's checksum)."""
+    return checksum_np(raw(t))
 
 
 def expected_checksums(tree: Any, path: str = "") -> dict[str, int]:
-    """The oracle: CRC-32 of each tensor's bytes by dotted path, computed independently."""
+    """The oracle: the checksum of each tensor's bytes by dotted path, computed here."""
     if isinstance(tree, torch.Tensor):
         return {path: crc(tree)}
     items = tree.items() if isinstance(tree, dict) else enumerate(tree) \
@@ -190,7 +223,7 @@ def test_snapshot_is_detached_from_autograd() -> None:
 
 # ---- checksums ------------------------------------------------------------------------------
 
-def test_checksums_are_the_crc32_of_each_tensor_by_path() -> None:
+def test_checksums_are_the_defined_sums_of_each_tensor_by_path() -> None:
     ring = SnapshotRing()
     ring.capture(1, make_state(1))
     sums = ring.checksums(1)
@@ -288,6 +321,221 @@ def test_checksums_of_a_step_not_held_is_missing() -> None:
     for call in (ring.checksums, ring.verify, ring.buffers):
         with pytest.raises(SnapshotMissing, match="step 2"):
             call(2)
+
+
+# ---- what the checksum detects ---------------------------------------------------------------
+
+def random_bytes(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def as_tensor(data: bytes) -> torch.Tensor:
+    if not data:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def test_the_definition_two_ways_and_the_ring_agree() -> None:
+    for n in (0, 1, 7, 8, 9, 255, 4096, 4097, 40_000):
+        data = random_bytes(n, n)
+        assert checksum_py(data) == checksum_np(data), n
+        assert checksums_of([as_tensor(data)]) == [checksum_py(data)], n
+    assert checksum_py(b"") == 0
+    assert checksum_py((3).to_bytes(8, "little")) == (3 << 64) | 3  # S1 = 3, S2 = 1*3
+    two = (5).to_bytes(8, "little") + (7).to_bytes(8, "little")
+    assert checksum_py(two) == (12 << 64) | (5 + 2 * 7)
+    # The tail is zero-padded: 3 bytes are the word 0x030201.
+    assert checksum_py(b"\x01\x02\x03") == (0x030201 << 64) | 0x030201
+
+
+def test_checksum_depends_only_on_the_bytes_not_on_dtype_strides_or_layout() -> None:
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(6, 10, generator=g)
+    variants = [base, base.t().contiguous().t(), base.view(torch.int32), base.reshape(60),
+                base.view(torch.uint8)]
+    assert len(set(checksums_of(variants))) == 1
+    # Whatever the chunks of the flat buffer's passes, the values are the same.
+    tensors = [torch.randn(n, generator=g) for n in (1, 100, 3000, 70_000)] + [
+        torch.randint(0, 255, (4099,), dtype=torch.uint8, generator=g)]
+    want = [crc(t) for t in tensors]
+    for chunk in (1, 3, 512, 100_000):
+        layout = snapshot_module._Layout([(t.shape, t.dtype) for t in tensors], chunk)
+        for view, t in zip(layout.flat_views, tensors, strict=True):
+            view.copy_(t)
+        assert layout.sums() == want, chunk
+    # Read in place (large contiguous tensors) or copied into a flat buffer: the same.
+    strided = [torch.stack([t, t])[1] for t in tensors]  # views at an offset
+    ragged = [t.view(torch.uint8)[1:] for t in tensors if t.dtype == torch.float32]
+    assert checksums_of(tensors) == checksums_of([t.clone() for t in tensors]) == want
+    assert checksums_of(strided) == want
+    assert checksums_of(ragged) == [crc(t.clone()) for t in ragged]
+
+
+def test_extreme_words_wrap_mod_2_64_as_defined() -> None:
+    words = torch.tensor([-1, -(2**63), 2**63 - 1, 1, -1, -1] * 700, dtype=torch.int64)
+    assert checksums_of([words]) == [checksum_py(raw(words))]
+
+
+def flipped(data: bytes, bit: int) -> bytes:
+    out = bytearray(data)
+    out[bit // 8] ^= 1 << (bit % 8)
+    return bytes(out)
+
+
+def test_every_single_bit_flip_changes_the_checksum_exhaustively() -> None:
+    """Why it must: flipping bit b of word i adds +-2^b to w_i, so S1 moves by +-2^b, which
+    is not 0 mod 2^64 for b < 64. Checked for every bit of a 3-block tensor with a ragged
+    tail (on the ring's own implementation, 2048 flips per batch)."""
+    data = random_bytes(2 * 4096 + 5, 7)
+    want = checksum_py(data)
+    assert checksum_py(flipped(data, 8 * len(data) - 1)) != want  # the oracle agrees
+    base = as_tensor(data)
+    for first in range(0, 8 * len(data), 4096):
+        bits = torch.arange(first, min(first + 4096, 8 * len(data)))
+        copies = base.repeat(len(bits), 1)
+        copies[torch.arange(len(bits)), bits // 8] ^= (1 << (bits % 8)).to(torch.uint8)
+        assert want not in checksums_of(list(copies))
+
+
+def test_single_bit_flips_at_random_positions_of_a_large_tensor() -> None:
+    t = torch.randn(1_100_000)  # 4.4 MB: several chunks of the flat buffer
+    want = crc(t)
+    rng = random.Random(3)
+    for _ in range(100):
+        bit = rng.randrange(8 * t.numel() * 4)
+        damaged = t.clone()
+        damaged.view(torch.uint8)[bit // 8] ^= 1 << (bit % 8)
+        assert checksums_of([damaged]) != [want], bit
+
+
+def signed(word: int) -> int:
+    return word - (1 << 64) if word >= 1 << 63 else word
+
+
+def test_any_change_confined_to_one_word_is_detected() -> None:
+    """S1 moves by the word's difference, never 0 mod 2^64 when the word changed: every
+    non-zero XOR mask on any one word, including all 64 bits at once, and any new value
+    for the bytes of a ragged last word."""
+    rng = random.Random(5)
+    words = torch.tensor([signed(rng.getrandbits(64)) for _ in range(5001)],
+                         dtype=torch.int64)
+    want = crc(words)
+    masks = [M64, 1 << 63, (1 << 63) | 1, 0xFFFFFFFF00000000] + [
+        rng.randrange(1, 1 << 64) for _ in range(150)]
+    damaged = []
+    for mask in masks:
+        t = words.clone()
+        t[rng.randrange(t.numel())] ^= signed(mask)
+        damaged.append(t)
+    assert all(c != want for c in checksums_of(damaged))
+    data = random_bytes(8 * 100 + 3, 12)
+    tails = [data[:-3] + bytes(rng.getrandbits(8) for _ in range(3)) for _ in range(100)]
+    got = checksums_of([as_tensor(d) for d in tails if d != data])
+    assert checksum_py(data) not in got
+
+
+def swapped(t: torch.Tensor, i: int, j: int) -> torch.Tensor:
+    w = t.clone().view(torch.int64)
+    w[i], w[j] = w[j].clone(), w[i].clone()
+    return w.view(t.dtype)
+
+
+def v2(x: int) -> int:
+    return (x & -x).bit_length() - 1
+
+
+def test_swapped_words_are_detected_as_the_docstring_says() -> None:
+    """A swap of words i < j moves S2 by (w_i - w_j)(j - i), so it is caught unless
+    v2(w_i - w_j) + v2(j - i) >= 64. Random words differ in their low bits: every random
+    swap is caught; the exceptions need words equal in all their low bits."""
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(2 * 60_000, generator=g, dtype=torch.float32)
+    want = crc(t)
+    rng = random.Random(9)
+    pairs = [(0, 1), (0, 59_999), (123, 124)] + [
+        tuple(sorted(rng.sample(range(60_000), 2))) for _ in range(200)]
+    got = checksums_of([swapped(t, i, j) for i, j in pairs])
+    assert all(c != want for c in got)
+
+
+def test_sign_swaps_caught_at_odd_distances_and_the_documented_exception() -> None:
+    """float64 x and -x differ only in bit 63: swapping them moves S2 by 2^63 * (j - i),
+    caught at every odd distance, missed at even ones (as the module docstring says)."""
+    x = torch.full((64,), 1.5, dtype=torch.float64)
+    x[1::2] = -1.5
+    want = crc(x)
+    for i, j in ((0, 1), (0, 3), (10, 33), (62, 63)):
+        assert checksums_of([swapped(x, i, j)]) != [want], (i, j)
+    assert checksums_of([swapped(x, 0, 5)]) != [want]
+    assert checksums_of([swapped(x, 1, 4)]) != [want]
+    assert checksums_of([swapped(x, 0, 2)]) == [want]  # same values: not a change
+    x[2] = -1.5
+    assert checksums_of([swapped(x, 0, 2)]) == [crc(x)]  # the documented blind spot
+    # The exact condition, on random pairs of words differing only in their top bits.
+    rng = random.Random(4)
+    for _ in range(200):
+        top = rng.randrange(1, 12)
+        low = rng.randrange(1 << (64 - top))
+        a = ((rng.randrange(1 << top) << (64 - top)) | low)
+        b = ((rng.randrange(1 << top) << (64 - top)) | low)
+        if a == b:
+            continue
+        n = 4096
+        i, j = sorted(rng.sample(range(n), 2))
+        w = torch.zeros(n, dtype=torch.int64)
+        w[i], w[j] = signed(a), signed(b)
+        caught = v2(a - b) + v2(j - i) < 64
+        assert (checksums_of([swapped(w, i, j)]) != checksums_of([w])) == caught, (i, j)
+
+
+def test_a_flip_in_any_tensor_of_a_real_state_is_named_on_restore() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.Linear(256, 3))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 32)).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+             "rng": torch.get_rng_state(), "step": 1}
+    rng = random.Random(1)
+    for path in list(expected_checksums(state)):
+        ring = SnapshotRing()
+        ring.capture(1, state)
+        held = ring.buffers(1)[path]
+        raw_bytes = held.view(-1).view(torch.uint8)
+        raw_bytes[rng.randrange(raw_bytes.numel())] ^= 1 << rng.randrange(8)
+        with pytest.raises(SnapshotCorrupt, match=rf"1 of \d+ tensors changed since "
+                                                  rf"capture: {path} \(recorded"):
+            ring.restore(1)
+
+
+def test_checksums_in_the_background_thread_give_the_same_results() -> None:
+    ring = SnapshotRing(checksum_in_background=True)
+    inline = SnapshotRing()
+    for s in range(1, 5):
+        ring.capture(s, make_state(s, size=300))
+        inline.capture(s, make_state(s, size=300))
+    assert ring.steps() == [3, 4]
+    for s in (3, 4):
+        assert ring.checksums(s) == inline.checksums(s) == expected_checksums(
+            make_state(s, size=300))
+        assert_same(ring.restore(s), make_state(s, size=300))
+    flip_byte(ring.buffers(4)["model.w"], 17)
+    with pytest.raises(SnapshotCorrupt, match=r"step 4 .*model\.w"):
+        ring.verify(4)
+    assert ring.steps() == [3]
+
+
+def test_a_state_whose_shapes_change_gets_a_new_layout_and_right_checksums() -> None:
+    ring = SnapshotRing()
+    ring.capture(1, {"w": torch.ones(3)})
+    ring.capture(2, {"w": torch.ones(3)})
+    ring.capture(3, {"w": torch.ones(3), "m": torch.zeros(5000)})  # optimizer state appears
+    ring.capture(4, {"w": torch.ones(3, dtype=torch.float64), "m": torch.zeros(5000)})
+    ring.capture(5, {"w": torch.full((3,), 2.0, dtype=torch.float64), "m": torch.ones(5000)})
+    assert ring.steps() == [4, 5]
+    assert ring.checksums(5) == expected_checksums(
+        {"w": torch.full((3,), 2.0, dtype=torch.float64), "m": torch.ones(5000)})
+    assert_same(ring.restore(4), {"w": torch.ones(3, dtype=torch.float64),
+                                  "m": torch.zeros(5000)})
 
 
 # ---- against a naive model ----------------------------------------------------------------
