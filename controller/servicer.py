@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import grpc
@@ -73,35 +73,35 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                 return
             yield out
 
-    def StopJob(self, request: pb.StopJobRequest,
-                context: grpc.ServicerContext) -> pb.JobStatus:
+    def _admin(self, context: grpc.ServicerContext, job_id: str, action: str,
+               run: Callable[[], pb.JobStatus]) -> pb.JobStatus:
+        """An administrative call: the caller must be an admin, this replica the leader,
+        and the job known."""
         try:
-            self._c.check_admin(context, f"stop job {request.job_id!r}")
+            self._c.check_admin(context, action)
         except PermissionError as e:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
         if not self._c.leading:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"not the leader; ask {self._c._leader_hint() or 'the leader'}")
         try:
-            return self._c.stop_job(request.job_id, request.reason or "stopped by an operator")
+            return run()
         except KeyError:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
-            raise
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {job_id!r}")
+            raise  # unreachable: abort raises
+
+    def StopJob(self, request: pb.StopJobRequest,
+                context: grpc.ServicerContext) -> pb.JobStatus:
+        return self._admin(context, request.job_id, f"stop job {request.job_id!r}",
+                           lambda: self._c.stop_job(request.job_id,
+                                                    request.reason or "stopped by an operator"))
 
     def CheckReplicas(self, request: pb.CheckReplicasRequest,
                       context: grpc.ServicerContext) -> pb.JobStatus:
-        try:
-            self._c.check_admin(context, f"check the replicas of job {request.job_id!r}")
-        except PermissionError as e:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
-        if not self._c.leading:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"not the leader; ask {self._c._leader_hint() or 'the leader'}")
-        try:
-            return self._c.check_replicas(request.job_id, request.reason or "on demand")
-        except KeyError:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown job {request.job_id!r}")
-            raise
+        return self._admin(context, request.job_id,
+                           f"check the replicas of job {request.job_id!r}",
+                           lambda: self._c.check_replicas(request.job_id,
+                                                          request.reason or "on demand"))
 
     def GetJobStatus(self, request: pb.JobStatusRequest,
                      context: grpc.ServicerContext) -> pb.JobStatus:

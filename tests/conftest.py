@@ -4,6 +4,7 @@ tests. Every process a test starts is killed when the test ends."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -85,6 +86,14 @@ def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool 
     return summary, records
 
 
+def assert_losses_match(records: dict, reference: dict[int, float]) -> None:
+    """Every step each worker logged has the uninterrupted run's global loss."""
+    for wid, rec in records.items():
+        for step, loss in rec["losses"].items():
+            assert math.isclose(loss, reference[step], rel_tol=1e-6, abs_tol=1e-9), (
+                f"{wid} step {step}: {loss} != reference {reference[step]}")
+
+
 @pytest.fixture
 def job_dir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
@@ -95,4 +104,4 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda it: 1 if it.get_closest_marker("integration") else 0)
 
 
-__all__ = ["JOB_TIMEOUT_S", "os", "run_fault_job"]
+__all__ = ["JOB_TIMEOUT_S", "assert_losses_match", "os", "run_fault_job"]

@@ -3,13 +3,12 @@ gone. Losses after the resume must equal the uninterrupted run's, step for step.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 
 from splice.checkpoint.persist import PersistentStore
-from tests.conftest import run_fault_job
+from tests.conftest import assert_losses_match, run_fault_job
 
 pytestmark = pytest.mark.integration
 
@@ -21,13 +20,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
     summary, records = run_fault_job(tmp_path_factory.mktemp("reference"), steps=STEPS)
     assert summary["phase"] == "complete", summary["logs"]
     return next(iter(records.values()))["losses"]
-
-
-def assert_losses_match(records: dict, reference: dict[int, float]) -> None:
-    for wid, rec in records.items():
-        for step, loss in rec["losses"].items():
-            assert math.isclose(loss, reference[step], rel_tol=1e-6, abs_tol=1e-9), (
-                f"{wid} step {step}: {loss} != reference {reference[step]}")
 
 
 def test_a_cold_start_resumes_from_the_newest_checkpoint(

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from splice.localjob import LocalJob
-from tests.conftest import JOB_TIMEOUT_S, run_fault_job
+from tests.conftest import JOB_TIMEOUT_S, assert_losses_match, run_fault_job
 
 pytestmark = pytest.mark.integration
 
@@ -33,13 +33,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
     curve = next(iter(records.values()))["losses"]
     assert sorted(curve) == list(range(STEPS))
     return curve
-
-
-def assert_losses_match(records: dict, reference: dict[int, float]) -> None:
-    for wid, rec in records.items():
-        for step, loss in rec["losses"].items():
-            assert math.isclose(loss, reference[step], rel_tol=1e-6, abs_tol=1e-9), (
-                f"{wid} step {step}: {loss} != reference {reference[step]}")
 
 
 def test_a_warm_spare_replaces_a_crashed_worker(tmp_path: Path,
