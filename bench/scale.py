@@ -9,6 +9,9 @@ simulated second sends ONE Telemetry message: a StepReport per worker for the st
 just ended (compute ~0.6 s with 5 % lognormal jitter, wait filling the 1 s step,
 completed_at_s) and a WorkerProgress per worker (one all_reduce per step; the counters
 as the agent would read them at that instant). Agents are spread evenly over the second.
+The generator writes each message pre-serialized (`TelemetryEncoder`: the same bytes
+the protobuf setters would produce, a numpy assignment per field) so that one core
+can feed 100,000 ranks; one HTTP/2 connection carries 8 streams.
 
 Per scale N it injects one straggler (a rank's compute x1.5 from some step) and then a
 hang (one rank stops mid-compute; every other rank waits in that step's all_reduce
@@ -192,6 +195,105 @@ def controller_main(conn: Any, sc: Scenario, cpu: int) -> None:
     conn.send("stopped")
 
 
+# ---- the generator's encoder -----------------------------------------------------------------
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+class TelemetryEncoder:
+    """One agent's Telemetry message, serialized straight into a byte template.
+
+    Building K StepReports and K WorkerProgress with protobuf setters costs the generator
+    microseconds per rank, too much for 100,000 ranks on one core; here every field is
+    written explicitly with a fixed width (doubles; one-byte varints for steps and
+    sequence numbers, so < 128), and each step only overwrites the variable fields, one
+    numpy assignment per field over the agent's ranks. It parses to the same message the
+    setters would build (test: tests/test_scale_sim.py).
+    """
+
+    def __init__(self, wids: list[str], *, epoch: int, num_samples: int, collective_bytes: int,
+                 op: str, op_bytes: int) -> None:
+        import numpy as np
+        self._np = np
+        self.k = len(wids)
+        self._templates: dict[bool, tuple[Any, dict[str, Any]]] = {}
+        for with_steps in (True, False):
+            buf = bytearray()
+            offs: dict[str, list[int]] = collections.defaultdict(list)
+
+            def sub(field: int, body: bytes, where: dict[str, int], buf: bytearray = buf,
+                    offs: dict[str, list[int]] = offs) -> None:
+                head = _varint(field << 3 | 2) + _varint(len(body))
+                for name, at in where.items():
+                    offs[name].append(len(buf) + len(head) + at)
+                buf.extend(head + body)
+
+            for w in wids:   # field 1: WorkerProgress
+                b, where = self._fields(w, epoch, (
+                    ("p_step", 3, "v"), ("p_seq_entered", 4, "v"), ("p_seq_exited", 5, "v"),
+                    ("p_in_collective_since_s", 6, "d"), ("p_last_progress_s", 7, "d"),
+                    ("op", 8, op), ("op_bytes", 9, op_bytes), ("p_heartbeat_s", 10, "d")))
+                sub(1, b, where)
+            if with_steps:
+                for w in wids:   # field 2: StepReport
+                    b, where = self._fields(w, epoch, (
+                        ("s_step", 3, "v"), ("s_loss", 4, "d"), ("s_step_time_s", 5, "d"),
+                        ("s_completed_at_s", 6, "d"), ("num_samples", 7, num_samples),
+                        ("s_compute_s", 8, "d"), ("s_wait_s", 9, "d"),
+                        ("collective_bytes", 10, collective_bytes)))
+                    sub(2, b, where)
+            buf.extend(_varint(3 << 3 | 1))   # sent_at_s
+            offs["sent_at_s"].append(len(buf))
+            buf.extend(bytes(8))
+            arr = np.frombuffer(buf, dtype=np.uint8).copy()
+            self._templates[with_steps] = (arr, {n: np.asarray(v, dtype=np.int64)
+                                                 for n, v in offs.items()})
+
+    @staticmethod
+    def _fields(wid: str, epoch: int, spec: tuple[tuple[str, int, Any], ...]
+                ) -> tuple[bytes, dict[str, int]]:
+        raw = wid.encode()
+        body = bytearray(_varint(1 << 3 | 2) + _varint(len(raw)) + raw)
+        body += _varint(2 << 3) + _varint(epoch)
+        where = {}
+        for name, field, kind in spec:
+            if kind == "d":
+                body += _varint(field << 3 | 1)
+                where[name] = len(body)
+                body += bytes(8)
+            elif kind == "v":
+                body += _varint(field << 3)
+                where[name] = len(body)
+                body += b"\0"
+            elif isinstance(kind, str):
+                body += _varint(field << 3 | 2) + _varint(len(kind.encode())) + kind.encode()
+            else:
+                body += _varint(field << 3) + _varint(kind)
+        return bytes(body), where
+
+    def encode(self, with_steps: bool, values: dict[str, Any]) -> bytes:
+        """Serialized Telemetry; `values`: field name -> scalar or array over the ranks."""
+        np = self._np
+        arr, offs = self._templates[with_steps]
+        for name, v in values.items():
+            at = offs[name]
+            if name[2:] in ("step", "seq_entered", "seq_exited"):
+                v = np.broadcast_to(np.asarray(v, dtype=np.int64), at.shape)
+                assert 0 <= v.min() and v.max() < 128, name
+                arr[at] = v.astype(np.uint8)
+            else:
+                v = np.broadcast_to(np.asarray(v, dtype="<f8"), at.shape)
+                arr[at[:, None] + np.arange(8)] = np.ascontiguousarray(v).view(
+                    np.uint8).reshape(-1, 8)
+        return arr.tobytes()
+
+
 # ---- the load generator process ------------------------------------------------------------
 
 def generator_main(conn: Any, sc: Scenario, port: int, cpu: int, t_form_deadline: float
@@ -209,15 +311,19 @@ async def _generate(conn: Any, sc: Scenario, port: int, form_deadline_s: float,
 
     from splice.controller.service import PROTOCOL_VERSION
     from splice.proto import controller_pb2 as pb
-    from splice.proto import controller_pb2_grpc as pb_grpc
 
     K, A, P = sc.ranks_per_agent, sc.num_agents, sc.period_s
-    # Several connections: one HTTP/2 connection per 32 streams.
+    # Several connections: one HTTP/2 connection per 8 streams (flow control is per
+    # connection too: with 500 ranks an agent's message is ~100 KB).
     channels = [grpc.aio.insecure_channel(
         f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1),
                                       ("grpc.max_send_message_length", 64 << 20)])
-        for _ in range(math.ceil(A / 32))]
-    stubs = [pb_grpc.ControllerStub(ch) for ch in channels]
+        for _ in range(math.ceil(A / 8))]
+    # The Attach method with a serializer that passes pre-encoded messages through.
+    stubs = [ch.stream_stream(
+        "/splice.v1.Controller/Attach",
+        request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
+        response_deserializer=pb.ControllerMessage.FromString) for ch in channels]
     formed = asyncio.Event()
     kills: list[tuple[float, str]] = []
     t_form0 = time.time()
@@ -244,7 +350,7 @@ async def _generate(conn: Any, sc: Scenario, port: int, form_deadline_s: float,
     calls = []
     readers = []
     for a in range(A):
-        call = stubs[a % len(stubs)].Attach()
+        call = stubs[a % len(stubs)]()
         await call.write(pb.AgentMessage(hello=pb.AgentHello(
             protocol_version=PROTOCOL_VERSION, job_id=JOB, node_id=node_id(a),
             num_workers=K, hostname=node_id(a))))
@@ -284,13 +390,10 @@ async def _generate(conn: Any, sc: Scenario, port: int, form_deadline_s: float,
     async def agent(a: int) -> None:
         call = calls[a]
         offset = (a + 0.5) / A * P * 0.9
-        msg = pb.AgentMessage(telemetry=pb.Telemetry())
-        tel = msg.telemetry
-        for w in range(K):
-            tel.steps.add(worker_id=worker(a, w), epoch=1, num_samples=32,
-                          collective_bytes=1 << 26)
-            tel.progress.add(worker_id=worker(a, w), epoch=1, op="all_reduce",
-                             op_bytes=1 << 26)
+        enc = TelemetryEncoder([worker(a, w) for w in range(K)], epoch=1, num_samples=32,
+                               collective_bytes=1 << 26, op="all_reduce", op_bytes=1 << 26)
+        head = _varint(6 << 3 | 2)   # AgentMessage.telemetry
+        local_hang = h_rank - a * K if a * K <= h_rank < (a + 1) * K else None
         for done in range(0, end_step):          # `done`: the step that just ended
             at = t0 + (done + 1) * P + offset
             delay = at - time.time()
@@ -302,55 +405,41 @@ async def _generate(conn: Any, sc: Scenario, port: int, form_deadline_s: float,
             into = now - (t0 + cur * P)
             hung = done >= sc.hang_step          # step `hang_step` never completes
             lo, hi = a * K, (a + 1) * K
-            step_c = comp[min(done, sc.hang_step), lo:hi].tolist()
-            cur_c = comp[min(cur, sc.hang_step), lo:hi].tolist()
+            step_c = comp[min(done, sc.hang_step), lo:hi]
+            cur_c = comp[min(cur, sc.hang_step), lo:hi]
             slowest = slowest_of[min(done, sc.hang_step)]
-            if hung:
-                del tel.steps[:]
-            for w in range(K):
-                r = a * K + w
-                if not hung:
-                    rep = tel.steps[w]
-                    rep.step = done
-                    rep.compute_s = step_c[w]
-                    rep.wait_s = slowest - step_c[w] + TRANSFER_FRACTION * P
-                    rep.step_time_s = slowest + TRANSFER_FRACTION * P
-                    rep.completed_at_s = t0 + done * P + rep.step_time_s
-                    rep.loss = 2.0 / (1 + done)
-                wp = tel.progress[w]
-                if cur >= sc.hang_step:          # the hang: nobody gets past hang_step
-                    h0 = t0 + sc.hang_step * P
-                    if r == h_rank:              # stopped 0.1 s into its compute
-                        wp.step, wp.seq_entered, wp.seq_exited = sc.hang_step, sc.hang_step, \
-                            sc.hang_step
-                        wp.in_collective_since_s = 0.0
-                        wp.last_progress_s = h0
-                        wp.heartbeat_s = h0 + 0.1 * P
-                        continue
-                    entered = h0 + cur_c[w]
-                    if now >= entered:           # waits in the all_reduce forever
-                        wp.step, wp.seq_entered, wp.seq_exited = sc.hang_step, \
-                            sc.hang_step + 1, sc.hang_step
-                        wp.in_collective_since_s = entered
-                        wp.last_progress_s = entered
-                    else:
-                        wp.step, wp.seq_entered, wp.seq_exited = sc.hang_step, \
-                            sc.hang_step, sc.hang_step
-                        wp.in_collective_since_s = 0.0
-                        wp.last_progress_s = h0
-                    wp.heartbeat_s = now
-                    continue
-                wp.step = cur
-                if into < cur_c[w]:
-                    wp.seq_entered = wp.seq_exited = cur
-                    wp.in_collective_since_s = 0.0
-                    wp.last_progress_s = t0 + cur * P
-                else:
-                    wp.seq_entered, wp.seq_exited = cur + 1, cur
-                    wp.in_collective_since_s = wp.last_progress_s = t0 + cur * P + cur_c[w]
-                wp.heartbeat_s = now
-            tel.sent_at_s = time.time()
-            await call.write(msg)
+            v: dict[str, Any] = {}
+            if not hung:
+                step_time = slowest + TRANSFER_FRACTION * P
+                v.update(s_step=done, s_compute_s=step_c,
+                         s_wait_s=slowest - step_c + TRANSFER_FRACTION * P,
+                         s_step_time_s=step_time, s_completed_at_s=t0 + done * P + step_time,
+                         s_loss=2.0 / (1 + done))
+            if cur >= sc.hang_step:              # the hang: nobody gets past hang_step
+                h0 = t0 + sc.hang_step * P
+                entered = h0 + cur_c
+                inside = now >= entered          # waits in the all_reduce forever
+                seq_in = np.where(inside, sc.hang_step + 1, sc.hang_step)
+                since = np.where(inside, entered, 0.0)
+                last = np.where(inside, entered, h0)
+                beat = np.full(K, now)
+                if local_hang is not None:       # stopped 0.1 s into its compute
+                    seq_in[local_hang], since[local_hang] = sc.hang_step, 0.0
+                    last[local_hang], beat[local_hang] = h0, h0 + 0.1 * P
+                v.update(p_step=sc.hang_step, p_seq_entered=seq_in,
+                         p_seq_exited=sc.hang_step, p_in_collective_since_s=since,
+                         p_last_progress_s=last, p_heartbeat_s=beat)
+            else:
+                computing = into < cur_c
+                start = t0 + cur * P
+                v.update(p_step=cur, p_seq_entered=np.where(computing, cur, cur + 1),
+                         p_seq_exited=cur,
+                         p_in_collective_since_s=np.where(computing, 0.0, start + cur_c),
+                         p_last_progress_s=np.where(computing, start, start + cur_c),
+                         p_heartbeat_s=now)
+            v["sent_at_s"] = time.time()
+            body = enc.encode(not hung, v)
+            await call.write(head + _varint(len(body)) + body)
 
     injected = {"straggler": t0 + sc.straggler_step * P, "hang": t0 + (sc.hang_step + 0.1) * P}
     result.update(t0=t0, injected=injected)
@@ -534,7 +623,11 @@ def _start_py_spy(pid: int, duration_s: float) -> tuple[subprocess.Popen[bytes],
 
 def _finish_py_spy(p: subprocess.Popen[bytes], path: str) -> dict[str, Any]:
     """Top functions by samples (self and inclusive), from py-spy's collapsed stacks."""
-    p.wait(timeout=60)
+    try:
+        p.wait(timeout=60)
+    except subprocess.TimeoutExpired:   # py-spy could not keep up: keep what it wrote
+        p.kill()
+        p.wait()
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     total = 0

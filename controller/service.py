@@ -62,6 +62,8 @@ def allow_everyone(context: grpc.ServicerContext, action: str) -> None:
     del context, action
 
 PROTOCOL_VERSION = pb.PROTOCOL_VERSION_1
+# Worker ids remembered per node as already checked (telemetry path); more are forgotten.
+_MAX_KNOWN_WIDS = 65536
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -550,19 +552,37 @@ class Controller(Leadership):
         in a batch they are expected around every recovery), progress feeds detectors."""
         rt = self._jobs[session.job_id]
         epoch = rt.state.epoch
-        for wid in [r.worker_id for r in batch.steps] + [p.worker_id for p in batch.progress]:
-            problem = self._check_worker_id(session, wid)
-            if problem:  # the whole batch is refused: none of it is applied
-                session.outbox.put(refusal("MALFORMED", problem))
-                return
+        steps, progress = batch.steps, batch.progress
+        problem = self._check_worker_ids(
+            session, [r.worker_id for r in steps] + [p.worker_id for p in progress])
+        if problem:  # the whole batch is refused: none of it is applied
+            session.outbox.put(refusal("MALFORMED", problem))
+            return
         session.replacements_ready = batch.replacements_ready
-        for rep in batch.steps:
-            if rep.epoch == epoch:
-                rt.view.step_reported(rep, epoch)
+        rt.view.steps_reported([rep for rep in steps if rep.epoch == epoch], epoch)
         if self.metrics is not None:
             self.metrics.telemetry_batch(len(batch.steps) + len(batch.progress), batch.dropped)
         if self.telemetry is not None:
             self.telemetry.observe(session.job_id, session.node_id, batch, epoch)
+
+    def _check_worker_ids(self, session: AgentSession, wids: list[str]) -> str:
+        """The first problem with these worker ids, in order ("" if none). The ids already
+        accepted from each node are remembered (bounded), so a steady stream of telemetry
+        costs one set test per batch instead of parsing every id."""
+        cache: dict[str, set[str]] | None = getattr(self, "_telemetry_wids", None)
+        if cache is None:
+            cache = self._telemetry_wids = {}
+        known = cache.get(session.node_id)
+        if known is not None and known.issuperset(wids):
+            return ""
+        for wid in wids:
+            problem = self._check_worker_id(session, wid)
+            if problem:
+                return problem
+        if known is None or len(known) + len(wids) > _MAX_KNOWN_WIDS:
+            known = cache[session.node_id] = set()
+        known.update(wids)
+        return ""
 
     @staticmethod
     def _check_worker_id(session: AgentSession, wid: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from splice.proto import controller_pb2 as pb
@@ -17,11 +18,9 @@ from splice.proto import controller_pb2 as pb
 class _Progress:
     node_id: str
     pid: int = 0
-    last_step: int = 0
-    last_loss: float = 0.0
-    last_step_time_s: float = 0.0
-    last_compute_s: float = 0.0
-    last_wait_s: float = 0.0
+    # The worker's newest step report of the job's epoch (read when the status is asked
+    # for): keeping a reference costs one assignment per report on the telemetry path.
+    last: pb.StepReport | None = None
 
 
 class JobView:
@@ -48,14 +47,19 @@ class JobView:
             p.pid = pid
 
     def step_reported(self, report: pb.StepReport, current_epoch: int) -> None:
+        self.steps_reported((report,), current_epoch)
+
+    def steps_reported(self, reports: Sequence[pb.StepReport], current_epoch: int) -> None:
+        """Step reports of the job's current epoch (the caller drops the others)."""
+        if not reports:
+            return
         with self._lock:
-            p = self._progress.get(report.worker_id)
-            if p is not None:
-                p.last_step = report.step
-                p.last_loss = report.loss
-                p.last_step_time_s = report.step_time_s
-                p.last_compute_s = report.compute_s
-                p.last_wait_s = report.wait_s
+            progress = self._progress
+            for report in reports:
+                p = progress.get(report.worker_id)
+                if p is not None:
+                    p.last = report
+            report = reports[0]
             if report.epoch == current_epoch and report.epoch not in self._first_step_seen:
                 self._first_step_seen.add(report.epoch)
                 self._timeline.append(pb.TimelineEvent(
@@ -68,7 +72,12 @@ class JobView:
             status.timeline.extend(self._timeline)
             status.verdicts.extend(self._verdicts)
             for wid, p in sorted(self._progress.items()):
-                status.workers.append(pb.WorkerStatus(
-                    worker_id=wid, node_id=p.node_id, pid=p.pid, last_step=p.last_step,
-                    last_loss=p.last_loss, last_step_time_s=p.last_step_time_s, rank=-1,
-                    last_compute_s=p.last_compute_s, last_wait_s=p.last_wait_s))
+                r = p.last
+                if r is None:
+                    status.workers.append(pb.WorkerStatus(
+                        worker_id=wid, node_id=p.node_id, pid=p.pid, rank=-1))
+                else:
+                    status.workers.append(pb.WorkerStatus(
+                        worker_id=wid, node_id=p.node_id, pid=p.pid, last_step=r.step,
+                        last_loss=r.loss, last_step_time_s=r.step_time_s, rank=-1,
+                        last_compute_s=r.compute_s, last_wait_s=r.wait_s))

@@ -13,9 +13,10 @@ clean steps: no flapping. Everything here is deterministic; no clock is read.
 from __future__ import annotations
 
 import statistics
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from splice.controller.telemetry import LinkProbe, StepRecord
 
@@ -79,15 +80,42 @@ class StragglerVerdict:
     reason: str
 
 
-@dataclass
-class _Track:
-    """What the detector remembers about one rank for one kind of slowness."""
+class _Tracks:
+    """What the detector remembers about every rank for one kind of slowness, as arrays
+    indexed by rank (grown on demand): the per-step update is vectorised over ranks."""
 
-    cusum: float = 0.0
-    streak: int = 0            # consecutive evidence steps
-    clean: int = 0             # consecutive clean steps while flagged
-    flagged: bool = False
-    ratios: deque[float] = field(default_factory=deque)
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.exists = np.zeros(0, dtype=bool)   # the rank has been observed
+        self.cusum = np.zeros(0)
+        self.streak = np.zeros(0, dtype=np.int64)   # consecutive evidence steps
+        self.clean = np.zeros(0, dtype=np.int64)    # consecutive clean steps while flagged
+        self.flagged = np.zeros(0, dtype=bool)
+        self.count = np.zeros(0, dtype=np.int64)    # ratios ever recorded
+        self.ring = np.zeros((0, window))           # the last `window` ratios, circular
+
+    def grow(self, size: int) -> None:
+        old = len(self.cusum)
+        if size <= old:
+            return
+        size = max(size, 2 * old)
+        pad = size - old
+        self.exists = np.concatenate([self.exists, np.zeros(pad, dtype=bool)])
+        self.cusum = np.concatenate([self.cusum, np.zeros(pad)])
+        self.streak = np.concatenate([self.streak, np.zeros(pad, dtype=np.int64)])
+        self.clean = np.concatenate([self.clean, np.zeros(pad, dtype=np.int64)])
+        self.flagged = np.concatenate([self.flagged, np.zeros(pad, dtype=bool)])
+        self.count = np.concatenate([self.count, np.zeros(pad, dtype=np.int64)])
+        self.ring = np.concatenate([self.ring, np.zeros((pad, self.window))])
+
+    def ratios(self, rank: int) -> list[float]:
+        """The rank's kept ratios, oldest first."""
+        n = int(self.count[rank])
+        k = min(n, self.window)
+        return [float(self.ring[rank, i % self.window]) for i in range(n - k, n)]
+
+    def is_flagged(self, rank: int) -> bool:
+        return rank < len(self.flagged) and bool(self.flagged[rank])
 
 
 class StragglerDetector:
@@ -95,97 +123,133 @@ class StragglerDetector:
                  ) -> None:
         self.config = config
         self.node_of = dict(node_of or {})
-        self._tracks: dict[tuple[int, str], _Track] = {}
+        self._tracks = {COMPUTE: _Tracks(config.score_window_steps),
+                        LINK: _Tracks(config.score_window_steps)}
 
     @property
     def flagged(self) -> dict[int, str]:
-        """Ranks flagged now, with the kind of slowness."""
-        return {r: k for (r, k), t in sorted(self._tracks.items()) if t.flagged}
+        """Ranks flagged now, with the kind of slowness (link wins when both are)."""
+        c, li = self._tracks[COMPUTE].flagged, self._tracks[LINK].flagged
+        out: dict[int, str] = {}
+        for r in np.flatnonzero(c).tolist():
+            out[r] = COMPUTE
+        for r in np.flatnonzero(li).tolist():
+            out[r] = LINK
+        return dict(sorted(out.items()))
 
     def observe(self, steps: Sequence[StepRecord]) -> list[StragglerVerdict]:
         """Feed one step's records (one per rank); verdicts for ranks flagged or cleared."""
-        cfg = self.config
-        if len(steps) < cfg.min_ranks:
+        if len(steps) < self.config.min_ranks:
             return []
-        step = max(s.step for s in steps)
+        last = {s.rank: s for s in steps}   # one record per rank (the last one)
+        return self.observe_arrays(
+            max(s.step for s in steps), np.fromiter(last, dtype=np.int64, count=len(last)),
+            np.array([s.compute_s for s in last.values()], dtype=float),
+            np.array([s.wait_s for s in last.values()], dtype=float),
+            np.array([s.share for s in last.values()], dtype=float))
+
+    def observe_arrays(self, step: int, ranks: np.ndarray, compute_s: np.ndarray,
+                       wait_s: np.ndarray, share: np.ndarray) -> list[StragglerVerdict]:
+        """`observe` over parallel arrays (one entry per rank, ranks distinct, compute and
+        wait >= 0, share > 0): the same statistics, vectorised over the ranks."""
+        cfg = self.config
+        if len(ranks) < cfg.min_ranks:
+            return []
         # Compute time per unit of batch share: a rebalanced rank keeps its true speed.
-        compute = {s.rank: s.compute_s / s.share for s in steps}
+        compute = compute_s / share
         # Time in collectives not explained by waiting for slower peers: a rank that
         # finished computing early waits (max compute - its compute) before anyone can
         # move; what is left is its own transfer time.
-        slowest = max(s.compute_s for s in steps)
-        transfer = {s.rank: max(0.0, s.wait_s - (slowest - s.compute_s)) for s in steps}
-        c_med = statistics.median(compute.values())
+        slowest = compute_s.max()
+        transfer = np.maximum(0.0, wait_s - (slowest - compute_s))
+        c_med = _median(compute)
         if c_med <= 0:
             return []
-        step_med = statistics.median(s.compute_s + transfer[s.rank] for s in steps)
+        step_med = _median(compute_s + transfer)
         c_z = _robust_z(compute, cfg.min_rel_spread * c_med)
         # A slow link between two of four nodes slows half the ranks: the median would sit
         # between the two groups, so transfers are compared with the lower quartile.
         t_base, t_z = _robust_z_low(transfer, cfg.min_rel_spread * step_med)
-
+        c_ratio = compute / c_med
+        # The link "ratio": how much longer this rank's step is because of its own
+        # transfers, relative to the median step.
+        l_ratio = (1.0 + (transfer - t_base) / step_med if step_med > 0
+                   else np.ones(len(ranks)))
+        changes = {COMPUTE: self._update(COMPUTE, ranks, c_ratio, c_z),
+                   LINK: self._update(LINK, ranks, l_ratio, t_z)}
+        zs = {COMPUTE: c_z, LINK: t_z}
+        todo = sorted({(int(ranks[i]), kind, i, what) for kind, ch in changes.items()
+                       for what, idx in ch.items() for i in idx.tolist()})
+        # Rare: flags and clears, applied in rank order (compute before link), as a rank
+        # at a time would see them.
         verdicts = []
-        for s in sorted(steps, key=lambda s: s.rank):
-            c_ratio = compute[s.rank] / c_med
-            # The link "ratio": how much longer this rank's step is because of its own
-            # transfers, relative to the median step.
-            l_ratio = 1.0 + (transfer[s.rank] - t_base) / step_med if step_med > 0 else 1.0
-            for kind, ratio, z in ((COMPUTE, c_ratio, c_z[s.rank]),
-                                   (LINK, l_ratio, t_z[s.rank])):
-                v = self._update(s.rank, kind, ratio, z, step)
-                if v is not None:
-                    verdicts.append(v)
+        for rank, kind, i, what in todo:
+            v = self._transition(rank, kind, what, float(zs[kind][i]), step)
+            if v is not None:
+                verdicts.append(v)
         # A slow link drags compute-normal ranks only; a compute flag explains both.
         return [v for v in verdicts
                 if not (v.kind == LINK and v.active and self._is_flagged(v.rank, COMPUTE))]
 
     def _is_flagged(self, rank: int, kind: str) -> bool:
-        t = self._tracks.get((rank, kind))
-        return t is not None and t.flagged
+        return self._tracks[kind].is_flagged(rank)
 
-    def _update(self, rank: int, kind: str, ratio: float, z: float, step: int
-                ) -> StragglerVerdict | None:
+    def _update(self, kind: str, ranks: np.ndarray, ratio: np.ndarray, z: np.ndarray
+                ) -> dict[str, np.ndarray]:
+        """Every rank's CUSUM, streak and clean count; the positions (into `ranks`) of the
+        ranks that now qualify to be flagged or cleared."""
         cfg = self.config
-        t = self._tracks.setdefault((rank, kind), _Track())
-        t.ratios.append(ratio)
-        if len(t.ratios) > cfg.score_window_steps:
-            t.ratios.popleft()
-        excess = min(ratio - 1.0, cfg.max_increment)
-        t.cusum = max(0.0, t.cusum + excess - cfg.slack)
-        evidence = ratio - 1.0 > cfg.slack and z >= cfg.z_min
-        t.streak = t.streak + 1 if evidence else 0
-        if not t.flagged:
-            if t.cusum >= cfg.threshold and t.streak >= cfg.persistence_steps:
-                if kind == LINK and self._is_flagged(rank, COMPUTE):
-                    return None
-                t.flagged, t.clean = True, 0
-                return self._verdict(rank, kind, t, z, step, active=True)
-            return None
-        t.clean = 0 if evidence else t.clean + 1
-        if t.clean >= cfg.clear_after_steps:
-            t.flagged, t.cusum, t.streak = False, 0.0, 0
-            return self._verdict(rank, kind, t, z, step, active=False)
-        return None
+        t = self._tracks[kind]
+        t.grow(int(ranks.max()) + 1)
+        t.exists[ranks] = True
+        count = t.count[ranks]
+        t.ring[ranks, count % t.window] = ratio
+        t.count[ranks] = count + 1
+        excess = np.minimum(ratio - 1.0, cfg.max_increment)
+        cusum = np.maximum(0.0, t.cusum[ranks] + excess - cfg.slack)
+        t.cusum[ranks] = cusum
+        evidence = (ratio - 1.0 > cfg.slack) & (z >= cfg.z_min)
+        streak = np.where(evidence, t.streak[ranks] + 1, 0)
+        t.streak[ranks] = streak
+        flagged = t.flagged[ranks]
+        clean = np.where(flagged, np.where(evidence, 0, t.clean[ranks] + 1), t.clean[ranks])
+        t.clean[ranks] = clean
+        flag = ~flagged & (cusum >= cfg.threshold) & (streak >= cfg.persistence_steps)
+        clear = flagged & (clean >= cfg.clear_after_steps)
+        return {"flag": np.flatnonzero(flag), "clear": np.flatnonzero(clear)}
 
-    def _verdict(self, rank: int, kind: str, t: _Track, z: float, step: int, *,
+    def _transition(self, rank: int, kind: str, what: str, z: float, step: int
+                    ) -> StragglerVerdict | None:
+        t = self._tracks[kind]
+        if what == "flag":
+            if kind == LINK and self._is_flagged(rank, COMPUTE):
+                return None
+            t.flagged[rank], t.clean[rank] = True, 0
+            return self._verdict(rank, kind, t, z, step, active=True)
+        t.flagged[rank], t.cusum[rank], t.streak[rank] = False, 0.0, 0
+        return self._verdict(rank, kind, t, z, step, active=False)
+
+    def _verdict(self, rank: int, kind: str, t: _Tracks, z: float, step: int, *,
                  active: bool) -> StragglerVerdict:
         cfg = self.config
+        ratios = t.ratios(rank)
+        streak, cusum = int(t.streak[rank]), float(t.cusum[rank])
         # Flagging: the slowdown over the evidence streak (older steps may predate it).
         # Clearing: over the whole window.
-        recent = list(t.ratios)[-t.streak:] if active and t.streak else list(t.ratios)
+        recent = ratios[-streak:] if active and streak else ratios
         score = statistics.median(recent)
         node = self.node_of.get(rank)
         evidence: dict[str, float | int | str] = {
-            "median_ratio": round(score, 4), "last_ratio": round(t.ratios[-1], 4),
-            "robust_z": round(z, 2), "cusum": round(t.cusum, 3),
-            "cusum_threshold": cfg.threshold, "evidence_steps": t.streak,
-            "window_steps": len(t.ratios)}
+            "median_ratio": round(score, 4), "last_ratio": round(ratios[-1], 4),
+            "robust_z": round(z, 2), "cusum": round(cusum, 3),
+            "cusum_threshold": cfg.threshold, "evidence_steps": streak,
+            "window_steps": len(ratios)}
         if node is not None:
             evidence["node"] = node
         where = f" on node {node}" if node is not None else ""
         if kind == LINK and active:
-            nodes = sorted({self.node_of[r] for (r, k), tr in self._tracks.items()
-                            if k == LINK and tr.flagged and r in self.node_of})
+            nodes = sorted({self.node_of[r] for r in np.flatnonzero(t.flagged).tolist()
+                            if r in self.node_of})
             if nodes:
                 evidence["link_flagged_nodes"] = ",".join(nodes)
                 where += f" (link-slow ranks so far on node {', '.join(nodes)})"
@@ -194,8 +258,8 @@ class StragglerDetector:
         if active:
             reason = (f"rank {rank}{where} is a {kind} straggler at step {step}: its {what} "
                       f"is {score:.2f}x the group median over the last {len(recent)} "
-                      f"steps (robust z {z:.1f}; CUSUM {t.cusum:.2f} >= {cfg.threshold} "
-                      f"after {t.streak} consecutive slow steps)")
+                      f"steps (robust z {z:.1f}; CUSUM {cusum:.2f} >= {cfg.threshold} "
+                      f"after {streak} consecutive slow steps)")
         else:
             reason = (f"rank {rank}{where} cleared as a {kind} straggler at step {step}: "
                       f"{cfg.clear_after_steps} consecutive clean steps, median ratio now "
@@ -204,25 +268,34 @@ class StragglerDetector:
                                 evidence=evidence, reason=reason)
 
 
-def _robust_z(values: Mapping[int, float], min_spread: float) -> dict[int, float]:
+def _median(values: np.ndarray) -> float:
+    """The median as statistics.median computes it (the mean of the middle two)."""
+    n = len(values)
+    k = n // 2
+    if n % 2:
+        return float(np.partition(values, k)[k])
+    part = np.partition(values, (k - 1, k))
+    return (float(part[k - 1]) + float(part[k])) / 2
+
+
+def _robust_z(values: np.ndarray, min_spread: float) -> np.ndarray:
     """(value - median) / (1.4826 MAD), the spread floored at `min_spread`."""
-    med = statistics.median(values.values())
-    mad = statistics.median(abs(v - med) for v in values.values())
+    med = _median(values)
+    mad = _median(np.abs(values - med))
     sigma = max(_MAD_TO_SIGMA * mad, min_spread, 1e-12)
-    return {r: (v - med) / sigma for r, v in values.items()}
+    return (values - med) / sigma
 
 
-def _robust_z_low(values: Mapping[int, float], min_spread: float
-                  ) -> tuple[float, dict[int, float]]:
+def _robust_z_low(values: np.ndarray, min_spread: float) -> tuple[float, np.ndarray]:
     """Lower quartile as the baseline, spread (MAD) of the lower half: robust while up to
     three quarters of the ranks are affected."""
-    ordered = sorted(values.values())
-    base = ordered[(len(ordered) - 1) // 4]
+    ordered = np.sort(values)
+    base = float(ordered[(len(ordered) - 1) // 4])
     lower = ordered[:(len(ordered) + 1) // 2]
-    mid = statistics.median(lower)
-    mad = statistics.median(abs(v - mid) for v in lower)
+    mid = _median(lower)
+    mad = _median(np.abs(lower - mid))
     sigma = max(_MAD_TO_SIGMA * mad, min_spread, 1e-12)
-    return base, {r: (v - base) / sigma for r, v in values.items()}
+    return base, (values - base) / sigma
 
 
 # ---- links --------------------------------------------------------------------------------

@@ -17,15 +17,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from splice.controller import job as jobs
-from splice.controller.hang import HangConfig, HangDetector, HangVerdict
+from splice.controller.hang import HangConfig, HangDetector, HangVerdict, threshold_s
 from splice.controller.policy import Policy, PolicyState, decide
 from splice.controller.stragglers import (
     StragglerConfig,
     StragglerDetector,
     StragglerVerdict,
 )
-from splice.controller.telemetry import RankProgress, StepRecord
+from splice.controller.telemetry import RankProgress
 from splice.proto import controller_pb2 as pb
 
 if TYPE_CHECKING:
@@ -71,6 +73,13 @@ class _JobTelemetry:
     freshest_s: float = 0.0   # newest last_progress_s seen from any rank of this epoch
     steps_in_epoch: int = 0   # step reports of this epoch (0: its first step is running)
     node_sent_s: dict[str, float] = field(default_factory=dict)  # last batch per agent
+    shares: Any = None                 # the membership's shares as an array (cached)
+    shares_of: tuple[float, ...] | None = None
+    nodes: frozenset[str] = frozenset()   # the members' nodes (cached)
+    nodes_of: tuple[str, ...] | None = None
+    # freshest_s when the hang detector last diagnosed a stall: until some rank moves,
+    # diagnosing again would find the same (already reported) stall.
+    diagnosed_at: float | None = None
 
 
 class TelemetryHub:
@@ -90,20 +99,35 @@ class TelemetryHub:
         if m is None:
             return
         verdicts: list[StragglerVerdict] = []
+        ranks = m._ranks
+        ep = m.epoch
         with self._lock:
-            t = self._fresh(job_id, m.epoch)
+            t = self._fresh(job_id, ep)
+            progress, freshest = t.progress, t.freshest_s
             for wp in batch.progress:
-                t.progress[wp.worker_id] = wp
+                progress[wp.worker_id] = wp
+                last = wp.last_progress_s
+                if last > freshest:
+                    freshest = last
+            t.freshest_s = freshest
+            pending, step_times = t.pending, t.step_times
             touched = set()
+            n = 0
             for rep in batch.steps:
-                if rep.epoch != m.epoch or not m.has(rep.worker_id):
+                if rep.epoch != ep:
                     continue
-                t.step_times.append(rep.step_time_s)
-                t.steps_in_epoch += 1
-                t.pending.setdefault(rep.step, {})[rep.worker_id] = rep
-                touched.add(rep.step)
-            for wp in batch.progress:
-                t.freshest_s = max(t.freshest_s, wp.last_progress_s)
+                wid = rep.worker_id
+                if wid not in ranks:
+                    continue
+                step_times.append(rep.step_time_s)
+                n += 1
+                step = rep.step
+                reports = pending.get(step)
+                if reports is None:
+                    reports = pending[step] = {}
+                reports[wid] = rep
+                touched.add(step)
+            t.steps_in_epoch += n
             t.node_sent_s[node_id] = batch.sent_at_s
             verdicts = self._complete_steps(t, m, touched)
         for v in verdicts:
@@ -117,6 +141,7 @@ class TelemetryHub:
             t.pending.clear()
             t.hang = HangDetector(self.config.hang)
             t.freshest_s = 0.0
+            t.diagnosed_at = None
             t.steps_in_epoch = 0
             m = self._c.job_state(job_id).membership
             members = m.members if m is not None else ()
@@ -139,15 +164,29 @@ class TelemetryHub:
             if reports is None or len(reports) != m.world_size:
                 continue
             del t.pending[step]
-            records = [StepRecord(rank=m.rank_of(w), epoch=m.epoch, step=step,
-                                  compute_s=max(0.0, r.compute_s), wait_s=max(0.0, r.wait_s),
-                                  end_s=r.completed_at_s, share=m.shares[m.rank_of(w)])
-                       for w, r in reports.items()]
-            out += t.stragglers.observe(records)
+            # The step's records as arrays over its ranks (what StepRecord would hold:
+            # negative times read as 0, compute compared per unit of batch share).
+            n = len(reports)
+            ranks = np.fromiter(map(m._ranks.__getitem__, reports), dtype=np.int64, count=n)
+            reps = list(reports.values())
+            compute = np.fromiter([r.compute_s for r in reps], dtype=float, count=n)
+            wait = np.fromiter([r.wait_s for r in reps], dtype=float, count=n)
+            compute = np.where(compute > 0.0, compute, 0.0)
+            wait = np.where(wait > 0.0, wait, 0.0)
+            out += t.stragglers.observe_arrays(step, ranks, compute, wait,
+                                               self._shares(t, m)[ranks])
         if len(t.pending) > self.config.max_pending_steps:
             for step in sorted(t.pending)[:-self.config.max_pending_steps]:
                 del t.pending[step]
         return out
+
+    @staticmethod
+    def _shares(t: _JobTelemetry, m: jobs.Membership) -> np.ndarray:
+        if t.shares_of is not m.shares:
+            t.shares, t.shares_of = np.asarray(m.shares, dtype=float), m.shares
+            if len(t.shares) and not (t.shares > 0).all():
+                raise ValueError(f"step record share must be > 0: {m.shares}")
+        return t.shares
 
     # ---- hangs (the controller's loop thread) -------------------------------------------------
     def tick(self) -> None:
@@ -168,21 +207,35 @@ class TelemetryHub:
                 # costs O(1), not a walk over every rank every tick.
                 if now - t.freshest_s <= self.config.hang.floor_s:
                     continue
-                # A controller that fell behind must not mistake stale telemetry for a
-                # stall: every agent must have reported since the apparent stall began.
-                if min(t.node_sent_s.get(n, 0.0) for n in m.nodes()) < t.freshest_s:
-                    continue
-                ranks = {}
-                for w in m.members:
-                    wp = t.progress.get(w)
-                    if wp is not None and wp.epoch == m.epoch:
-                        ranks[m.rank_of(w)] = to_rank_progress(m.rank_of(w), wp)
                 step_times = list(t.step_times)
-                detector = t.hang
                 # The first step after members joined includes building their model and
                 # receiving a peer's snapshot: not a hang unless it outlasts the grace.
                 grace_s = (self.config.hang.join_grace_s
                            if state.joined and t.steps_in_epoch == 0 else 0.0)
+                # Nor closer until nothing has moved for the detector's own threshold, and
+                # not again for a stall already diagnosed (nobody moved since): a walk over
+                # every rank is then done once per stall, not every tick.
+                limit = max(grace_s, threshold_s(self.config.hang, step_times))
+                if now - t.freshest_s <= limit or t.diagnosed_at == t.freshest_s:
+                    continue
+                # A controller that fell behind must not mistake stale telemetry for a
+                # stall: every agent must have reported after the stall outlasted the
+                # threshold (by the agents' clocks, not by when their batches were read;
+                # this costs at most one telemetry interval of detection latency).
+                if t.nodes_of is not m.members:
+                    t.nodes, t.nodes_of = m.nodes(), m.members
+                sent = t.node_sent_s
+                if min(sent.get(n, 0.0) for n in t.nodes) - t.freshest_s <= limit:
+                    continue
+                progress, ep = t.progress, m.epoch
+                ranks = {}
+                for r, w in enumerate(m.members):
+                    wp = progress.get(w)
+                    if wp is not None and wp.epoch == ep:
+                        ranks[r] = to_rank_progress(r, wp)
+                detector = t.hang
+                if detector is not None and len(ranks) >= m.world_size:
+                    t.diagnosed_at = t.freshest_s
             if detector is None or len(ranks) < m.world_size:
                 continue
             verdict = detector.observe(ranks, step_times, now, min_threshold_s=grace_s)

@@ -456,3 +456,30 @@ def test_closed_stream_is_a_lost_node(h: Harness) -> None:
     # The node id is free again once its session is gone.
     again = h.agent()
     again.attach("b")
+
+
+def test_telemetry_for_another_nodes_worker_is_refused_after_accepted_batches(
+        h: Harness) -> None:
+    """Worker ids accepted once are remembered per node (the telemetry fast path): a later
+    batch naming another node's worker is still refused whole."""
+    a = h.agent()
+    b = h.agent()
+    h.form(a, b)
+
+    def batch(*wids: str, step: int) -> pb.AgentMessage:
+        t = pb.Telemetry(sent_at_s=1.0)
+        for w in wids:
+            t.steps.add(worker_id=w, epoch=1, step=step, loss=0.5, step_time_s=0.1)
+            t.progress.add(worker_id=w, epoch=1, step=step)
+        return pb.AgentMessage(telemetry=t)
+
+    b.send(batch("b/0", step=3))
+    b.barrier("b")
+    steps = {w.worker_id: w.last_step for w in h.controller.job_status(JOB).workers}
+    assert steps["b/0"] == 3
+    b.send(batch("b/0", "a/0", step=4))
+    b.barrier_request("b")
+    first = b.recv()
+    assert first.WhichOneof("kind") == "refusal" and first.refusal.code == Code.MALFORMED
+    b.expect_refusal(Code.STALE_EPOCH)
+    assert {w.worker_id: w.last_step for w in h.controller.job_status(JOB).workers} == steps

@@ -23,3 +23,37 @@ def test_small_simulated_job_keeps_up_and_names_both_culprits() -> None:
     assert row["straggler_culprit_correct"] and row["straggler_false_verdicts"] == 0, row
     assert row["hang_culprit_correct"] and row["hang_false_verdicts"] == 0, row
     assert row["final_phase"] == "running", row
+
+
+def test_generator_encoder_parses_to_the_message_the_setters_build() -> None:
+    import numpy as np
+
+    from bench.scale import TelemetryEncoder, worker
+    from splice.proto import controller_pb2 as pb
+
+    k = 5
+    wids = [worker(3, w) for w in range(k)]
+    enc = TelemetryEncoder(wids, epoch=1, num_samples=32, collective_bytes=1 << 26,
+                           op="all_reduce", op_bytes=1 << 26)
+    c = np.random.default_rng(1).random(k)
+    entered = np.array([7, 8, 8, 7, 8])
+    for with_steps in (True, False):
+        v = dict(p_step=7, p_seq_entered=entered, p_seq_exited=7,
+                 p_in_collective_since_s=np.where(c > .5, c, 0.0), p_last_progress_s=c + 3,
+                 p_heartbeat_s=123.5, sent_at_s=99.25)
+        if with_steps:
+            v.update(s_step=6, s_compute_s=c, s_wait_s=1 - c, s_step_time_s=1.05,
+                     s_completed_at_s=7.5, s_loss=0.25)
+        want = pb.Telemetry(sent_at_s=99.25)
+        for w in range(k):
+            want.progress.add(worker_id=wids[w], epoch=1, op="all_reduce", op_bytes=1 << 26,
+                              step=7, seq_entered=int(entered[w]), seq_exited=7,
+                              in_collective_since_s=float(v["p_in_collective_since_s"][w]),
+                              last_progress_s=float(c[w] + 3), heartbeat_s=123.5)
+        if with_steps:
+            for w in range(k):
+                want.steps.add(worker_id=wids[w], epoch=1, num_samples=32,
+                               collective_bytes=1 << 26, step=6, compute_s=float(c[w]),
+                               wait_s=float(1 - c[w]), step_time_s=1.05, completed_at_s=7.5,
+                               loss=0.25)
+        assert pb.Telemetry.FromString(enc.encode(with_steps, v)) == want

@@ -265,3 +265,24 @@ def test_no_verdict_on_identical_ranks_with_noise_below_slack(n: int, seed: int,
 def test_config_is_validated(bad: dict) -> None:
     with pytest.raises(ValueError):
         StragglerConfig(**bad)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 10**6), st.integers(3, 40))
+def test_observe_arrays_matches_observe_records(seed: int, n: int) -> None:
+    """The hub feeds parallel arrays; records in any order give the same verdicts."""
+    import numpy as np
+
+    rng = random.Random(seed)
+    slow = {rng.randrange(n): rng.uniform(1.2, 2.0)}
+    a, b = StragglerDetector(StragglerConfig()), StragglerDetector(StragglerConfig())
+    for step in range(60):
+        recs = _steps(seed, slow, n, step)
+        rng.shuffle(recs)
+        va = a.observe(recs)
+        vb = b.observe_arrays(step, np.array([s.rank for s in recs]),
+                              np.array([s.compute_s for s in recs]),
+                              np.array([s.wait_s for s in recs]), np.ones(len(recs)))
+        assert [(v.rank, v.kind, v.active, v.score, v.reason) for v in va] == \
+            [(v.rank, v.kind, v.active, v.score, v.reason) for v in vb]
+        assert a.flagged == b.flagged
