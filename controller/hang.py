@@ -136,8 +136,9 @@ def diagnose(ranks: Mapping[int, RankProgress], now: float, *, stalled_s: float,
         return p.heartbeat_s is not None and now - p.heartbeat_s > heartbeat_timeout_s
 
     kinds: dict[int, str] = {}
+    waiting_here = set(victims)  # a set: this loop runs over every rank (100k of them)
     for r, p in ranks.items():
-        if r in victims:
+        if r in waiting_here:
             continue
         if p.last_step > step or p.last_seq_entered > seq:
             kinds[r] = SKIPPED
