@@ -172,7 +172,7 @@ def test_sharded_optimizer_state_survives_losing_a_whole_node(
 
 
 def test_replicas_go_to_another_node() -> None:
-    from splice.agent.worker.session import replica_shift
+    from splice.agent.worker.state_sources import replica_shift
 
     assert replica_shift(["a/0", "a/1", "b/0", "b/1"]) == 2
     assert replica_shift(["a/0", "b/0", "a/1", "b/1"]) == 1

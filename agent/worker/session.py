@@ -32,6 +32,7 @@ from splice.agent.progress import ProgressWriter
 from splice.agent.worker.batching import BatchConfig, assign_micro_batches
 from splice.agent.worker.channel import AgentLink, AgentLost
 from splice.agent.worker.group import CollectiveAborted, EpochSpec, ResilientGroup
+from splice.agent.worker.state_sources import RecoveryFailed, StateSources
 from splice.checkpoint.snapshot import Frozen, SnapshotRing
 from splice.proto import controller_pb2 as pb
 from splice.proto import local_pb2 as lpb
@@ -44,10 +45,6 @@ __all__ = ["CollectiveAborted", "Evicted", "HookConfig", "RecoveryFailed", "Sess
 
 class Evicted(Exception):
     """The controller formed a membership without this worker; it must stop training."""
-
-
-class RecoveryFailed(Exception):
-    """No usable membership arrived in time after a fault; the job cannot go on here."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,26 +96,12 @@ class StepResult:
         return max(0.0, self.step_time_s - self.wait_s)
 
 
-def replica_shift(members: Sequence[str]) -> int:
-    """Rank r's optimizer shard is replicated on rank (r + shift) % world: the smallest
-    shift that puts every replica on another node than its original (so losing a whole
-    node loses no shard), or 1 when there is no such shift (one node)."""
-    from splice.controller.membership import node_of
-
-    world = len(members)
-    nodes = [node_of(w) for w in members]
-    for shift in range(1, world):
-        if all(nodes[r] != nodes[(r + shift) % world] for r in range(world)):
-            return shift
-    return 1
-
-
 def _seed_for(seed: int, step: int, micro_batch: int) -> int:
     """RNG seed of one global micro-batch: the same on whichever rank runs it."""
     return (seed * 0x9E3779B1 + step * 1_000_003 + micro_batch) % (2**63 - 1)
 
 
-class Session:
+class Session(StateSources):
     def __init__(self, *, worker_id: str, link: AgentLink | None, config: HookConfig) -> None:
         self.worker_id = worker_id
         self.config = config
@@ -289,67 +272,6 @@ class Session:
             return self._zero_reshard()
         return True
 
-    # ---- state for joining members ------------------------------------------------------
-    def _send_state(self, dst: int, to_worker: str) -> bool:
-        """Send this rank's state (just restored: the snapshot of the resume step) to a
-        joining member. False if the epoch broke meanwhile (a newer one follows)."""
-        from splice.checkpoint.codec import pack_state
-
-        t0 = time.perf_counter()
-        head, flat = pack_state(self._state())
-        try:
-            self.group.send_bytes(head, dst, tag=0)
-            self.group.send_buffer(flat, dst, tag=1)
-        except CollectiveAborted as e:
-            log.warning("sending state to %s failed (%s); waiting for the next membership",
-                        to_worker, e)
-            return False
-        log.info("worker %s: sent %.1f MB of step-%d state to %s (rank %d) in %.3f s",
-                 self.worker_id, flat.numel() / 1e6, self.step, to_worker, dst,
-                 time.perf_counter() - t0)
-        return True
-
-    def _receive_state(self) -> bool:
-        """Receive and load the state a peer sends this joining worker. False if the epoch
-        broke meanwhile; a snapshot that fails its checksum is an error, never loaded."""
-        from splice.checkpoint.codec import CorruptState, unpack_state
-
-        assert self._pending_state is not None
-        epoch, step, src, src_worker = self._pending_state
-        if self.group.epoch != epoch:
-            return False
-        t0 = time.perf_counter()
-        if src < 0:
-            return self._load_persisted(step)
-        try:
-            head = self.group.recv_bytes(src, tag=0, max_bytes=1 << 30)
-            flat = self.group.recv_buffer(src, tag=1)
-        except CollectiveAborted as e:
-            log.warning("receiving state from %s failed (%s); waiting for the next "
-                        "membership", src_worker, e)
-            return False
-        try:
-            snap = unpack_state(head, flat)
-        except CorruptState as e:
-            raise RecoveryFailed(f"the state {src_worker} sent is corrupt: {e}") from e
-        if snap.get("step") != step:
-            raise RecoveryFailed(f"{src_worker} sent the state of step {snap.get('step')}, "
-                                 f"expected step {step}")
-        self._load(snap)
-        self._snapshots.discard_after(-1)
-        self._pending_state = None
-        self.restored_from = f"{src_worker} memory, step {step}"
-        if self._zero:
-            self._zero_held = None  # the sender's shards are the sender's, not ours
-            if not self._zero_reshard():
-                return False
-        else:
-            self._snapshots.capture(step, self._state())
-        log.info("worker %s: loaded %.1f MB of step-%d state from %s in %.3f s",
-                 self.worker_id, flat.numel() / 1e6, step, src_worker,
-                 time.perf_counter() - t0)
-        return True
-
     # ---- registration -------------------------------------------------------------------
     def register(self, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                  dataset: Sequence[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor],
@@ -431,79 +353,6 @@ class Session:
             self._zero_replica = self._ring_replica()
         self._snapshots.capture(step, self._state())
 
-    def _ring_replica(self) -> dict[str, Any] | None:
-        """Each rank sends its optimizer shard to the rank `replica_shift` places on (on
-        another node) and keeps the shard of the rank as far behind (k = 1 replication,
-        one point-to-point exchange per snapshot)."""
-        from splice.controller.resharding import partition
-
-        opt: Any = self.optimizer
-        world, rank = self.world_size, self.rank
-        if world == 1:
-            return None
-        shift = replica_shift(self._members)
-        prev = (rank - shift) % world
-        shard = partition(opt.flat.numel(), world, opt.align)[prev]
-        mine = torch.stack([opt._exp_avg, opt._exp_avg_sq])
-        theirs = torch.empty(2, len(shard))
-        self.group.exchange(mine, (rank + shift) % world, theirs, prev, tag=7)
-        return {"start": shard.start, "stop": shard.stop, "step": opt.num_steps,
-                "exp_avg": theirs[0], "exp_avg_sq": theirs[1]}
-
-    def _zero_reshard(self) -> bool:
-        """After a membership change: every rank takes its shard of the new layout from
-        what the members hold (their own old shard and the replica of the previous rank's),
-        exchanging exactly the ranges that move. False if the epoch broke meanwhile."""
-        from splice.agent.worker.zero import ShardStateLost, StateShard, exchange_over
-        from splice.controller.resharding import partition, plan_reshard
-
-        opt: Any = self.optimizer
-        held: list[StateShard] = []
-        old_world = 0
-        if self._zero_held is not None:
-            own, zinfo = self._zero_held
-            old_world = int(zinfo["world"])
-            held.append(StateShard(own["start"], own["stop"], own["step"], own["exp_avg"],
-                                   own["exp_avg_sq"]))
-            if zinfo.get("replica") is not None:
-                r = zinfo["replica"]
-                held.append(StateShard(r["start"], r["stop"], r["step"], r["exp_avg"],
-                                       r["exp_avg_sq"]))
-        try:
-            agree = torch.tensor([float(old_world), float(bool(held))], dtype=torch.float64)
-            self.group.all_reduce(agree)
-            if agree[1].item() == 0:
-                raise RecoveryFailed("no member holds any optimizer shard")
-            old_world = round(agree[0].item() / agree[1].item())
-            holdings = torch.zeros(self.world_size, old_world, dtype=torch.float64)
-            for h in held:
-                old = partition(opt.flat.numel(), old_world, opt.align)
-                holdings[self.rank, next(s for s, rg in enumerate(old)
-                                         if (rg.start, rg.stop) == (h.start, h.stop))] = 1
-            self.group.all_reduce(holdings)
-            holders = {s: [n for n in range(self.world_size) if holdings[n, s] > 0]
-                       for s in range(old_world)}
-            plan = plan_reshard(partition(opt.flat.numel(), old_world, opt.align), holders,
-                                partition(opt.flat.numel(), self.world_size, opt.align))
-            opt.reshard(plan, exchange_over(self.group, plan), held, step=self.step)
-        except CollectiveAborted as e:
-            log.warning("resharding the optimizer state failed (%s); waiting for the next "
-                        "membership", e)
-            return False
-        except ShardStateLost as e:
-            raise RecoveryFailed(f"optimizer state lost with every copy: {e}") from e
-        self._zero_held = None
-        log.info("worker %s: optimizer shard of rank %d/%d from the %d-rank layout (the "
-                 "plan keeps %d elements in place, moves %d)", self.worker_id, self.rank,
-                 self.world_size, old_world, plan.elems_kept, plan.elems_sent)
-        # Every member re-snapshots the resume step in the new layout.
-        self._snapshots.discard_after(-1)
-        try:
-            self._capture(self.step)
-        except CollectiveAborted:
-            return False
-        return True
-
     def _check_budget(self) -> None:
         budget = self.config.snapshot_budget_bytes
         used = self._snapshots.num_bytes
@@ -513,57 +362,6 @@ class Session:
                 f"(the state of steps {self._snapshots.steps()}), over the budget of "
                 f"{budget / 1e6:.1f} MB; raise --snapshot-budget-mb (or "
                 f"HookConfig.snapshot_budget_bytes) or shrink the state")
-
-    def _intact_steps(self) -> list[int]:
-        """Snapshot steps whose checksums still verify. A corrupted one is dropped (the
-        ring forgets it) and not offered: the controller then resumes at a step this
-        worker holds intact, or has a peer send it one."""
-        from splice.checkpoint.snapshot import SnapshotCorrupt
-
-        intact = []
-        for step in self._snapshots.steps():
-            try:
-                self._snapshots.verify(step)
-            except SnapshotCorrupt as e:
-                log.error("worker %s: %s", self.worker_id, e)  # verify() dropped it
-                continue
-            intact.append(step)
-        return intact
-
-    def _newest_persisted(self) -> int | None:
-        if self._persist is None:
-            return None
-        held = self._persist.list()
-        return held[-1].step if held else None
-
-    def _load_persisted(self, step: int) -> bool:
-        """Load the persistent checkpoint of `step` (verified), then check with one
-        collective that every member loaded the same step."""
-        from splice.checkpoint.persist import PersistError
-
-        assert self._persist is not None
-        t0 = time.perf_counter()
-        try:
-            snap = self._persist.load(step)
-        except PersistError as e:
-            raise RecoveryFailed(f"cannot load the persistent checkpoint of step {step}: "
-                                 f"{e}") from e
-        self._load(snap)
-        self._snapshots.discard_after(-1)
-        self._snapshots.capture(step, self._state())
-        self._pending_state = None
-        self.restored_from = f"disk, step {step}"
-        try:
-            steps = self.group.all_reduce(torch.tensor([float(step), 1.0], dtype=torch.float64))
-        except CollectiveAborted:
-            return False
-        if steps[0].item() != step * steps[1].item():
-            raise RecoveryFailed(f"members loaded different persistent checkpoints (mean "
-                                 f"step {steps[0].item() / steps[1].item()}, mine {step})")
-        self._needs_sync = False
-        log.info("worker %s: loaded the persistent checkpoint of step %d in %.3f s",
-                 self.worker_id, step, time.perf_counter() - t0)
-        return True
 
     def _restore(self, step: int) -> None:
         self._load(self._snapshots.restore(step))
