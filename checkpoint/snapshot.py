@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import copy
+import logging
 import math
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -66,6 +67,9 @@ from typing import Any
 
 import torch
 
+from splice.checkpoint.shm import SlotFiles, SlotUnreadable, tree_of
+
+log = logging.getLogger(__name__)
 
 class Frozen:
     """An immutable value kept by reference in a snapshot (no copy, no walk): e.g. the
@@ -111,16 +115,17 @@ class _Layout:
                  "num_blocks", "chunk", "block_tensor", "block_offset", "row_sums",
                  "col_sums", "record")
 
-    def __init__(self, signature: Signature, chunk: int = CHUNK_BLOCKS) -> None:
+    def __init__(self, signature: Signature, chunk: int = CHUNK_BLOCKS,
+                 buffer: torch.Tensor | None = None) -> None:
         self.signature = signature
         rows, cols = BLOCK_ROWS, ROW_WORDS
         block_bytes = 8 * rows * cols
-        blocks = []
-        for sig in signature:
-            nbytes = 0 if sig is None else math.prod(sig[0]) * sig[1].itemsize
-            blocks.append(-(-nbytes // block_bytes))
+        blocks = _blocks_of(signature)
         self.num_tensors, self.num_blocks = len(blocks), sum(blocks)
-        self.words = torch.zeros(self.num_blocks * rows * cols, dtype=torch.int64)
+        # `buffer` (`total_words(signature)` int64, e.g. a shared-memory file): the words,
+        # then the per-block checksums of the last capture.
+        self.words = (torch.zeros(self.num_blocks * rows * cols, dtype=torch.int64)
+                      if buffer is None else buffer[:self.num_blocks * rows * cols])
         self.blocks = self.words.view(self.num_blocks, rows, cols)
         raw = self.words.view(torch.uint8)
         self.views: list[torch.Tensor | None] = []
@@ -144,7 +149,8 @@ class _Layout:
         self.chunk = max(1, min(chunk, self.num_blocks))
         self.row_sums = torch.empty(self.chunk, rows, dtype=torch.int64)
         self.col_sums = torch.empty(self.chunk, cols, dtype=torch.int64)
-        self.record = torch.zeros(2, self.num_blocks, dtype=torch.int64)
+        self.record = (torch.zeros(2, self.num_blocks, dtype=torch.int64) if buffer is None
+                       else buffer[self.num_blocks * rows * cols:].view(2, self.num_blocks))
 
     def block_sums(self, out: torch.Tensor) -> None:
         """Into `out` (2 x blocks): each block's two sums (`_block_sums`)."""
@@ -166,6 +172,19 @@ class _Layout:
         now = torch.empty_like(self.record)
         self.block_sums(now)
         return self.per_tensor(now)
+
+
+def _blocks_of(signature: Signature) -> list[int]:
+    """How many 4 KiB blocks each tensor of a layout takes (0 for one off the CPU)."""
+    block_bytes = 8 * BLOCK_WORDS
+    return [0 if sig is None else -(-math.prod(sig[0]) * sig[1].itemsize // block_bytes)
+            for sig in signature]
+
+
+def total_words(signature: Signature) -> int:
+    """The int64 words a layout of `signature` takes with its checksums."""
+    blocks = sum(_blocks_of(signature))
+    return blocks * BLOCK_WORDS + 2 * blocks
 
 
 def _block_sums(blocks: torch.Tensor, out: torch.Tensor, row_sums: torch.Tensor,
@@ -365,7 +384,7 @@ def _tensors(value: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
             yield from _tensors(v, f"{path}.{i}" if path else str(i))
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: its tensors have no truth value
 class _Slot:
     step: int = -1
     tree: Any = None
@@ -383,10 +402,41 @@ class SnapshotRing:
     `verify` of a step, and the capture that reuses its slot two steps later, wait for it;
     a change to the slot before the thread has read it would go unnoticed."""
 
-    def __init__(self, *, checksum_in_background: bool = False) -> None:
+    def __init__(self, *, checksum_in_background: bool = False,
+                 directory: str | None = None, owner: str = "") -> None:
         self._slots = [_Slot(), _Slot()]
         self._background = checksum_in_background
         self._checksummer: cf.ThreadPoolExecutor | None = None
+        self._files: SlotFiles | None = None
+        if directory:
+            if checksum_in_background:
+                raise ValueError("a ring in shared memory takes its checksums inline")
+            self._files = SlotFiles(directory, owner)
+        self.adopted_from = ""  # the worker whose snapshots `adopt` took over
+
+    def adopt(self) -> list[int]:
+        """Take over the committed snapshots in this ring's directory (a dead worker's,
+        handed over by the agent): the steps now held, unverified (`verify` them)."""
+        if self._files is None or self.steps():
+            return self.steps()
+        for found in self._files.load(total_words):
+            layout = _Layout(found.signature, buffer=found.buffer)
+            try:
+                tree = tree_of(found.skeleton, layout.views)
+            except SlotUnreadable as e:
+                log.warning("snapshot slot %d in %s is not usable: %s", found.index,
+                            self._files.directory, e)
+                continue
+            slot = self._slots[found.index]
+            slot.step, slot.tree, slot.layout = found.step, tree, layout
+            slot.num_bytes, slot.others, slot.recorded = tensor_bytes(tree), {}, {}
+            self.adopted_from = found.owner
+        return self.steps()
+
+    def _forget(self, slot: _Slot) -> None:
+        slot.step = -1
+        if self._files is not None:
+            self._files.begin(self._slots.index(slot))
 
     def capture(self, step: int, state: Mapping[str, Any]) -> None:
         """Record `state` as the snapshot of `step` (the state before step `step` runs),
@@ -398,13 +448,15 @@ class SnapshotRing:
             # rewriting its slot would leave a window with one fewer complete snapshot.
             return
         slot = min(self._slots, key=lambda s: s.step)
-        slot.step = -1  # incomplete while copying
+        self._forget(slot)  # incomplete while copying
         if isinstance(slot.recorded, cf.Future) and not slot.recorded.cancel():
             cf.wait([slot.recorded])  # still reading the buffers about to be overwritten
         cap = _Capture(slot.layout)
         tree = _copy_into(state, cap)
         if not cap.done():  # first capture into this slot, or the state changed shape
-            slot.layout = _Layout(cap.signature)
+            slot.layout = _Layout(cap.signature, buffer=None if self._files is None else
+                                  self._files.allocate(self._slots.index(slot),
+                                                       total_words(cap.signature)))
             tree = _place(tree, iter(slot.layout.views))
         layout = slot.layout
         assert layout is not None
@@ -421,6 +473,8 @@ class SnapshotRing:
         else:
             slot.recorded = _record(layout, cap.others)
         slot.step = step
+        if self._files is not None and not cap.others:  # off-CPU tensors stay private
+            self._files.commit(self._slots.index(slot), step, layout.signature, tree)
 
     def steps(self) -> list[int]:
         return sorted(s.step for s in self._slots if s.step >= 0)
@@ -462,7 +516,7 @@ class SnapshotRing:
         """Forget snapshots newer than `step`: they belong to an abandoned timeline."""
         for s in self._slots:
             if s.step > step:
-                s.step = -1
+                self._forget(s)
 
     @property
     def num_bytes(self) -> int:
@@ -485,13 +539,13 @@ class SnapshotRing:
             sums[i] = value
         return sums
 
-    @staticmethod
-    def _check(slot: _Slot, recorded: list[int], now: list[int]) -> None:
+    def _check(self, slot: _Slot, recorded: list[int], now: list[int]) -> None:
         bad = [f"{path} (recorded {want:#034x}, now {got:#034x})"
                for (path, _), want, got in zip(_tensors(slot.tree), recorded, now, strict=True)
                if want != got]
         if bad:
-            step, slot.step = slot.step, -1  # no longer a snapshot anyone should train on
+            step = slot.step
+            self._forget(slot)  # no longer a snapshot anyone should train on
             raise SnapshotCorrupt(
                 f"snapshot of step {step} is corrupt: {len(bad)} of {len(recorded)} "
                 f"tensors changed since capture: {', '.join(bad[:5])}"

@@ -435,7 +435,7 @@ def _on_recovery_ready(state: JobState, ev: RecoveryReady) -> tuple[JobState, Re
             timeline=(TimelineEntry("fallback", state.epoch, disk.reason),))
     resumed = replace(state, phase=Phase.RUNNING, resume_step=plan.step,
                       recoveries=state.recoveries + 1, joining=frozenset(),
-                      joined=bool(plan.transfers))
+                      joined=bool(joining & set(ready)))
     resume = Resume(state.epoch, plan.step, plan.reason, plan.transfers)
     return resumed, Ready(
         persist_resume=resume,

@@ -103,9 +103,11 @@ def plan_resume(held: Mapping[str, Iterable[int]], joining: Iterable[str] = ()
 
     A snapshot of step k is the state before step k runs, so resuming there re-runs step k
     on the new membership and no optimizer update is applied on some ranks and not others.
-    Members in `joining` hold nothing yet: the step is chosen among the others, and each
-    newcomer is assigned a holder that sends it that snapshot (round robin over holders in
-    rank order, so several newcomers do not all load one peer).
+    Members in `joining` may hold nothing yet: the step is chosen among the others, and
+    each newcomer that does not hold it (one that took a dead worker's place on its node
+    holds what that worker left in shared memory) is assigned a holder that sends it that
+    snapshot (round robin over holders in rank order, so several newcomers do not all load
+    one peer).
     """
     assert held, "plan_resume needs at least one member"
     newcomers = sorted(set(joining) & set(held), key=rank_order)
@@ -118,10 +120,14 @@ def plan_resume(held: Mapping[str, Iterable[int]], joining: Iterable[str] = ()
         plan = plan_resume(holders)
         if isinstance(plan, NoCommonSnapshot):
             return plan
+        adopted = [w for w in newcomers if plan.step in set(held[w])]
+        needy = [w for w in newcomers if w not in adopted]
         sources = sorted(holders, key=rank_order)
-        transfers = tuple((w, sources[i % len(sources)]) for i, w in enumerate(newcomers))
-        sent = "; ".join(f"{src} sends {dst} its snapshot" for dst, src in transfers)
-        return ResumePlan(step=plan.step, reason=f"{plan.reason}; {sent}",
+        transfers = tuple((w, sources[i % len(sources)]) for i, w in enumerate(needy))
+        said = [f"{src} sends {dst} its snapshot" for dst, src in transfers]
+        said += [f"{w} holds it already (its predecessor's, in shared memory)"
+                 for w in adopted]
+        return ResumePlan(step=plan.step, reason=f"{plan.reason}; {'; '.join(said)}",
                           transfers=transfers)
     sets = {w: set(steps) for w, steps in held.items()}
     common = set.intersection(*sets.values())

@@ -46,7 +46,9 @@ def test_a_warm_spare_replaces_a_crashed_worker(tmp_path: Path,
     new = records["node-1/2"]
     assert new["world_size"] == 4
     step = min(new["losses"])
-    assert new["restored_from"] == f"node-0/0 memory, step {step}", new
+    # The spare adopted the snapshots node-1/0 left in the agent's shared memory: no
+    # transfer from a peer.
+    assert new["restored_from"] == f"node-1/0 shared memory, step {step}", new
     assert 14 <= step <= 15  # the consistent step of the fault, nothing replayed twice
     assert sorted(new["losses"]) == list(range(step, STEPS))
     for wid in ("node-0/0", "node-0/1", "node-1/1"):
@@ -54,7 +56,25 @@ def test_a_warm_spare_replaces_a_crashed_worker(tmp_path: Path,
         assert sorted(records[wid]["losses"]) == list(range(STEPS))
     assert_losses_match(records, reference)
     resume = [t for k, e, t in summary["timeline"] if k == "resume"]
-    assert resume and "node-0/0 sends node-1/2 its snapshot" in resume[0]
+    assert resume and "node-1/2 holds it already" in resume[0], resume
+    assert "sends node-1/2" not in resume[0]
+
+
+def test_a_predecessors_corrupted_snapshots_are_refused_and_a_peer_sends_its_own(
+        tmp_path: Path, reference: dict[int, float]) -> None:
+    # node-1/0 damages its snapshots in shared memory, then dies in the same step: the
+    # spare that adopts them finds them corrupt, offers none, and receives node-0/0's.
+    summary, records = run_fault_job(
+        tmp_path, steps=STEPS, die=["node-1/0:12:before"], spares=1, replace=True,
+        extra_args=("--corrupt-snapshots", "node-1/0:12"))
+    assert summary["phase"] == "complete", summary["message"] + summary["logs"]
+    assert "snapshot of step 12 is corrupt" in summary["logs"]
+    assert "adopted the snapshots of steps [11, 12] that node-1/0 left" in summary["logs"]
+    resume = [t for k, e, t in summary["timeline"] if k == "resume"]
+    assert resume and "node-0/0 sends node-1/2 its snapshot" in resume[0], resume
+    new = records["node-1/2"]
+    assert new["restored_from"] == f"node-0/0 memory, step {min(new['losses'])}", new
+    assert_losses_match(records, reference)
 
 
 def test_without_a_spare_a_fresh_process_replaces_the_worker(

@@ -32,7 +32,7 @@ from splice.agent.progress import ProgressWriter
 from splice.agent.worker.batching import BatchConfig, assign_micro_batches
 from splice.agent.worker.channel import AgentLink, AgentLost
 from splice.agent.worker.group import CollectiveAborted, EpochSpec, ResilientGroup
-from splice.agent.worker.state_sources import RecoveryFailed, StateSources
+from splice.agent.worker.state_sources import ADOPTED, RecoveryFailed, StateSources
 from splice.checkpoint.snapshot import Frozen, SnapshotRing
 from splice.proto import controller_pb2 as pb
 from splice.proto import local_pb2 as lpb
@@ -65,6 +65,9 @@ class HookConfig:
     job_id: str = "default"
     # Host memory the in-memory snapshots (two steps' worth) may take; 0: unlimited.
     snapshot_budget_bytes: int = 0
+    # Where the snapshots live: a directory in shared memory the agent owns, so that they
+    # outlive this process and the worker taking its place adopts them (empty: private).
+    snapshot_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.persist_every < 0:
@@ -108,7 +111,7 @@ class Session(StateSources):
         self.group = ResilientGroup(gloo_host=config.gloo_host,
                                     timeout_s=config.collective_timeout_s)
         self._link = link
-        self._snapshots = SnapshotRing()
+        self._snapshots = SnapshotRing(directory=config.snapshot_dir or None, owner=worker_id)
         self.step = 0
         self._shares: tuple[float, ...] = (1.0,)
         self._needs_sync = True  # broadcast rank 0's model before step 0
@@ -193,6 +196,8 @@ class Session(StateSources):
                          store_port=m.store_port, store_prefix=m.store_prefix)
         build = self.group.begin_build(spec, on_done=link.notify)
         if not m.initial:
+            if not self._registered and not self._snapshots.steps():
+                self._adopt_predecessor()
             persisted = self._newest_persisted()
             link.send(lpb.WorkerToAgent(recovery_ready=pb.RecoveryReady(
                 worker_id=self.worker_id, epoch=epoch,
@@ -260,6 +265,10 @@ class Session(StateSources):
             if not self._registered:
                 return True  # register() receives it, once the model exists
             return self._receive_state()
+        if not self._registered:  # a newcomer holding the step: its predecessor's snapshot
+            self._pending_state = (epoch, resume.step, ADOPTED, "")
+            self.step = resume.step
+            return True
         self._restore(resume.step)
         log.info("worker %s: epoch %d, rank %d of %d, resuming at step %d (%s)",
                  self.worker_id, epoch, self.rank, self.world_size, resume.step,
@@ -635,7 +644,8 @@ def init(config: HookConfig | None = None) -> Session:
                             persist_every=int(env.get("SPLICE_PERSIST_EVERY", "0") or 0),
                             job_id=env.get("SPLICE_JOB_ID", "default"),
                             snapshot_budget_bytes=int(float(
-                                env.get("SPLICE_SNAPSHOT_BUDGET_MB", "0") or 0) * 1e6))
+                                env.get("SPLICE_SNAPSHOT_BUDGET_MB", "0") or 0) * 1e6),
+                            snapshot_dir=env.get("SPLICE_SNAPSHOT_DIR", ""))
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")

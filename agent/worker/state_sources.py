@@ -3,6 +3,9 @@ memory (a joining worker), the persistent checkpoint (a cold start, or every in-
 lost), and, for a sharded optimizer, the shards other ranks hold (resharding after a
 membership change). Also which of its own snapshots a worker may still offer.
 
+A newcomer that takes a dead worker's place on the same node adopts the snapshots that
+worker left in shared memory (checkpoint/shm.py): no transfer at all.
+
 A mixin of `Session` (agent/worker/session.py), split out by concept; it uses the session's
 group, link, snapshots, model and optimizer.
 """
@@ -17,8 +20,13 @@ from typing import Any
 import torch
 
 from splice.agent.worker.group import CollectiveAborted
+from splice.checkpoint.snapshot import tensor_bytes
 
 log = logging.getLogger("splice.worker")
+
+# `Session._pending_state`'s source rank for state this worker holds itself: the snapshot
+# its predecessor left in shared memory (-1 is the persistent checkpoint).
+ADOPTED = -2
 
 
 class RecoveryFailed(Exception):
@@ -70,6 +78,8 @@ class StateSources:
         if self.group.epoch != epoch:
             return False
         t0 = time.perf_counter()
+        if src == ADOPTED:
+            return self._load_adopted(step)
         if src < 0:
             return self._load_persisted(step)
         try:
@@ -99,6 +109,40 @@ class StateSources:
         log.info("worker %s: loaded %.1f MB of step-%d state from %s in %.3f s",
                  self.worker_id, flat.numel() / 1e6, step, src_worker,
                  time.perf_counter() - t0)
+        return True
+
+    def _adopt_predecessor(self) -> None:
+        """A newcomer taking a dead worker's place on this node: the agent has handed it
+        that worker's snapshot directory; adopt what it holds (verified before it is
+        offered, like any held snapshot)."""
+        t0 = time.perf_counter()
+        steps = self._snapshots.adopt()
+        if steps:
+            log.info("worker %s: adopted the snapshots of steps %s that %s left in this "
+                     "node's shared memory (%.1f MB, %.3f s)", self.worker_id, steps,
+                     self._snapshots.adopted_from, self._snapshots.num_bytes / 1e6,
+                     time.perf_counter() - t0)
+
+    def _load_adopted(self, step: int) -> bool:
+        """Load the adopted snapshot of `step` (checked against its checksums)."""
+        from splice.checkpoint.snapshot import SnapshotCorrupt
+
+        assert self._pending_state is not None
+        t0 = time.perf_counter()
+        try:
+            snap = self._snapshots.restore(step)
+        except SnapshotCorrupt as e:
+            raise RecoveryFailed(f"the adopted snapshot of step {step} is corrupt: {e}") from e
+        self._load(snap)
+        self._snapshots.discard_after(step)
+        self._pending_state = None
+        source = self._snapshots.adopted_from
+        self.restored_from = f"{source} shared memory, step {step}"
+        log.info("worker %s: loaded %.1f MB of step-%d state from %s shared memory in %.3f s",
+                 self.worker_id, tensor_bytes(snap) / 1e6, step, source,
+                 time.perf_counter() - t0)
+        if self._zero:
+            return self._zero_reshard()
         return True
 
     def _ring_replica(self) -> dict[str, Any] | None:
