@@ -382,6 +382,8 @@ class Agent:
             # The replacement is announced before the exit, so the controller can put it
             # in the lost worker's place in the same epoch.
             self._replace(ex.worker_id)
+        else:  # nobody takes its place here: its snapshots' memory goes back
+            shutil.rmtree(self._snapshot_dir(ex.worker_id), ignore_errors=True)
         log.log(logging.INFO if clean else logging.WARNING,
                 "worker %s (pid %d) exited: %s", ex.worker_id, ex.pid, how)
         if self.metrics is not None:
@@ -406,6 +408,7 @@ class Agent:
             "SPLICE_JOB_ID": self.config.job_id, "SPLICE_NODE_ID": self.config.node_id,
             "SPLICE_LOCAL_RANK": str(local_rank), "SPLICE_GLOO_HOST": self.config.gloo_host,
             "SPLICE_PROGRESS_PATH": progress_path, "SPLICE_SPARE": "1" if spare else "0",
+            "SPLICE_SNAPSHOT_DIR": self._snapshot_dir(wid),
         })
         if self.config.snapshot_budget_mb:
             env["SPLICE_SNAPSHOT_BUDGET_MB"] = str(self.config.snapshot_budget_mb)
@@ -421,6 +424,20 @@ class Agent:
         if not spare:
             self._announce(wid, pid)
         return pid
+
+    def _snapshot_dir(self, wid: str) -> str:
+        """The worker's snapshot directory in this agent's shared memory (checkpoint/shm.py):
+        node-0/1 -> <shm>/snapshots/node-0_1."""
+        return os.path.join(self._shm_dir, "snapshots", wid.replace("/", "_"))
+
+    def _hand_over_snapshots(self, lost: str, to: str) -> None:
+        """The snapshots `lost` left in shared memory become `to`'s (one rename): the
+        newcomer adopts them instead of receiving a peer's over the network."""
+        src, dst = self._snapshot_dir(lost), self._snapshot_dir(to)
+        if not os.path.isdir(src):
+            return
+        shutil.rmtree(dst, ignore_errors=True)  # a spare has written nothing there yet
+        os.rename(src, dst)
 
     def _announce(self, wid: str, pid: int) -> None:
         with self._lock:
@@ -451,10 +468,12 @@ class Agent:
             self._replacements += 1
         if wid is None:
             wid, local = self._new_local_rank()
+            self._hand_over_snapshots(lost, wid)
             pid = self._launch(wid, local, spare=False)
             log.warning("agent %s: no warm spare; started %s (pid %d) to replace %s",
                         self.config.node_id, wid, pid, lost)
             return
+        self._hand_over_snapshots(lost, wid)
         log.warning("agent %s: spare %s takes the place of %s", self.config.node_id, wid,
                     lost)
         self._announce(wid, pid or self._supervisor.pids().get(wid, 0))
