@@ -30,7 +30,7 @@ import mmap
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn
@@ -943,35 +943,39 @@ class Replicator:
 # ---- placement ------------------------------------------------------------------------------
 
 def place_replicas(nodes: Sequence[str], k: int,
-                   domain_of: Callable[[str], str] | None = None) -> dict[str, list[str]]:
+                   domain_of: Mapping[str, str] | Callable[[str], str] | None = None,
+                   ) -> dict[str, list[str]]:
     """Each node's k peers to hold its workers' replicas. Pure.
 
     A node's peers are on other nodes and, whenever k nodes outside its failure domain
-    (`domain_of`: rack, zone; default: each node its own) exist, outside its domain. Among
-    the allowed choices each node picks the least-loaded, so each receives about k. Ties
-    go to the next nodes in an order that interleaves the domains, so results are
-    deterministic. With fewer than k other nodes, each gets all the others."""
+    (`domain_of`: rack, zone; default: each node its own) exist, outside its domain.
+    Nodes are ordered round-robin over the domains (largest first) and each takes as peers
+    the nodes 1, 2, 3, ... places after it, skipping its own domain (a second pass takes
+    those only where too few others exist). Every shift is a bijection, so nodes that
+    accept the same shifts receive exactly k replicas each: always without domains, and
+    with domains of equal size; with unequal ones, about k. With fewer than k other
+    nodes, each gets all the others."""
     if k < 0:
         raise ValueError(f"replica count k must be >= 0, got {k}")
     if len(set(nodes)) != len(nodes):
         raise ValueError(f"duplicate node ids in {list(nodes)}")
-    domain = domain_of or (lambda n: n)
+    if domain_of is None:
+        domain: Callable[[str], str] = lambda n: n  # noqa: E731
+    else:
+        domain = domain_of.__getitem__ if isinstance(domain_of, Mapping) else domain_of
     by_domain: dict[str, list[str]] = {}
     for node in sorted(nodes):
         by_domain.setdefault(domain(node), []).append(node)
-    # Round-robin over the domains, largest first, so neighbours are in other domains.
     groups = sorted(by_domain.values(), key=lambda g: (-len(g), g[0]))
     order = [g[i] for i in range(len(groups[0]) if groups else 0) for g in groups if i < len(g)]
-    position = {n: i for i, n in enumerate(order)}
-    load = dict.fromkeys(order, 0)
-    placement: dict[str, list[str]] = {}
-    n = len(order)
-    for node in order:
-        others = [o for o in order if o != node]
-        others.sort(key=lambda o: (domain(o) == domain(node), load[o],
-                                   (position[o] - position[node]) % n))
-        chosen = others[:k]
-        for o in chosen:
-            load[o] += 1
-        placement[node] = chosen
+    n, want = len(order), min(k, len(order) - 1)
+    placement: dict[str, list[str]] = {node: [] for node in order}
+    for same_domain in (False, True):
+        for shift in range(1, n):
+            if all(len(peers) == want for peers in placement.values()):
+                break
+            for i, node in enumerate(order):
+                peers, target = placement[node], order[(i + shift) % n]
+                if len(peers) < want and (domain(target) == domain(node)) == same_domain:
+                    peers.append(target)
     return placement

@@ -26,6 +26,7 @@ from splice.agent.replication import (
     ReplicaBudgetExceeded,
     ReplicaBusy,
     ReplicaStore,
+    ReplicationError,
     Replicator,
     SnapshotCorrupt,
     SnapshotPeerServicer,
@@ -271,6 +272,49 @@ def test_a_bad_push_is_refused_and_the_held_replica_is_untouched(
     # The store is not wedged: the next good push is taken.
     push(address, JOB, "n1/0", 6, 1, meta, payload(20_000, 3), 4 * KiB)
     assert store.get(JOB, "n1/0").step == 6
+
+
+class AbortSignallingStore(ReplicaStore):
+    """A store that says when a transit was abandoned (the servicer's cleanup ran)."""
+
+    def __init__(self) -> None:
+        super().__init__(0, job_id=JOB)
+        self.aborted = threading.Event()
+
+    def begin(self, header: pb.SnapshotHeader) -> Transit:
+        transit, aborted = super().begin(header), self.aborted
+
+        class Signalling:
+            write, commit = transit.write, transit.commit
+
+            def abort(self) -> None:
+                transit.abort()
+                aborted.set()
+
+        return Signalling()  # type: ignore[return-value]
+
+
+def test_a_sender_vanishing_mid_stream_frees_its_reservation() -> None:
+    store = AbortSignallingStore()
+    server = serve(store, "localhost:0")
+    try:
+        push(server.address, JOB, "n1/0", 1, 1, b"m", payload(50_000))
+        before = state(store)
+
+        def dies_midway() -> Iterator[bytes]:
+            header = pb.SnapshotHeader(job_id=JOB, worker_id="n1/0", step=2, epoch=1)
+            chunks = snapshot_chunks(header, b"m", payload(50_000, 8), 4 * KiB)
+            yield next(chunks)
+            yield next(chunks)
+            raise ConnectionError("sender lost")
+
+        with channel_to(server.address) as channel, \
+                pytest.raises(ReplicationError, match="iterating requests"):
+            push_chunks(channel, dies_midway(), timeout_s=30)
+        assert store.aborted.wait(30)
+        assert state(store) == before and store.bytes_in_transit == 0
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize(("job", "step", "epoch", "error", "text"), [
@@ -535,9 +579,21 @@ def test_place_replicas_properties(num_nodes: int, k: int, domains: list[int] | 
         assert max(load.values()) - min(load.values()) <= 1, load
 
 
+@settings(max_examples=100, deadline=None)
+@given(num_domains=st.integers(2, 4), per_domain=st.integers(1, 4), data=st.data())
+def test_place_replicas_is_balanced_over_equal_domains(num_domains: int, per_domain: int,
+                                                       data: st.DataObject) -> None:
+    domains = {f"n{d}-{i}": f"rack-{d}" for d in range(num_domains) for i in range(per_domain)}
+    k = data.draw(st.integers(0, len(domains) - per_domain))
+    placement = place_replicas(list(domains), k, domains)
+    loads = [sum(n in peers for peers in placement.values()) for n in domains]
+    assert max(loads) - min(loads) <= 1, (k, placement)
+    assert all(domains[p] != domains[n] for n, peers in placement.items() for p in peers)
+
+
 def test_place_replicas_spreads_over_racks() -> None:
     racks = {"a1": "A", "a2": "A", "b1": "B", "b2": "B", "c1": "C", "c2": "C"}
-    placement = place_replicas(sorted(racks), 2, racks.__getitem__)
+    placement = place_replicas(sorted(racks), 2, racks)
     for node, peers in placement.items():
         assert {racks[p] for p in peers} == {"A", "B", "C"} - {racks[node]}, (node, peers)
     loads = [sum(n in p for p in placement.values()) for n in racks]
