@@ -1,15 +1,21 @@
 """Replacement benchmark: a worker is SIGKILLed, a warm spare takes its place, the job is
 back at full strength with a peer's in-memory snapshot.
 
+The kill lands at a uniformly random point of a step (seeded by the run number).
+
 Each run starts a local job (in-process controller, two agents with one warm spare each,
 --replace) training the toy MLP sized so that one rank's state (parameters plus SGD
 momentum) is about --state-mb, waits for some steps, SIGKILLs a non-zero rank and measures:
   detect_s         kill -> the controller has the fault
   full_strength_s  kill -> the first step completed at the original world size
-  state_loaded_s   kill -> the newcomer has loaded a survivor's snapshot (its log line):
-                   detection, the survivors' abort and regroup, the holder's restore,
-                   pack and send, the newcomer's receive, check and load
-  transfer_s       the newcomer's wait for and load of the snapshot (from its log)
+  state_loaded_s   kill -> the newcomer has loaded its state (its log line), the moment
+                   the full-size world can step: detection, the survivors' abort and
+                   regroup, then either the adoption of the snapshot the dead worker
+                   left in the agent's shared memory (check and load), or, when that
+                   one is not the resume step, a survivor's restore, pack and send and
+                   the newcomer's receive, check and load
+  transfer_s       the newcomer's load of the snapshot (from its log)
+  restored_from    "<dead worker> shared memory, step N" or "<peer> memory, step N"
   step_s           the last step time before the fault: full strength is only reached
                    once the first step at full size completes
   state_mb         the snapshot bytes the newcomer received
@@ -28,6 +34,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import sys
 import time
@@ -38,7 +45,7 @@ from splice.localjob import LocalJob, LocalJobConfig, timeline_time, worker_argv
 
 WARMUP_STEPS = 3
 _LOADED = re.compile(r"^(\S+ \S+) \S+ INFO worker \S+: loaded ([0-9.]+) MB of step-(\d+) "
-                     r"state from (\S+) in ([0-9.]+) s", re.M)
+                     r"state from (\S+(?: shared)?) (?:memory )?in ([0-9.]+) s", re.M)
 
 
 def hidden_for(state_mb: float) -> int:
@@ -65,6 +72,9 @@ def one_run(state_mb: float, run: int, timeout_s: float) -> dict[str, object]:
             time.sleep(0.2)  # polling log files, not synchronising processes
         victim = status.members[1 + run % 3]
         step_s = max(w.last_step_time_s for w in status.workers)
+        # A fault strikes at a random point of a step: the status shows a step just after
+        # it ended, when the next step's snapshot is being taken.
+        time.sleep(random.Random(run).uniform(0.0, step_s))
         t_kill = job.kill_worker(victim)
         status = job.wait_until(lambda s: full_strength_at(s, 4, t_kill) is not None,
                                 timeout_s, "full strength")

@@ -29,6 +29,7 @@ checked by the ring's own checksums (`SnapshotRing.verify`) before anything is r
 
 from __future__ import annotations
 
+import array
 import io
 import logging
 import os
@@ -46,9 +47,29 @@ log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<qQI")  # step (-1: incomplete), payload length, CRC-32 of it
 _MAX_META = 64 << 20
-_TENSOR = "__splice_slot_tensor__"
-_FROZEN = "__splice_frozen__"
-_DATA_NAME = re.compile(r"^slot[01]-\d+\.data$")
+_DATA_NAME = re.compile(r"slot[01]-\d{1,9}\.data")
+# What a slot's tensors may be: plain numbers (a quantized or other exotic dtype cannot
+# be rebuilt from bytes alone).
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex64,
+    torch.complex128, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
+    torch.bool)}
+_MAX_ELEMENTS = 1 << 48
+
+
+def _crc(step: int, payload: bytes) -> int:
+    """CRC-32 of the step and the payload: a flipped step is caught like a flipped byte."""
+    return zlib.crc32(payload, zlib.crc32(struct.pack("<q", step)))
+
+
+class Frozen:
+    """An immutable value kept by reference in a snapshot (no copy, no walk): e.g. the
+    Python RNG state, a tuple of 625 ints that would otherwise be walked every step."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
 
 
 class SlotUnreadable(Exception):
@@ -57,7 +78,7 @@ class SlotUnreadable(Exception):
 
 class _NoGlobals(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"a snapshot skeleton may not name {module}.{name}")
+        raise pickle.UnpicklingError(f"a slot record may not name {module}.{name}")
 
 
 @dataclass
@@ -66,56 +87,93 @@ class LoadedSlot:
     index: int
     step: int
     signature: list[tuple[torch.Size, torch.dtype] | None]
-    skeleton: Any
+    tree: bytes  # `dumps_tree` of the snapshot's tree; `loads_tree` over the layout's views
     buffer: torch.Tensor  # int64: the words, then 2 x blocks of checksums
     data_name: str
     owner: str  # the worker that wrote it
 
 
-def skeleton_of(tree: Any) -> Any:
-    """`tree` with each tensor replaced by its walk index (tensors are the slot's views)."""
-    from splice.checkpoint.snapshot import Frozen
-
-    counter = [0]
-
-    def walk(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            counter[0] += 1
-            return {_TENSOR: counter[0] - 1}
-        if isinstance(value, Frozen):
-            return {_FROZEN: value.value}
-        if type(value) is dict:
-            return {k: walk(v) for k, v in value.items()}
-        if type(value) is list:
-            return [walk(v) for v in value]
-        if type(value) is tuple:
-            return tuple(walk(v) for v in value)
-        return value
-
-    return walk(tree)
+class _Tensor:
+    """Pickled in place of a slot's tensor: its index in the layout."""
 
 
-def tree_of(skeleton: Any, views: list[torch.Tensor | None]) -> Any:
-    """The inverse of `skeleton_of` over a layout's views."""
-    from splice.checkpoint.snapshot import Frozen
+class _Pickler(pickle.Pickler):
+    """Pickles a slot's tree in C, called back only for its tensors (their layout index)
+    and `Frozen` values (the Python RNG state's 625 ints packed as bytes: pickling them
+    one by one took ~60 us a step)."""
 
-    def walk(value: Any) -> Any:
-        if type(value) is dict:
-            if len(value) == 1 and _TENSOR in value:
-                i = value[_TENSOR]
-                if not (isinstance(i, int) and 0 <= i < len(views)) or views[i] is None:
-                    raise SlotUnreadable(f"skeleton names tensor {i!r}, not in the layout")
-                return views[i]
-            if len(value) == 1 and _FROZEN in value:
-                return Frozen(value[_FROZEN])
-            return {k: walk(v) for k, v in value.items()}
-        if type(value) is list:
-            return [walk(v) for v in value]
-        if type(value) is tuple:
-            return tuple(walk(v) for v in value)
-        return value
+    def __init__(self, file: io.BytesIO, index: dict[int, int]) -> None:
+        super().__init__(file, protocol=5)
+        self.index = index
 
-    return walk(skeleton)
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is torch.Tensor or isinstance(obj, torch.Tensor):
+            i = self.index.get(id(obj))
+            if i is None:
+                raise SlotUnreadable("a tensor of the tree is not in the slot's layout")
+            return _Tensor, (i,)
+        if isinstance(obj, Frozen):
+            v = obj.value
+            if (isinstance(v, tuple) and len(v) == 3 and isinstance(v[1], tuple)
+                    and all(type(x) is int for x in v[1][:4])):
+                try:
+                    return Frozen, (_RANDOM, v[0], array.array("I", v[1]).tobytes(), v[2])
+                except OverflowError:
+                    pass
+            return Frozen, (v,)
+        return NotImplemented
+
+
+_RANDOM = "__splice_random_state__"
+
+
+def dumps_tree(tree: Any, index: dict[int, int]) -> bytes:
+    """`tree` (a slot's) as bytes; `index` maps id(view) to the view's layout index."""
+    buf = io.BytesIO()
+    _Pickler(buf, index).dump(tree)
+    return buf.getvalue()
+
+
+class _Unpickler(pickle.Unpickler):
+    """Rebuilds plain containers and scalars; the only callables it hands the pickle are
+    the two markers above, which return a layout view or a `Frozen`."""
+
+    def __init__(self, file: io.BytesIO, views: list[torch.Tensor | None]) -> None:
+        super().__init__(file)
+        self.views = views
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == __name__ and name == "_Tensor":
+            return self._view
+        if module == __name__ and name == "Frozen":
+            return _frozen
+        raise pickle.UnpicklingError(f"a snapshot skeleton may not name {module}.{name}")
+
+    def _view(self, i: Any) -> torch.Tensor:
+        if not (type(i) is int and 0 <= i < len(self.views)) or self.views[i] is None:
+            raise SlotUnreadable(f"skeleton names tensor {i!r}, not in the layout")
+        view = self.views[i]
+        assert view is not None
+        return view
+
+
+def _frozen(*args: Any) -> Any:
+    if len(args) == 4 and args[0] == _RANDOM and isinstance(args[2], bytes):
+        words = array.array("I")
+        words.frombytes(args[2])
+        return Frozen((args[1], tuple(words), args[3]))
+    if len(args) != 1:
+        raise SlotUnreadable("malformed frozen value in a skeleton")
+    return Frozen(args[0])
+
+
+def loads_tree(raw: bytes, views: list[torch.Tensor | None]) -> Any:
+    try:
+        return _Unpickler(io.BytesIO(raw), views).load()
+    except SlotUnreadable:
+        raise
+    except Exception as e:
+        raise SlotUnreadable(f"skeleton does not load: {e}") from e
 
 
 def _encode_signature(signature: list[tuple[torch.Size, torch.dtype] | None]) -> list[Any]:
@@ -132,12 +190,17 @@ def _decode_signature(raw: Any) -> list[tuple[torch.Size, torch.dtype] | None]:
             out.append(None)
             continue
         if not (isinstance(s, tuple) and len(s) == 2 and isinstance(s[1], str)
-                and isinstance(s[0], tuple) and all(isinstance(d, int) and d >= 0
-                                                    for d in s[0])):
-            raise SlotUnreadable(f"bad layout entry {s!r}")
-        dtype = getattr(torch, s[1], None)
-        if not isinstance(dtype, torch.dtype):
-            raise SlotUnreadable(f"unknown dtype {s[1]!r}")
+                and isinstance(s[0], tuple) and len(s[0]) <= 64
+                and all(type(d) is int and 0 <= d <= _MAX_ELEMENTS for d in s[0])):
+            raise SlotUnreadable(f"bad layout entry {s!r:.200}")
+        dtype = _DTYPES.get(s[1])
+        if dtype is None:
+            raise SlotUnreadable(f"unknown dtype {s[1]!r:.50}")
+        count = 1
+        for d in s[0]:
+            count *= d
+        if count > _MAX_ELEMENTS or any(d > _MAX_ELEMENTS for d in s[0]):
+            raise SlotUnreadable(f"layout entry of {count} elements")
         out.append((torch.Size(s[0]), dtype))
     return out
 
@@ -151,6 +214,8 @@ class SlotFiles:
         self._fds: dict[int, int] = {}
         self._gen = [0, 0]
         self._data: list[str | None] = [None, None]
+        # Per slot: (the layout's views, the encoded slot record, id(view) -> index).
+        self._cached: list[tuple[Any, bytes, dict[int, int]] | None] = [None, None]
 
     # ---- writer -------------------------------------------------------------------------
     def allocate(self, index: int, num_words: int) -> torch.Tensor:
@@ -186,18 +251,25 @@ class SlotFiles:
         os.pwrite(self._fd(index), _HEADER.pack(-1, 0, 0), 0)
 
     def commit(self, index: int, step: int,
-               signature: list[tuple[torch.Size, torch.dtype] | None], tree: Any) -> None:
-        """Record slot `index` as the complete snapshot of `step`."""
+               signature: list[tuple[torch.Size, torch.dtype] | None],
+               views: list[torch.Tensor | None], tree: Any) -> None:
+        """Record slot `index` as the complete snapshot of `step`: `tree` (the slot's, its
+        tensors among `views`, the layout of `signature`)."""
         name = self._data[index]
         if name is None:
             return
-        payload = pickle.dumps({"data": name, "owner": self.owner, "signature": _encode_signature(signature),
-                                "skeleton": skeleton_of(tree)}, protocol=5)
+        cached = self._cached[index]
+        if cached is None or cached[0] is not views:
+            info = pickle.dumps({"data": name, "owner": self.owner,
+                                 "signature": _encode_signature(signature)}, protocol=5)
+            ids = {id(v): i for i, v in enumerate(views) if v is not None}
+            cached = self._cached[index] = (views, struct.pack("<I", len(info)) + info, ids)
+        payload = cached[1] + dumps_tree(tree, cached[2])
         fd = self._fd(index)
         os.pwrite(fd, payload, _HEADER.size)
         # The header last, in one write: a reader that sees the new step with the old
         # length or CRC fails the CRC check and skips the slot.
-        os.pwrite(fd, _HEADER.pack(step, len(payload), zlib.crc32(payload)), 0)
+        os.pwrite(fd, _HEADER.pack(step, len(payload), _crc(step, payload)), 0)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -219,7 +291,12 @@ class SlotFiles:
                 continue
             if slot is not None:
                 self._data[index] = slot.data_name
-                self._gen[index] = int(slot.data_name.split("-")[1].split(".")[0])
+            # Number the slot's next layouts past every file it has had.
+            names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
+            gens = [int(n[6:-5]) for n in names
+                    if _DATA_NAME.fullmatch(n) and n.startswith(f"slot{index}-")]
+            self._gen[index] = max(gens, default=0)
+            if slot is not None:
                 yield slot
 
     def _read(self, index: int, layout_words: Any) -> LoadedSlot | None:
@@ -235,28 +312,31 @@ class SlotFiles:
         if step < 0:
             return None  # never committed, or being rewritten when its worker died
         payload = raw[_HEADER.size:_HEADER.size + length]
-        if len(payload) != length or zlib.crc32(payload) != crc:
+        if len(payload) != length or _crc(step, payload) != crc:
             raise SlotUnreadable("meta payload is truncated or fails its CRC-32")
+        if len(payload) < 4 or 4 + struct.unpack_from("<I", payload)[0] > len(payload):
+            raise SlotUnreadable("meta payload is shorter than its slot record")
+        info_len = struct.unpack_from("<I", payload)[0]
         try:
-            meta = _NoGlobals(io.BytesIO(payload)).load()
+            meta = _NoGlobals(io.BytesIO(payload[4:4 + info_len])).load()
         except Exception as e:
-            raise SlotUnreadable(f"meta payload does not load: {e}") from e
+            raise SlotUnreadable(f"slot record does not load: {e}") from e
         if not isinstance(meta, dict) or not isinstance(meta.get("data"), str):
             raise SlotUnreadable("meta payload is not a slot record")
         name = meta["data"]
-        if not _DATA_NAME.match(name) or not name.startswith(f"slot{index}-"):
+        if not _DATA_NAME.fullmatch(name) or not name.startswith(f"slot{index}-"):
             raise SlotUnreadable(f"meta names data file {name!r}")
         signature = _decode_signature(meta.get("signature"))
         words = layout_words(signature)
         data_path = os.path.join(self.directory, name)
         try:
             size = os.path.getsize(data_path)
-        except FileNotFoundError:
-            raise SlotUnreadable(f"data file {name} is missing") from None
+        except OSError as e:
+            raise SlotUnreadable(f"data file {name} is not readable: {e}") from None
         if size < words * 8:
             raise SlotUnreadable(f"data file {name} is {size} bytes, its layout needs "
                                  f"{words * 8}")
         buf = torch.from_file(data_path, shared=True, size=max(1, words), dtype=torch.int64)
         return LoadedSlot(index=index, step=step, signature=signature,
-                          skeleton=meta.get("skeleton"), buffer=buf[:words], data_name=name,
+                          tree=payload[4 + info_len:], buffer=buf[:words], data_name=name,
                           owner=str(meta.get("owner", "")))

@@ -67,19 +67,9 @@ from typing import Any
 
 import torch
 
-from splice.checkpoint.shm import SlotFiles, SlotUnreadable, tree_of
+from splice.checkpoint.shm import Frozen, SlotFiles, SlotUnreadable, loads_tree
 
 log = logging.getLogger(__name__)
-
-class Frozen:
-    """An immutable value kept by reference in a snapshot (no copy, no walk): e.g. the
-    Python RNG state, a tuple of 625 ints that would otherwise be walked every step."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
 
 _SCALARS = (int, float, str, bool, bytes, type(None), Frozen)
 
@@ -420,10 +410,16 @@ class SnapshotRing:
         if self._files is None or self.steps():
             return self.steps()
         for found in self._files.load(total_words):
-            layout = _Layout(found.signature, buffer=found.buffer)
             try:
-                tree = tree_of(found.skeleton, layout.views)
-            except SlotUnreadable as e:
+                layout = _Layout(found.signature, buffer=found.buffer)
+                tree = loads_tree(found.tree, layout.views)
+                named = [t for _, t in _tensors(tree)]
+                if (len(named) != len(layout.flat_views)
+                        or any(a is not b for a, b in zip(named, layout.flat_views,
+                                                          strict=True))):
+                    raise SlotUnreadable("its tree does not name each tensor of its layout "
+                                         "once, in order")
+            except (SlotUnreadable, RuntimeError, ValueError, TypeError) as e:
                 log.warning("snapshot slot %d in %s is not usable: %s", found.index,
                             self._files.directory, e)
                 continue
@@ -474,7 +470,8 @@ class SnapshotRing:
             slot.recorded = _record(layout, cap.others)
         slot.step = step
         if self._files is not None and not cap.others:  # off-CPU tensors stay private
-            self._files.commit(self._slots.index(slot), step, layout.signature, tree)
+            self._files.commit(self._slots.index(slot), step, layout.signature, layout.views,
+                               tree)
 
     def steps(self) -> list[int]:
         return sorted(s.step for s in self._slots if s.step >= 0)

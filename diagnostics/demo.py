@@ -99,6 +99,9 @@ def restored_from(status: pb.JobStatus, after_s: float) -> dict[str, str]:
             if sep and rest.endswith(" its snapshot"):
                 dst = rest[: -len(" its snapshot")]
                 out[dst] = f"{src} (peer memory, step {step})"
+            who, sep, _ = part.partition(" holds it already")
+            if sep:  # it adopted the snapshot the worker it replaces left on its node
+                out[who] = f"its predecessor's snapshot (shared memory on its node, step {step})"
     return out
 
 
