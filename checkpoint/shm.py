@@ -34,20 +34,18 @@ import io
 import logging
 import os
 import pickle
-import re
 import struct
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from splice.checkpoint import slotmeta
+from splice.checkpoint.slotmeta import _DATA_NAME, _HEADER, SlotUnreadable, _crc, _NoGlobals  # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
 
-_HEADER = struct.Struct("<qQI")  # step (-1: incomplete), payload length, CRC-32 of it
-_MAX_META = 64 << 20
-_DATA_NAME = re.compile(r"slot[01]-\d{1,9}\.data")
 # What a slot's tensors may be: plain numbers (a quantized or other exotic dtype cannot
 # be rebuilt from bytes alone).
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -55,11 +53,6 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.complex128, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
     torch.bool)}
 _MAX_ELEMENTS = 1 << 48
-
-
-def _crc(step: int, payload: bytes) -> int:
-    """CRC-32 of the step and the payload: a flipped step is caught like a flipped byte."""
-    return zlib.crc32(payload, zlib.crc32(struct.pack("<q", step)))
 
 
 class Frozen:
@@ -70,15 +63,6 @@ class Frozen:
 
     def __init__(self, value: Any) -> None:
         self.value = value
-
-
-class SlotUnreadable(Exception):
-    """A slot's files do not hold a complete snapshot this reader can use."""
-
-
-class _NoGlobals(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"a slot record may not name {module}.{name}")
 
 
 @dataclass
@@ -300,32 +284,10 @@ class SlotFiles:
                 yield slot
 
     def _read(self, index: int, layout_words: Any) -> LoadedSlot | None:
-        path = os.path.join(self.directory, f"slot{index}.meta")
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(_MAX_META + _HEADER.size)
-        except FileNotFoundError:
+        rec = slotmeta.read(self.directory, index)
+        if rec is None:
             return None
-        if len(raw) < _HEADER.size:
-            raise SlotUnreadable(f"meta is {len(raw)} bytes, shorter than its header")
-        step, length, crc = _HEADER.unpack_from(raw)
-        if step < 0:
-            return None  # never committed, or being rewritten when its worker died
-        payload = raw[_HEADER.size:_HEADER.size + length]
-        if len(payload) != length or _crc(step, payload) != crc:
-            raise SlotUnreadable("meta payload is truncated or fails its CRC-32")
-        if len(payload) < 4 or 4 + struct.unpack_from("<I", payload)[0] > len(payload):
-            raise SlotUnreadable("meta payload is shorter than its slot record")
-        info_len = struct.unpack_from("<I", payload)[0]
-        try:
-            meta = _NoGlobals(io.BytesIO(payload[4:4 + info_len])).load()
-        except Exception as e:
-            raise SlotUnreadable(f"slot record does not load: {e}") from e
-        if not isinstance(meta, dict) or not isinstance(meta.get("data"), str):
-            raise SlotUnreadable("meta payload is not a slot record")
-        name = meta["data"]
-        if not _DATA_NAME.fullmatch(name) or not name.startswith(f"slot{index}-"):
-            raise SlotUnreadable(f"meta names data file {name!r}")
+        meta, name = rec.info, rec.data_name
         signature = _decode_signature(meta.get("signature"))
         words = layout_words(signature)
         data_path = os.path.join(self.directory, name)
@@ -337,6 +299,6 @@ class SlotFiles:
             raise SlotUnreadable(f"data file {name} is {size} bytes, its layout needs "
                                  f"{words * 8}")
         buf = torch.from_file(data_path, shared=True, size=max(1, words), dtype=torch.int64)
-        return LoadedSlot(index=index, step=step, signature=signature,
-                          tree=payload[4 + info_len:], buffer=buf[:words], data_name=name,
+        return LoadedSlot(index=index, step=rec.step, signature=signature,
+                          tree=rec.tree, buffer=buf[:words], data_name=name,
                           owner=str(meta.get("owner", "")))

@@ -429,6 +429,11 @@ class SnapshotRing:
             self.adopted_from = found.owner
         return self.steps()
 
+    def close(self) -> None:
+        """Release the slot files' descriptors (the snapshots stay where they are)."""
+        if self._files is not None:
+            self._files.close()
+
     def _forget(self, slot: _Slot) -> None:
         slot.step = -1
         if self._files is not None:

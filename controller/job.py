@@ -144,6 +144,8 @@ class Resume:
     reason: str
     # (joining worker, member that sends it the snapshot of `step`)
     transfers: tuple[tuple[str, str], ...] = ()
+    # The members holding the snapshot of `step` (who else a joining worker may fetch from).
+    holders: tuple[str, ...] = ()
     # Nobody holds a snapshot in memory: every member loads `step` from persistent storage.
     from_disk: bool = False
 
@@ -436,7 +438,9 @@ def _on_recovery_ready(state: JobState, ev: RecoveryReady) -> tuple[JobState, Re
     resumed = replace(state, phase=Phase.RUNNING, resume_step=plan.step,
                       recoveries=state.recoveries + 1, joining=frozenset(),
                       joined=bool(joining & set(ready)))
-    resume = Resume(state.epoch, plan.step, plan.reason, plan.transfers)
+    holders = tuple(w for w in sorted(ready, key=rank_order) if plan.step in ready[w]
+                    and w not in joining)
+    resume = Resume(state.epoch, plan.step, plan.reason, plan.transfers, holders)
     return resumed, Ready(
         persist_resume=resume,
         send=((state.membership.nodes(), resume),),

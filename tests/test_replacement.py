@@ -10,6 +10,7 @@ survivors and newcomers alike.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,9 @@ def test_a_new_node_joins_after_a_node_was_lost(tmp_path: Path,
         rec = records[wid]
         assert rec["world_size"] == 4
         assert rec["restored_from"].startswith("node-0/"), rec
+        # ... fetched from node-0's agent, which serves it out of shared memory.
+        assert re.search(rf"worker {wid}: fetched [0-9.]+ MB of step-\d+ state from "
+                         r"node-0/\d's agent", summary["logs"]), summary["logs"]
         assert sorted(rec["losses"]) == list(range(min(rec["losses"]), STEPS))
     for wid in ("node-0/0", "node-0/1"):
         assert sorted(records[wid]["losses"]) == list(range(STEPS))

@@ -126,6 +126,7 @@ class Session(StateSources):
         self.joined_once = False
         # Where this worker's state came from when it joined: "<worker> memory, step N".
         self.restored_from = ""
+        self._state_source = ""  # set when fetched from a holder: "<holder> memory"
         self._persist = None
         if config.persist_dir:
             from splice.checkpoint.persist import PersistentStore
@@ -255,6 +256,16 @@ class Session(StateSources):
             self._pending_state = (epoch, resume.step, -1, "disk")
             self.step = resume.step
             return True if not self._registered else self._receive_state()
+        if mine and mine[0].holders:
+            # Its state comes from the holders' agents, out of their shared memory.
+            src = mine[0].from_worker
+            self._fetch_state(resume.step, mine[0].holders)
+            self._pending_state = (epoch, resume.step, ADOPTED, src)
+            self.step = resume.step
+            log.info("worker %s: epoch %d, rank %d of %d, joins at step %d with %s's "
+                     "snapshot", self.worker_id, epoch, self.rank, self.world_size,
+                     resume.step, src)
+            return True if not self._registered else self._receive_state()
         if mine:
             src = mine[0].from_worker
             self._pending_state = (epoch, resume.step, members.index(src), src)
@@ -274,7 +285,7 @@ class Session(StateSources):
                  self.worker_id, epoch, self.rank, self.world_size, resume.step,
                  resume.reason)
         for t in resume.transfers:
-            if t.from_worker == self.worker_id:
+            if t.from_worker == self.worker_id and not t.holders:
                 if not self._send_state(members.index(t.to_worker), t.to_worker):
                     return False
         if self._zero:

@@ -13,6 +13,9 @@ group, link, snapshots, model and optimizer.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -123,6 +126,54 @@ class StateSources:
                      self._snapshots.adopted_from, self._snapshots.num_bytes / 1e6,
                      time.perf_counter() - t0)
 
+    def _fetch_state(self, step: int, holders: Sequence[Any]) -> None:
+        """Fetch the snapshot of `step` from the holders' agents, which serve it from
+        their shared memory, trying each in turn (one unreachable, or whose bytes fail a
+        check in transit or against the snapshot's own checksums, is skipped). It becomes
+        this worker's own snapshot, adopted like a predecessor's. RecoveryFailed when no
+        holder could provide it."""
+        from splice.agent import replication
+        from splice.checkpoint import slotmeta
+        from splice.checkpoint.snapshot import SnapshotCorrupt, SnapshotRing
+
+        directory = self.config.snapshot_dir or tempfile.mkdtemp(prefix="splice-fetched-")
+        tried = []
+        for h in holders:
+            t0 = time.perf_counter()
+            try:
+                got = replication.fetch([h.address], self.config.job_id, h.worker_id, step,
+                                        timeout_s=self.config.recovery_timeout_s,
+                                        connect_timeout_s=5.0)
+                rec = slotmeta.parse(None, got.meta)
+                if rec is None or rec.step != step:
+                    raise slotmeta.SlotUnreadable(f"it sent step {rec and rec.step}")
+                shutil.rmtree(directory, ignore_errors=True)
+                os.makedirs(directory, mode=0o700)
+                with open(os.path.join(directory, f"slot{rec.index}.meta"), "wb") as f:
+                    f.write(got.meta)
+                with open(os.path.join(directory, rec.data_name), "wb") as f:
+                    f.write(got.data.numpy().data)
+                ring = SnapshotRing(directory=directory, owner=self.worker_id)
+                if step not in ring.adopt():
+                    raise slotmeta.SlotUnreadable("its snapshot does not adopt")
+                ring.verify(step)
+            except (replication.ReplicationError, slotmeta.SlotUnreadable,
+                    SnapshotCorrupt, OSError) as e:
+                log.warning("worker %s: fetching the step-%d snapshot of %s from %s failed "
+                            "(%s); trying the next holder", self.worker_id, step,
+                            h.worker_id, h.address, e)
+                tried.append(f"{h.worker_id} at {h.address}: {e}")
+                continue
+            self._snapshots.close()
+            self._snapshots = ring
+            self._state_source = f"{h.worker_id} memory"
+            log.info("worker %s: fetched %.1f MB of step-%d state from %s's agent (%s) in "
+                     "%.3f s", self.worker_id, got.data.numel() / 1e6, step, h.worker_id,
+                     h.address, time.perf_counter() - t0)
+            return
+        raise RecoveryFailed(f"no holder could provide the snapshot of step {step}: "
+                             + "; ".join(tried))
+
     def _load_adopted(self, step: int) -> bool:
         """Load the adopted snapshot of `step` (checked against its checksums)."""
         from splice.checkpoint.snapshot import SnapshotCorrupt
@@ -136,12 +187,15 @@ class StateSources:
         self._load(snap)
         self._snapshots.discard_after(step)
         self._pending_state = None
-        source = self._snapshots.adopted_from
-        self.restored_from = f"{source} shared memory, step {step}"
-        log.info("worker %s: loaded %.1f MB of step-%d state from %s shared memory in %.3f s",
+        source = self._state_source or f"{self._snapshots.adopted_from} shared memory"
+        self._state_source = ""
+        self.restored_from = f"{source}, step {step}"
+        log.info("worker %s: loaded %.1f MB of step-%d state from %s in %.3f s",
                  self.worker_id, tensor_bytes(snap) / 1e6, step, source,
                  time.perf_counter() - t0)
         if self._zero:
+            if not source.endswith("shared memory"):
+                self._zero_held = None  # a holder's shards are the holder's, not ours
             return self._zero_reshard()
         return True
 
