@@ -98,11 +98,12 @@ class _Pickler(pickle.Pickler):
             return _Tensor, (i,)
         if isinstance(obj, Frozen):
             v = obj.value
-            if (isinstance(v, tuple) and len(v) == 3 and isinstance(v[1], tuple)
-                    and all(type(x) is int for x in v[1][:4])):
+            if (type(v) is tuple and len(v) == 3 and type(v[0]) is int
+                    and type(v[1]) is tuple and set(map(type, v[1])) == {int}
+                    and (v[2] is None or type(v[2]) is float)):
                 try:
                     return Frozen, (_RANDOM, v[0], array.array("I", v[1]).tobytes(), v[2])
-                except OverflowError:
+                except OverflowError:  # not 32-bit words: pickled as it is
                     pass
             return Frozen, (v,)
         return NotImplemented
@@ -118,27 +119,66 @@ def dumps_tree(tree: Any, index: dict[int, int]) -> bytes:
     return buf.getvalue()
 
 
+class _Ref:
+    """Stands for a layout tensor while the tree is unpickled. The views are put in place
+    afterwards: a forged pickle could otherwise BUILD (`__setstate__`) a live view into
+    another tensor's memory."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: Any) -> None:
+        if type(index) is not int:
+            raise SlotUnreadable(f"skeleton names tensor {index!r}, not in the layout")
+        self.index = index
+
+    def __setstate__(self, state: Any) -> None:
+        raise SlotUnreadable("skeleton tries to set a tensor's state")
+
+    def __reduce__(self) -> Any:
+        raise SlotUnreadable("a placeholder is not pickled")
+
+
 class _Unpickler(pickle.Unpickler):
     """Rebuilds plain containers and scalars; the only callables it hands the pickle are
-    the two markers above, which return a layout view or a `Frozen`."""
-
-    def __init__(self, file: io.BytesIO, views: list[torch.Tensor | None]) -> None:
-        super().__init__(file)
-        self.views = views
+    the two markers above, which make a placeholder for a layout view or a `Frozen`."""
 
     def find_class(self, module: str, name: str) -> Any:
         if module == __name__ and name == "_Tensor":
-            return self._view
+            return _Ref
         if module == __name__ and name == "Frozen":
             return _frozen
         raise pickle.UnpicklingError(f"a snapshot skeleton may not name {module}.{name}")
 
-    def _view(self, i: Any) -> torch.Tensor:
-        if not (type(i) is int and 0 <= i < len(self.views)) or self.views[i] is None:
+
+def _placed(value: Any, views: list[torch.Tensor | None]) -> Any:
+    """`value` with each placeholder replaced by its layout view (exact container types
+    only: nothing else comes out of the restricted unpickler)."""
+    kind = type(value)
+    if kind is _Ref:
+        i = value.index
+        if not 0 <= i < len(views) or views[i] is None:
             raise SlotUnreadable(f"skeleton names tensor {i!r}, not in the layout")
-        view = self.views[i]
-        assert view is not None
-        return view
+        return views[i]
+    if kind is dict:
+        return {k: _placed(v, views) for k, v in value.items()}
+    if kind is list:
+        return [_placed(v, views) for v in value]
+    if kind is tuple:
+        return tuple(_placed(v, views) for v in value)
+    if kind is Frozen and _has_ref(value.value):
+        raise SlotUnreadable("skeleton puts a tensor inside a frozen value")
+    return value
+
+
+def _has_ref(value: Any) -> bool:
+    kind = type(value)
+    if kind is _Ref:
+        return True
+    if kind is dict:
+        return any(_has_ref(v) for v in value.values())
+    if kind in (list, tuple):
+        return any(_has_ref(v) for v in value)
+    return False
 
 
 def _frozen(*args: Any) -> Any:
@@ -153,11 +193,12 @@ def _frozen(*args: Any) -> Any:
 
 def loads_tree(raw: bytes, views: list[torch.Tensor | None]) -> Any:
     try:
-        return _Unpickler(io.BytesIO(raw), views).load()
+        tree = _Unpickler(io.BytesIO(raw)).load()
     except SlotUnreadable:
         raise
     except Exception as e:
         raise SlotUnreadable(f"skeleton does not load: {e}") from e
+    return _placed(tree, views)
 
 
 def _encode_signature(signature: list[tuple[torch.Size, torch.dtype] | None]) -> list[Any]:
@@ -198,6 +239,7 @@ class SlotFiles:
         self._fds: dict[int, int] = {}
         self._gen = [0, 0]
         self._data: list[str | None] = [None, None]
+        self._stale: list[list[str]] = [[], []]  # data files found but not adopted
         # Per slot: (the layout's views, the encoded slot record, id(view) -> index).
         self._cached: list[tuple[Any, bytes, dict[int, int]] | None] = [None, None]
 
@@ -214,11 +256,12 @@ class SlotFiles:
             os.unlink(path)
         buf = torch.from_file(path, shared=True, size=max(1, num_words), dtype=torch.int64)
         old, self._data[index] = self._data[index], name
-        if old is not None and old != name:
+        for gone in {old, *self._stale[index]} - {None, name}:
             try:
-                os.unlink(os.path.join(self.directory, old))
+                os.unlink(os.path.join(self.directory, str(gone)))
             except FileNotFoundError:
                 pass
+        self._stale[index] = []
         return buf[:num_words]
 
     def _fd(self, index: int) -> int:
@@ -266,21 +309,22 @@ class SlotFiles:
         shared; this object then writes into them. `layout_words(signature)` gives the
         int64 words a slot of that signature needs. A slot that cannot be read is logged
         and skipped."""
+        names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
         for index in (0, 1):
+            mine = [n for n in names
+                    if _DATA_NAME.fullmatch(n) and n.startswith(f"slot{index}-")]
+            # Number the slot's next layouts past every file it has had; the next layout
+            # removes them all (those not adopted hold nothing usable).
+            self._gen[index] = max((int(n[6:-5]) for n in mine), default=0)
             try:
                 slot = self._read(index, layout_words)
             except SlotUnreadable as e:
                 log.warning("snapshot slot %d in %s is not usable: %s", index,
                             self.directory, e)
-                continue
+                slot = None
+            self._stale[index] = [n for n in mine if slot is None or n != slot.data_name]
             if slot is not None:
                 self._data[index] = slot.data_name
-            # Number the slot's next layouts past every file it has had.
-            names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
-            gens = [int(n[6:-5]) for n in names
-                    if _DATA_NAME.fullmatch(n) and n.startswith(f"slot{index}-")]
-            self._gen[index] = max(gens, default=0)
-            if slot is not None:
                 yield slot
 
     def _read(self, index: int, layout_words: Any) -> LoadedSlot | None:
