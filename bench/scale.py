@@ -5,13 +5,16 @@ bench starts a real in-process `Controller` (gRPC server, event loop, telemetry 
 detectors) in its own process pinned to CPU 0, and a load generator in another process
 pinned to CPU 1: one asyncio loop with one grpc.aio Attach stream per fake agent. Each
 agent says hello, reports its workers ready, waits for the membership, then once per
-simulated second sends ONE Telemetry message: a StepReport per worker for the step that
+simulated second sends ONE Telemetry message: a step report per worker for the step that
 just ended (compute ~0.6 s with 5 % lognormal jitter, wait filling the 1 s step,
-completed_at_s) and a WorkerProgress per worker (one all_reduce per step; the counters
+completed_at_s) and a progress record per worker (one all_reduce per step; the counters
 as the agent would read them at that instant). Agents are spread evenly over the second.
-The generator writes each message pre-serialized (`TelemetryEncoder`: the same bytes
-the protobuf setters would produce, a numpy assignment per field) so that one core
-can feed 100,000 ranks; one HTTP/2 connection carries 8 streams.
+By default the records go as columns, as agent.py sends them (`ColumnTelemetryEncoder`:
+packed columns indexing a worker table sent with the first batch); `--encoding records`
+sends one StepReport and one WorkerProgress message per rank, as older agents did
+(`TelemetryEncoder`). Either is written pre-serialized (the bytes the protobuf setters
+would produce, from numpy arrays) so that one core can feed 100,000 ranks; one HTTP/2
+connection carries 8 streams.
 
 Per scale N it injects one straggler (a rank's compute x1.5 from some step) and then a
 hang (one rank stops mid-compute; every other rank waits in that step's all_reduce
@@ -76,6 +79,7 @@ class Scenario:
     hang_step: int = 18            # the hang happens 0.1 s into this step
     hang_wait_s: float = 10.0      # telemetry keeps flowing this long after the hang
     measure_steps: tuple[int, int] = (2, 17)   # steady window for throughput
+    encoding: str = "columns"      # or "records" (older agents' one message per record)
 
     @property
     def num_agents(self) -> int:
@@ -207,7 +211,8 @@ def _varint(n: int) -> bytes:
 
 
 class TelemetryEncoder:
-    """One agent's Telemetry message, serialized straight into a byte template.
+    """One agent's Telemetry message in the per-record form (older agents; `--encoding
+    records`), serialized straight into a byte template.
 
     Building K StepReports and K WorkerProgress with protobuf setters costs the generator
     microseconds per rank, too much for 100,000 ranks on one core; here every field is
@@ -292,6 +297,93 @@ class TelemetryEncoder:
                 arr[at[:, None] + np.arange(8)] = np.ascontiguousarray(v).view(
                     np.uint8).reshape(-1, 8)
         return arr.tobytes()
+
+
+def _field(number: int, body: bytes) -> bytes:
+    """A length-delimited field: a string, a sub-message or a packed column."""
+    return _varint(number << 3 | 2) + _varint(len(body)) + body
+
+
+def _varints(values: Any) -> bytes:
+    """Unsigned integers as back-to-back varints (a packed integer column's body)."""
+    import numpy as np
+    v = np.asarray(values, dtype=np.uint64)
+    if not len(v):
+        return b""
+    groups = []
+    rest = v
+    while True:
+        low = (rest & np.uint64(0x7F)).astype(np.uint8)
+        rest = rest >> np.uint64(7)
+        more = rest != 0
+        groups.append((low | (more.astype(np.uint8) << 7), more))
+        if not more.any():
+            break
+    data = np.stack([g for g, _ in groups], axis=1)
+    # Byte j of a value is written if j == 0 or byte j - 1 had its continuation bit.
+    used = np.ones(data.shape, dtype=bool)
+    for j in range(1, len(groups)):
+        used[:, j] = used[:, j - 1] & groups[j - 1][1]
+    return data[used].tobytes()
+
+
+def _doubles(values: Any) -> bytes:
+    import numpy as np
+    return np.ascontiguousarray(values, dtype="<f8").tobytes()
+
+
+class ColumnTelemetryEncoder:
+    """One agent's Telemetry in the columnar form (what agent.py sends), serialized from
+    numpy arrays.
+
+    A packed column is a tag, a length and the values back to back (doubles as 8
+    little-endian bytes, integers as varints), so each column is one numpy conversion, not
+    one setter call per rank. Columns that do not change (worker index, epoch, op bytes)
+    are encoded once; the op column (all 0: `ops` names one collective) is left empty, as
+    an all-default column may be. The worker table goes with the agent's first batch. It
+    parses to the message the setters build (test: tests/test_scale_sim.py).
+    """
+
+    def __init__(self, wids: list[str], *, epoch: int, num_samples: int, collective_bytes: int,
+                 op: str, op_bytes: int) -> None:
+        import numpy as np
+        self._np = np
+        self.k = k = len(wids)
+        self._table = _field(7, b"".join(_field(1, w.encode()) for w in wids))
+        self._table_sent = False
+        worker = _field(1, _varints(np.arange(k))) + _field(2, _varints(np.full(k, epoch)))
+        self._progress = worker + _field(9, _varints(np.full(k, op_bytes))) + _field(
+            11, op.encode())
+        self._steps = worker + _field(7, _varints(np.full(k, num_samples))) + _field(
+            10, _varints(np.full(k, collective_bytes)))
+
+    def encode(self, with_steps: bool, values: dict[str, Any]) -> bytes:
+        """Serialized Telemetry; `values`: field name (p_: progress, s_: step) -> scalar or
+        array over the ranks, and sent_at_s."""
+        np = self._np
+
+        def col(name: str) -> Any:
+            return np.broadcast_to(values[name], (self.k,))
+
+        out = [_varint(3 << 3 | 1), _doubles([values["sent_at_s"]])]
+        if not self._table_sent:
+            out.append(self._table)
+            self._table_sent = True
+        out.append(_field(8, b"".join((
+            self._progress,
+            _field(3, _varints(col("p_step"))), _field(4, _varints(col("p_seq_entered"))),
+            _field(5, _varints(col("p_seq_exited"))),
+            _field(6, _doubles(col("p_in_collective_since_s"))),
+            _field(7, _doubles(col("p_last_progress_s"))),
+            _field(10, _doubles(col("p_heartbeat_s")))))))
+        if with_steps:
+            out.append(_field(9, b"".join((
+                self._steps, _field(3, _varints(col("s_step"))),
+                _field(4, _doubles(col("s_loss"))), _field(5, _doubles(col("s_step_time_s"))),
+                _field(6, _doubles(col("s_completed_at_s"))),
+                _field(8, _doubles(col("s_compute_s"))), _field(9, _doubles(col("s_wait_s")))
+            ))))
+        return b"".join(out)
 
 
 # ---- the load generator process ------------------------------------------------------------
@@ -390,8 +482,9 @@ async def _generate(conn: Any, sc: Scenario, port: int, form_deadline_s: float,
     async def agent(a: int) -> None:
         call = calls[a]
         offset = (a + 0.5) / A * P * 0.9
-        enc = TelemetryEncoder([worker(a, w) for w in range(K)], epoch=1, num_samples=32,
-                               collective_bytes=1 << 26, op="all_reduce", op_bytes=1 << 26)
+        encoder = ColumnTelemetryEncoder if sc.encoding == "columns" else TelemetryEncoder
+        enc = encoder([worker(a, w) for w in range(K)], epoch=1, num_samples=32,
+                      collective_bytes=1 << 26, op="all_reduce", op_bytes=1 << 26)
         head = _varint(6 << 3 | 2)   # AgentMessage.telemetry
         local_hang = h_rank - a * K if a * K <= h_rank < (a + 1) * K else None
         for done in range(0, end_step):          # `done`: the step that just ended
@@ -509,8 +602,10 @@ def run_scale(sc: Scenario, *, form_timeout_s: float = 120.0, verdict_wait_s: fl
             t0 = first["t0"]
         else:
             gen = first
+    # Other work on the machine competes with both processes: say how busy it was.
     row: dict[str, Any] = {"num_ranks": sc.num_ranks, "ranks_per_agent": sc.ranks_per_agent,
-                           "num_agents": sc.num_agents,
+                           "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
+                           "num_agents": sc.num_agents, "encoding": sc.encoding,
                            "forming": "seeded N-1 ready" if sc.preform else "real",
                            "controller_pinned_cpu0": hello["pinned"]}
     profile: dict[str, Any] | None = None
@@ -579,6 +674,7 @@ def run_scale(sc: Scenario, *, form_timeout_s: float = 120.0, verdict_wait_s: fl
         if p.is_alive():
             p.kill()
     row["wall_s"] = round(time.time() - t_start, 1)
+    row["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
     return row
 
 
@@ -618,7 +714,8 @@ def _start_py_spy(pid: int, duration_s: float) -> tuple[subprocess.Popen[bytes],
     out = os.path.join(tempfile.mkdtemp(prefix="splice-scale-"), "profile.txt")
     cmd = [exe, "record", "--pid", str(pid), "--format", "raw", "--rate", "50",
            "--nonblocking", "--duration", str(int(duration_s)), "--output", out]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out
+    with open(out + ".log", "wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), out
 
 
 def _finish_py_spy(p: subprocess.Popen[bytes], path: str) -> dict[str, Any]:
@@ -644,7 +741,12 @@ def _finish_py_spy(p: subprocess.Popen[bytes], path: str) -> dict[str, Any]:
                 for fr in set(frames):
                     inclusive[fr] += int(n)
     except OSError as e:
-        return {"error": f"py-spy wrote no profile: {e}"}
+        try:
+            with open(path + ".log") as f:
+                said = f.read()[-500:]
+        except OSError:
+            said = ""
+        return {"error": f"py-spy wrote no profile: {e}; it said: {said}"}
     return {"busy_samples": total,
             "top_self": [(f, round(n / max(total, 1), 3)) for f, n in own.most_common(12)],
             "top_inclusive": [(f, round(n / max(total, 1), 3))
@@ -665,6 +767,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--status-max-n", type=int, default=10000,
                    help="call job_status() only up to this N (it is slow at scale)")
     p.add_argument("--profile", action="store_true", help="py-spy the controller")
+    p.add_argument("--encoding", choices=("columns", "records"), default="columns",
+                   help="telemetry as columns (agent.py) or one message per record (older "
+                        "agents)")
     args = p.parse_args(argv)
     command = "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command.strip(),
@@ -676,7 +781,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for n in (int(x) for x in args.ranks.split(",")):
         k = plan_agents(n, args.ranks_per_agent, args.max_agents)
-        sc = Scenario(num_ranks=n, ranks_per_agent=k, preform=n > args.real_forming_max_n)
+        sc = Scenario(num_ranks=n, ranks_per_agent=k, preform=n > args.real_forming_max_n,
+                      encoding=args.encoding)
         row = run_scale(sc, form_timeout_s=args.form_timeout_s,
                         verdict_wait_s=args.verdict_wait_s, status_max_n=args.status_max_n,
                         profile_on=args.profile)

@@ -6,14 +6,22 @@ how far it got. A hang is declared when *no* rank made progress for longer than 
 adaptive threshold; the counters then say who never entered the collective the others wait
 in, or who moved on without it. `HangDetector.observe` is deterministic given its small
 state (the hangs already reported) and the observations; the clock is passed in.
+
+The diagnosis works on arrays over the ranks (`RankArrays`: what the controller's telemetry
+hub keeps per rank), so that a stall of 100,000 ranks is diagnosed in tens of
+milliseconds; only culprits become Python objects, and the per-rank evidence is built when
+read. `diagnose` takes the same picture as RankProgress records.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 from splice.controller.telemetry import RankProgress
 
@@ -82,6 +90,89 @@ class HangVerdict:
         return tuple(c.rank for c in self.culprits)
 
 
+@dataclass(frozen=True, eq=False)
+class RankArrays:
+    """Ranks' progress as parallel arrays, one entry per rank in rank order: the fields of
+    RankProgress, with None as a mask (`has_heartbeat`; a collective's start only counts
+    where seq_entered > seq_exited, and pending_op is None there otherwise)."""
+    rank: np.ndarray
+    epoch: np.ndarray
+    seq_entered: np.ndarray
+    seq_exited: np.ndarray               # <= seq_entered
+    in_collective_since_s: np.ndarray    # float: read only inside a collective
+    last_step: np.ndarray
+    last_progress_s: np.ndarray
+    heartbeat_s: np.ndarray              # float: read only where has_heartbeat
+    has_heartbeat: np.ndarray
+    pending_op: np.ndarray               # object: str or None
+
+    @classmethod
+    def of(cls, progress: Mapping[int, RankProgress]) -> RankArrays:
+        ps = [progress[r] for r in sorted(progress)]
+
+        def col(get: Any, dtype: Any = None) -> np.ndarray:
+            return np.array([get(p) for p in ps], dtype=dtype)
+
+        return cls(
+            rank=col(lambda p: p.rank, np.int64), epoch=col(lambda p: p.epoch),
+            seq_entered=col(lambda p: p.last_seq_entered),
+            seq_exited=col(lambda p: p.last_seq_exited),
+            in_collective_since_s=col(lambda p: p.in_collective_since_s or 0.0, float),
+            last_step=col(lambda p: p.last_step),
+            last_progress_s=col(lambda p: p.last_progress_s, float),
+            heartbeat_s=col(lambda p: p.heartbeat_s or 0.0, float),
+            has_heartbeat=col(lambda p: p.heartbeat_s is not None, bool),
+            pending_op=col(lambda p: p.pending_op, object))
+
+    def __len__(self) -> int:
+        return len(self.rank)
+
+    @property
+    def in_collective(self) -> np.ndarray:
+        return self.seq_entered > self.seq_exited
+
+    def select(self, rows: np.ndarray) -> RankArrays:
+        return RankArrays(**{f: getattr(self, f)[rows] for f in self.__dataclass_fields__})
+
+    def progress(self, i: int) -> RankProgress:
+        """Row i as a record."""
+        inside = bool(self.seq_entered[i] > self.seq_exited[i])
+        return RankProgress(
+            rank=int(self.rank[i]), epoch=self.epoch[i].item(),
+            last_seq_entered=self.seq_entered[i].item(),
+            last_seq_exited=self.seq_exited[i].item(),
+            in_collective_since_s=self.in_collective_since_s[i].item() if inside else None,
+            last_step=self.last_step[i].item(), last_progress_s=self.last_progress_s[i].item(),
+            heartbeat_s=self.heartbeat_s[i].item() if self.has_heartbeat[i] else None,
+            pending_op=self.pending_op[i])
+
+
+class _Evidence(Mapping[int, Mapping[str, float | int | None]]):
+    """rank -> what its counters said at the diagnosis, built when read: a stall of 100,000
+    ranks must not build 100,000 dictionaries that nobody looks at."""
+
+    def __init__(self, arrays: RankArrays, now: float) -> None:
+        self._a, self._now = arrays, now
+        self._row = {r: i for i, r in enumerate(arrays.rank.tolist())}
+
+    def __getitem__(self, rank: int) -> Mapping[str, float | int | None]:
+        p, now = self._a.progress(self._row[rank]), self._now
+        return {"last_seq_entered": p.last_seq_entered,
+                "last_seq_exited": p.last_seq_exited,
+                "last_step": p.last_step,
+                "in_collective_for_s": (None if p.in_collective_since_s is None
+                                        else round(now - p.in_collective_since_s, 6)),
+                "idle_s": round(now - p.last_progress_s, 6),
+                "heartbeat_age_s": (None if p.heartbeat_s is None
+                                    else round(now - p.heartbeat_s, 6))}
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._row)
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+
 def threshold_s(config: HangConfig, step_times: Sequence[float]) -> float:
     """max(floor, multiple x median of the recent step times); cold start without any."""
     recent = [t for t in step_times[-config.window_steps:]]
@@ -95,20 +186,24 @@ class HangDetector:
         self.config = config
         self._reported: set[tuple[int, int]] = set()   # (epoch, seq) already reported
 
-    def observe(self, progress: Mapping[int, RankProgress], step_times: Sequence[float],
-                now: float, *, min_threshold_s: float = 0.0) -> HangVerdict | None:
+    def observe(self, progress: Mapping[int, RankProgress] | RankArrays,
+                step_times: Sequence[float], now: float, *, min_threshold_s: float = 0.0
+                ) -> HangVerdict | None:
         """A verdict the first time the job is seen stalled at a given (epoch, seq)."""
-        if not progress:
+        ranks = progress if isinstance(progress, RankArrays) else RankArrays.of(progress)
+        if not len(ranks):
             return None
-        epoch = max(p.epoch for p in progress.values())
+        epochs = ranks.epoch.tolist()
+        epoch = max(epochs)
         # Records of an older epoch are leftovers of a membership that no longer trains.
-        ranks = {r: p for r, p in progress.items() if p.epoch == epoch}
+        if min(epochs) != epoch:
+            ranks = ranks.select(ranks.epoch == epoch)
         limit = max(min_threshold_s, threshold_s(self.config, step_times))
-        stalled = now - max(p.last_progress_s for p in ranks.values())
+        stalled = now - max(ranks.last_progress_s.tolist())
         if stalled <= limit:
             return None
-        verdict = diagnose(ranks, now, stalled_s=stalled, threshold_s=limit,
-                           heartbeat_timeout_s=self.config.heartbeat_timeout_s)
+        verdict = diagnose_arrays(ranks, now, stalled_s=stalled, threshold_s=limit,
+                                  heartbeat_timeout_s=self.config.heartbeat_timeout_s)
         key = (verdict.epoch, verdict.seq)
         if key in self._reported:
             return None
@@ -119,57 +214,53 @@ class HangDetector:
 def diagnose(ranks: Mapping[int, RankProgress], now: float, *, stalled_s: float,
              threshold_s: float, heartbeat_timeout_s: float) -> HangVerdict:
     """Name culprits and victims of a stall, from the frozen counters of one epoch."""
-    epoch = next(iter(ranks.values())).epoch
-    waiting = {r: p for r, p in ranks.items() if p.in_collective}
-    if waiting:
-        seq = min(p.last_seq_entered for p in waiting.values())
-        step = min(p.last_step for p in waiting.values() if p.last_seq_entered == seq)
+    return diagnose_arrays(RankArrays.of(ranks), now, stalled_s=stalled_s,
+                           threshold_s=threshold_s, heartbeat_timeout_s=heartbeat_timeout_s)
+
+
+def diagnose_arrays(a: RankArrays, now: float, *, stalled_s: float, threshold_s: float,
+                    heartbeat_timeout_s: float) -> HangVerdict:
+    """`diagnose` over arrays (ranks in rank order, one epoch), vectorised over the ranks."""
+    epoch = a.epoch[0].item()
+    inside = a.in_collective
+    entered, step_of = a.seq_entered, a.last_step
+    if inside.any():
+        seq = entered[inside].min().item()
+        step = step_of[inside & (entered == seq)].min().item()
     else:
         # Nobody is inside a collective: the job is stuck between collectives, at the
         # collective the least advanced rank would enter next.
-        seq = min(p.last_seq_entered for p in ranks.values()) + 1
-        step = min(p.last_step for p in ranks.values())
-    victims = tuple(sorted(r for r, p in waiting.items() if p.last_seq_entered == seq
-                           and p.last_step == step))
+        seq = entered.min().item() + 1
+        step = step_of.min().item()
+    victim = inside & (entered == seq) & (step_of == step)
+    stopped = a.has_heartbeat & (now - a.heartbeat_s > heartbeat_timeout_s)
 
-    def stopped(p: RankProgress) -> bool:
-        return p.heartbeat_s is not None and now - p.heartbeat_s > heartbeat_timeout_s
-
-    kinds: dict[int, str] = {}
-    waiting_here = set(victims)  # a set: this loop runs over every rank (100k of them)
-    for r, p in ranks.items():
-        if r in waiting_here:
-            continue
-        if p.last_step > step or p.last_seq_entered > seq:
-            kinds[r] = SKIPPED
-        elif p.last_seq_entered < seq and not p.in_collective:
-            kinds[r] = STOPPED if stopped(p) else STUCK
-        elif stopped(p):
-            kinds[r] = STOPPED
+    # Every other rank: moved past the others (skipped), behind them and not inside a
+    # collective (stopped or stuck), or merely not running (stopped).
+    other = ~victim
+    skipped = other & ((step_of > step) | (entered > seq))
+    behind = other & ~skipped & (entered < seq) & ~inside
+    kinds = {SKIPPED: skipped, STOPPED: other & ~skipped & stopped,
+             STUCK: behind & ~stopped}
     # Same seq, different call: the ranks in the minority skipped one collective.
-    odd = _minority_ops(ranks, victims)
-    for r in odd:
-        kinds[r] = SKIPPED
-    victims = tuple(r for r in victims if r not in odd)
+    odd = _minority_ops(a, np.flatnonzero(victim))
+    if len(odd):
+        kinds[SKIPPED] = kinds[SKIPPED].copy()
+        kinds[SKIPPED][odd] = True
+        victim = victim.copy()
+        victim[odd] = False
     # A process that is not running at all is the strongest evidence there is: it holds
     # everyone, and a rank one step ahead of the rest is then only a ring all-reduce that
     # completed on some ranks before the stop (seen with a SIGSTOP mid-collective).
-    halted = {r for r, p in ranks.items() if stopped(p)}
-    if halted:
-        kinds = {r: STOPPED for r in halted}
-        victims = tuple(sorted({r for r, p in ranks.items() if p.in_collective} - halted))
+    if stopped.any():
+        none = np.zeros(len(a), dtype=bool)
+        kinds = {SKIPPED: none, STOPPED: stopped, STUCK: none}
+        victim = inside & ~stopped
+    victims = tuple(a.rank[victim].tolist())
 
-    evidence = {r: {"last_seq_entered": p.last_seq_entered,
-                    "last_seq_exited": p.last_seq_exited,
-                    "last_step": p.last_step,
-                    "in_collective_for_s": (None if p.in_collective_since_s is None
-                                            else round(now - p.in_collective_since_s, 6)),
-                    "idle_s": round(now - p.last_progress_s, 6),
-                    "heartbeat_age_s": (None if p.heartbeat_s is None
-                                        else round(now - p.heartbeat_s, 6))}
-                for r, p in sorted(ranks.items())}
-    culprits = tuple(Culprit(r, k, _culprit_reason(r, k, ranks[r], seq, step, now))
-                     for k in _PRIORITY for r in sorted(kinds) if kinds[r] == k)
+    culprits = tuple(Culprit(int(a.rank[i]), k,
+                             _culprit_reason(int(a.rank[i]), k, a.progress(i), seq, step, now))
+                     for k in _PRIORITY for i in np.flatnonzero(kinds[k]).tolist())
     head = (f"epoch {epoch} stalled {stalled_s:.2f} s (threshold {threshold_s:.2f} s) "
             f"at collective seq {seq}")
     wait = (f"; rank {_ranks(victims)} wait inside seq {seq} (step {step})" if victims
@@ -182,8 +273,8 @@ def diagnose(ranks: Mapping[int, RankProgress], now: float, *, stalled_s: float,
                   "rank is to blame: suspect the transport or the network")
         kind = UNLOCALIZED
     return HangVerdict(epoch=epoch, seq=seq, kind=kind, culprits=culprits, victims=victims,
-                       stalled_s=stalled_s, threshold_s=threshold_s, evidence=evidence,
-                       reason=reason)
+                       stalled_s=stalled_s, threshold_s=threshold_s,
+                       evidence=_Evidence(a, now), reason=reason)
 
 
 def _culprit_reason(rank: int, kind: str, p: RankProgress, seq: int, step: int,
@@ -206,16 +297,21 @@ def _culprit_reason(rank: int, kind: str, p: RankProgress, seq: int, step: int,
             f"{'' if beat else 'process from a long step'})")
 
 
-def _minority_ops(ranks: Mapping[int, RankProgress], victims: Sequence[int]) -> set[int]:
-    """Ranks inside a different call than a strict majority of those waiting with them."""
-    ops = {r: ranks[r].pending_op for r in victims if ranks[r].pending_op is not None}
-    if len(set(ops.values())) < 2:
-        return set()
-    counts = Counter(ops.values())
+def _minority_ops(a: RankArrays, victims: np.ndarray) -> np.ndarray:
+    """Rows (among `victims`, in rank order) inside a different call than a strict
+    majority of those waiting with them."""
+    ops = a.pending_op[victims]
+    if not len(ops) or (ops == ops[0]).all():   # the common case: one call
+        return victims[:0]
+    named = {int(i): op for i, op in zip(victims.tolist(), ops.tolist(), strict=True)
+             if op is not None}
+    if len(set(named.values())) < 2:
+        return victims[:0]
+    counts = Counter(named.values())
     (top, n), = counts.most_common(1)
-    if 2 * n <= len(ops):
-        return set()
-    return {r for r, op in ops.items() if op != top}
+    if 2 * n <= len(named):
+        return victims[:0]
+    return np.array([i for i, op in named.items() if op != top], dtype=np.int64)
 
 
 def _ranks(ranks: Sequence[int]) -> str:

@@ -33,6 +33,8 @@ from splice.controller.store import (
     StateStore,
     StoreUnavailable,
 )
+from splice.controller.telemetry_columns import Batch, MalformedTelemetry
+from splice.controller.telemetry_columns import decode as decode_telemetry
 from splice.controller.telemetry_hub import DetectionConfig, TelemetryHub
 from splice.proto import controller_pb2 as pb
 from splice.proto import controller_pb2_grpc as pb_grpc
@@ -52,7 +54,7 @@ AdminCheck = Callable[[grpc.ServicerContext, str], None]
 
 
 class TelemetrySink(Protocol):
-    def observe(self, job_id: str, node_id: str, batch: pb.Telemetry, epoch: int) -> None: ...
+    def observe(self, job_id: str, node_id: str, batch: Batch, epoch: int) -> None: ...
     def tick(self) -> None: ...
     def scores(self, job_id: str) -> dict[str, float]: ...
 
@@ -114,6 +116,7 @@ class AgentSession:
     closed: bool = False
     replacements_ready: int = 0  # warm spares the agent would promote (its telemetry)
     probe_address: str = ""      # its link probe server (HOST:PORT), "" if none
+    worker_table: tuple[str, ...] = ()  # what its telemetry columns index (its last table)
 
 
 @dataclass
@@ -552,18 +555,28 @@ class Controller(Leadership):
         in a batch they are expected around every recovery), progress feeds detectors."""
         rt = self._jobs[session.job_id]
         epoch = rt.state.epoch
-        steps, progress = batch.steps, batch.progress
+        # Columns name workers by index in the newest table the agent sent (telemetry_columns).
+        table = session.worker_table
+        if batch.HasField("workers"):
+            table = tuple(batch.workers.worker_ids)
         problem = self._check_worker_ids(
-            session, [r.worker_id for r in steps] + [p.worker_id for p in progress])
+            session, [r.worker_id for r in batch.steps] + [p.worker_id for p in batch.progress]
+            + list(table if table is not session.worker_table else ()))
+        if not problem:
+            try:
+                decoded = decode_telemetry(batch, table)
+            except MalformedTelemetry as e:
+                problem = f"telemetry from {session.node_id}: {e}"
         if problem:  # the whole batch is refused: none of it is applied
             session.outbox.put(refusal("MALFORMED", problem))
             return
+        session.worker_table = table
         session.replacements_ready = batch.replacements_ready
-        rt.view.steps_reported([rep for rep in steps if rep.epoch == epoch], epoch)
+        rt.view.step_columns_reported(decoded.worker_ids, decoded.steps, epoch)
         if self.metrics is not None:
-            self.metrics.telemetry_batch(len(batch.steps) + len(batch.progress), batch.dropped)
+            self.metrics.telemetry_batch(decoded.num_records, batch.dropped)
         if self.telemetry is not None:
-            self.telemetry.observe(session.job_id, session.node_id, batch, epoch)
+            self.telemetry.observe(session.job_id, session.node_id, decoded, epoch)
 
     def _check_worker_ids(self, session: AgentSession, wids: list[str]) -> str:
         """The first problem with these worker ids, in order ("" if none). The ids already

@@ -11,6 +11,9 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
+from splice.controller.telemetry_columns import Steps
 from splice.proto import controller_pb2 as pb
 
 
@@ -19,8 +22,9 @@ class _Progress:
     node_id: str
     pid: int = 0
     # The worker's newest step report of the job's epoch (read when the status is asked
-    # for): keeping a reference costs one assignment per report on the telemetry path.
-    last: pb.StepReport | None = None
+    # for): keeping a reference costs one assignment per report on the telemetry path;
+    # from a columnar batch, (its step columns, the report's row, the worker id).
+    last: pb.StepReport | tuple[Steps, int, str] | None = None
 
 
 class JobView:
@@ -67,12 +71,37 @@ class JobView:
                     text=f"epoch {report.epoch}: first step completed (step {report.step}, "
                          f"loss {report.loss:.5f}, by {report.worker_id})"))
 
+    def step_columns_reported(self, worker_ids: Sequence[str], steps: Steps,
+                              current_epoch: int) -> None:
+        """`steps_reported` for a decoded batch (telemetry_columns.py): the rows of the
+        job's current epoch."""
+        rows = np.flatnonzero(steps.epoch == current_epoch)
+        if not len(rows):
+            return
+        with self._lock:
+            progress = self._progress
+            for i, w in zip(rows.tolist(), steps.worker[rows].tolist(), strict=True):
+                wid = worker_ids[w]
+                p = progress.get(wid)
+                if p is not None:
+                    p.last = (steps, i, wid)
+            first = int(rows[0])
+            if current_epoch not in self._first_step_seen:
+                report = steps.report(first, worker_ids[int(steps.worker[first])])
+                self._first_step_seen.add(current_epoch)
+                self._timeline.append(pb.TimelineEvent(
+                    at_s=report.completed_at_s, kind="first_step", epoch=report.epoch,
+                    text=f"epoch {report.epoch}: first step completed (step {report.step}, "
+                         f"loss {report.loss:.5f}, by {report.worker_id})"))
+
     def fill(self, status: pb.JobStatus) -> None:
         with self._lock:
             status.timeline.extend(self._timeline)
             status.verdicts.extend(self._verdicts)
             for wid, p in sorted(self._progress.items()):
                 r = p.last
+                if isinstance(r, tuple):
+                    r = r[0].report(r[1], r[2])
                 if r is None:
                     status.workers.append(pb.WorkerStatus(
                         worker_id=wid, node_id=p.node_id, pid=p.pid, rank=-1))

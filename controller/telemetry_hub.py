@@ -1,10 +1,12 @@
 """The controller's telemetry shell: agents' batches in, detector verdicts and actions out.
 
-Agents' telemetry (progress counters, completed steps) arrives on gRPC threads and is kept
-here, bounded. The pure detectors (hang.py, stragglers.py) decide; this module only feeds
-them and carries out what the job's policy says: a hang's culprit is killed (recovery then
-takes the crash path), a straggler is alerted on, rebalanced away from or evicted. Every
-verdict is recorded with its reason in the job's status and in the metrics.
+Agents' telemetry (progress counters, completed steps) arrives on gRPC threads, decoded into
+columns (telemetry_columns.py), and is kept here as arrays indexed by rank, bounded: at
+100,000 ranks nothing here touches a Python object per rank per batch. The pure detectors
+(hang.py, stragglers.py) decide; this module only feeds them and carries out what the
+job's policy says: a hang's culprit is killed (recovery then takes the crash path), a
+straggler is alerted on, rebalanced away from or evicted. Every verdict is recorded with its
+reason in the job's status and in the metrics.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from splice.controller import job as jobs
-from splice.controller.hang import HangConfig, HangDetector, HangVerdict, threshold_s
+from splice.controller.hang import (
+    HangConfig,
+    HangDetector,
+    HangVerdict,
+    RankArrays,
+    threshold_s,
+)
 from splice.controller.policy import Policy, PolicyState, decide
 from splice.controller.stragglers import (
     StragglerConfig,
@@ -28,6 +36,7 @@ from splice.controller.stragglers import (
     StragglerVerdict,
 )
 from splice.controller.telemetry import RankProgress
+from splice.controller.telemetry_columns import Batch, Progress
 from splice.proto import controller_pb2 as pb
 
 if TYPE_CHECKING:
@@ -36,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("splice.controller")
 
 POLICIES = ("alert", "rebalance", "evict", "replace")
+_STEP_TIMES_KEPT = 200   # recent step times, for the hang threshold
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,13 +68,89 @@ class DetectionConfig:
                              f"got {self.straggler_policy!r}")
 
 
+class ProgressArrays:
+    """Every member's newest progress record of the epoch, as arrays indexed by rank."""
+
+    def __init__(self, world_size: int) -> None:
+        n = world_size
+        self.seen = np.zeros(n, dtype=bool)
+        self.epoch = np.zeros(n, dtype=np.uint64)
+        self.step = np.zeros(n, dtype=np.uint64)
+        self.seq_entered = np.zeros(n, dtype=np.uint64)
+        self.seq_exited = np.zeros(n, dtype=np.uint64)
+        self.in_collective_since_s = np.zeros(n)
+        self.last_progress_s = np.zeros(n)
+        self.heartbeat_s = np.zeros(n)
+        self.op = np.full(n, "", dtype=object)
+        self.op_bytes = np.zeros(n, dtype=np.uint64)
+
+    _COLUMNS = ("epoch", "step", "seq_entered", "seq_exited", "in_collective_since_s",
+                "last_progress_s", "heartbeat_s", "op_bytes")
+
+    def update(self, ranks: np.ndarray, batch: Progress, rows: np.ndarray | None
+               ) -> None:
+        """Records `rows` of the batch's progress (all if None) are ranks `ranks`' newest."""
+        def pick(a: np.ndarray) -> np.ndarray:
+            return a if rows is None else a[rows]
+        self.seen[ranks] = True
+        for name in self._COLUMNS:
+            getattr(self, name)[ranks] = pick(getattr(batch, name))
+        self.op[ranks] = np.array(batch.ops, dtype=object)[pick(batch.op)]
+
+    def of_epoch(self, epoch: int) -> np.ndarray:
+        """The ranks whose newest record is of `epoch`."""
+        return self.seen & (self.epoch == epoch)
+
+    def rank_arrays(self) -> RankArrays:
+        """A copy of every rank's record as the hang detector takes it (what
+        to_rank_progress makes of one record, for all ranks at once)."""
+        entered, exited = self.seq_entered.copy(), self.seq_exited
+        inside = entered > exited
+        since, last = self.in_collective_since_s, self.last_progress_s
+        pending = np.full(len(entered), None, dtype=object)
+        if inside.any():
+            pending[inside] = (self.op[inside] + ":"
+                               + self.op_bytes[inside].astype(str).astype(object))
+        return RankArrays(
+            rank=np.arange(len(entered)), epoch=self.epoch.copy(), seq_entered=entered,
+            seq_exited=np.minimum(exited, entered),
+            in_collective_since_s=np.where(since != 0.0, since, last), last_step=self.step.copy(),
+            last_progress_s=last.copy(), heartbeat_s=self.heartbeat_s.copy(),
+            has_heartbeat=self.heartbeat_s != 0.0, pending_op=pending)
+
+
+class _PendingStep:
+    """One step's reports so far: which ranks reported, and their values in chunks."""
+
+    __slots__ = ("chunks", "count", "seen")
+
+    def __init__(self, world_size: int) -> None:
+        self.seen = np.zeros(world_size, dtype=bool)
+        self.count = 0
+        self.chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, ranks: np.ndarray, compute_s: np.ndarray, wait_s: np.ndarray) -> None:
+        self.seen[ranks] = True
+        self.count = int(np.count_nonzero(self.seen))
+        self.chunks.append((ranks, compute_s, wait_s))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ranks, compute_s, wait_s), one entry per rank: a rank's last report wins."""
+        ranks, compute, wait = (np.concatenate(c) for c in zip(*self.chunks, strict=True))
+        if len(ranks) != self.count:   # a rank reported twice: keep its last report
+            _, first_of_reversed = np.unique(ranks[::-1], return_index=True)
+            keep = len(ranks) - 1 - first_of_reversed
+            ranks, compute, wait = ranks[keep], compute[keep], wait[keep]
+        return ranks, compute, wait
+
+
 @dataclass
 class _JobTelemetry:
     epoch: int = 0
-    progress: dict[str, pb.WorkerProgress] = field(default_factory=dict)
+    progress: ProgressArrays = field(default_factory=lambda: ProgressArrays(0))
     step_times: collections.deque[float] = field(
-        default_factory=lambda: collections.deque(maxlen=200))
-    pending: dict[int, dict[str, pb.StepReport]] = field(default_factory=dict)
+        default_factory=lambda: collections.deque(maxlen=_STEP_TIMES_KEPT))
+    pending: dict[int, _PendingStep] = field(default_factory=dict)
     hang: HangDetector | None = None
     stragglers: StragglerDetector | None = None
     scores: dict[str, float] = field(default_factory=dict)
@@ -80,6 +166,10 @@ class _JobTelemetry:
     # freshest_s when the hang detector last diagnosed a stall: until some rank moves,
     # diagnosing again would find the same (already reported) stall.
     diagnosed_at: float | None = None
+    # node -> (its worker table, the members, each table entry's rank or -1): a table is
+    # mapped to ranks once per membership, not once per batch.
+    ranks_of: dict[str, tuple[tuple[str, ...], tuple[str, ...], np.ndarray]] = field(
+        default_factory=dict)
 
 
 class TelemetryHub:
@@ -93,58 +183,81 @@ class TelemetryHub:
         self._last_tick = 0.0
 
     # ---- input (gRPC threads) ---------------------------------------------------------------
-    def observe(self, job_id: str, node_id: str, batch: pb.Telemetry, epoch: int) -> None:
+    def observe(self, job_id: str, node_id: str, batch: Batch, epoch: int) -> None:
         state = self._c.job_state(job_id)
         m = state.membership
         if m is None:
             return
         verdicts: list[StragglerVerdict] = []
-        ranks = m._ranks
         ep = m.epoch
         with self._lock:
-            t = self._fresh(job_id, ep)
-            progress, freshest = t.progress, t.freshest_s
-            for wp in batch.progress:
-                progress[wp.worker_id] = wp
-                last = wp.last_progress_s
-                if last > freshest:
-                    freshest = last
-            t.freshest_s = freshest
-            pending, step_times = t.pending, t.step_times
-            touched = set()
-            n = 0
-            for rep in batch.steps:
-                if rep.epoch != ep:
-                    continue
-                wid = rep.worker_id
-                if wid not in ranks:
-                    continue
-                step_times.append(rep.step_time_s)
-                n += 1
-                step = rep.step
-                reports = pending.get(step)
-                if reports is None:
-                    reports = pending[step] = {}
-                reports[wid] = rep
-                touched.add(step)
-            t.steps_in_epoch += n
+            t = self._fresh(job_id, m)
+            ranks_of = self._ranks_of(t, node_id, batch.worker_ids, m)
+            p = batch.progress
+            if len(p):
+                # Any record counts as movement (not only members' of this epoch).
+                t.freshest_s = float(np.fmax.reduce(p.last_progress_s, initial=t.freshest_s))
+                ranks = ranks_of[p.worker]
+                if (ranks >= 0).all():
+                    t.progress.update(ranks, p, None)
+                else:
+                    rows = np.flatnonzero(ranks >= 0)
+                    t.progress.update(ranks[rows], p, rows)
+            touched: set[int] = set()
+            s = batch.steps
+            if len(s):
+                ranks = ranks_of[s.worker]
+                rows = np.flatnonzero((s.epoch == ep) & (ranks >= 0))
+                if len(rows):
+                    t.step_times.extend(s.step_time_s[rows][-_STEP_TIMES_KEPT:].tolist())
+                    t.steps_in_epoch += len(rows)
+                    touched = self._add_steps(t, m, ranks[rows], s.step[rows],
+                                              s.compute_s[rows], s.wait_s[rows])
             t.node_sent_s[node_id] = batch.sent_at_s
             verdicts = self._complete_steps(t, m, touched)
         for v in verdicts:
             self._c.submit(job_id, lambda v=v: self._act_on_straggler(job_id, v))
 
-    def _fresh(self, job_id: str, epoch: int) -> _JobTelemetry:
+    @staticmethod
+    def _ranks_of(t: _JobTelemetry, node_id: str, wids: tuple[str, ...], m: jobs.Membership
+                  ) -> np.ndarray:
+        cached = t.ranks_of.get(node_id)
+        if cached is not None and cached[0] is wids and cached[1] is m.members:
+            return cached[2]
+        get = m._ranks.get
+        ranks = np.fromiter([get(w, -1) for w in wids], dtype=np.int64, count=len(wids))
+        t.ranks_of[node_id] = (wids, m.members, ranks)
+        return ranks
+
+    @staticmethod
+    def _add_steps(t: _JobTelemetry, m: jobs.Membership, ranks: np.ndarray,
+                   steps: np.ndarray, compute_s: np.ndarray, wait_s: np.ndarray) -> set[int]:
+        """Members' step reports of the epoch into their steps' pending records."""
+        first = int(steps[0])
+        groups: list[tuple[int, Any]]
+        if (steps == steps[0]).all():   # the common case: one step per batch
+            groups = [(first, slice(None))]
+        else:
+            groups = [(int(k), steps == k) for k in np.unique(steps)]
+        for step, rows in groups:
+            pending = t.pending.get(step)
+            if pending is None:
+                pending = t.pending[step] = _PendingStep(m.world_size)
+            pending.add(ranks[rows], compute_s[rows], wait_s[rows])
+        return {step for step, _ in groups}
+
+    def _fresh(self, job_id: str, m: jobs.Membership) -> _JobTelemetry:
         t = self._jobs[job_id]
-        if t.epoch != epoch:  # a new epoch: counters restart
-            t.epoch = epoch
-            t.progress.clear()
+        if t.epoch != m.epoch:  # a new epoch: counters restart
+            t.epoch = m.epoch
+            t.progress = ProgressArrays(m.world_size)
             t.pending.clear()
+            t.ranks_of.clear()
             t.hang = HangDetector(self.config.hang)
             t.freshest_s = 0.0
             t.diagnosed_at = None
             t.steps_in_epoch = 0
-            m = self._c.job_state(job_id).membership
-            members = m.members if m is not None else ()
+            members = m.members
             if t.stragglers is None or members != t.members:
                 # Other members: ranks name other workers now, so what the detector learnt
                 # per rank no longer applies. (A rebalance keeps the members and its memory.)
@@ -159,18 +272,14 @@ class TelemetryHub:
         assert t.stragglers is not None
         out: list[StragglerVerdict] = []
         for step in sorted(touched):
-            reports = t.pending.get(step)
+            pending = t.pending.get(step)
             # Only members' reports are kept, so a full count means a complete step.
-            if reports is None or len(reports) != m.world_size:
+            if pending is None or pending.count != m.world_size:
                 continue
             del t.pending[step]
             # The step's records as arrays over its ranks (what StepRecord would hold:
             # negative times read as 0, compute compared per unit of batch share).
-            n = len(reports)
-            ranks = np.fromiter(map(m._ranks.__getitem__, reports), dtype=np.int64, count=n)
-            reps = list(reports.values())
-            compute = np.fromiter([r.compute_s for r in reps], dtype=float, count=n)
-            wait = np.fromiter([r.wait_s for r in reps], dtype=float, count=n)
+            ranks, compute, wait = pending.arrays()
             compute = np.where(compute > 0.0, compute, 0.0)
             wait = np.where(wait > 0.0, wait, 0.0)
             out += t.stragglers.observe_arrays(step, ranks, compute, wait,
@@ -200,7 +309,7 @@ class TelemetryHub:
             if m is None or state.phase is not jobs.Phase.RUNNING:
                 continue
             with self._lock:
-                t = self._fresh(job_id, m.epoch)
+                t = self._fresh(job_id, m)
                 if not t.node_sent_s or t.freshest_s == 0.0:
                     continue
                 # Only look closer once nothing has moved for the floor: the common case
@@ -227,16 +336,14 @@ class TelemetryHub:
                 sent = t.node_sent_s
                 if min(sent.get(n, 0.0) for n in t.nodes) - t.freshest_s <= limit:
                     continue
-                progress, ep = t.progress, m.epoch
-                ranks = {}
-                for r, w in enumerate(m.members):
-                    wp = progress.get(w)
-                    if wp is not None and wp.epoch == ep:
-                        ranks[r] = to_rank_progress(r, wp)
+                # Only with every member's record of this epoch (the array has a slot per
+                # member, so all of them).
+                complete = bool(t.progress.of_epoch(m.epoch).all())
+                ranks = t.progress.rank_arrays() if complete else None
                 detector = t.hang
-                if detector is not None and len(ranks) >= m.world_size:
+                if detector is not None and complete:
                     t.diagnosed_at = t.freshest_s
-            if detector is None or len(ranks) < m.world_size:
+            if detector is None or ranks is None:
                 continue
             verdict = detector.observe(ranks, step_times, now, min_threshold_s=grace_s)
             if verdict is not None:

@@ -75,20 +75,86 @@ class CorruptionReport(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., culprits: _Optional[_Iterable[str]] = ..., fingerprints: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Telemetry(_message.Message):
-    __slots__ = ("progress", "steps", "sent_at_s", "dropped", "health", "replacements_ready")
+    __slots__ = ("progress", "steps", "sent_at_s", "dropped", "health", "replacements_ready", "workers", "progress_columns", "step_columns")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_S_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     REPLACEMENTS_READY_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    STEP_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     progress: _containers.RepeatedCompositeFieldContainer[WorkerProgress]
     steps: _containers.RepeatedCompositeFieldContainer[StepReport]
     sent_at_s: float
     dropped: int
     health: NodeHealth
     replacements_ready: int
-    def __init__(self, progress: _Optional[_Iterable[_Union[WorkerProgress, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., sent_at_s: _Optional[float] = ..., dropped: _Optional[int] = ..., health: _Optional[_Union[NodeHealth, _Mapping]] = ..., replacements_ready: _Optional[int] = ...) -> None: ...
+    workers: WorkerTable
+    progress_columns: ProgressColumns
+    step_columns: StepColumns
+    def __init__(self, progress: _Optional[_Iterable[_Union[WorkerProgress, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., sent_at_s: _Optional[float] = ..., dropped: _Optional[int] = ..., health: _Optional[_Union[NodeHealth, _Mapping]] = ..., replacements_ready: _Optional[int] = ..., workers: _Optional[_Union[WorkerTable, _Mapping]] = ..., progress_columns: _Optional[_Union[ProgressColumns, _Mapping]] = ..., step_columns: _Optional[_Union[StepColumns, _Mapping]] = ...) -> None: ...
+
+class WorkerTable(_message.Message):
+    __slots__ = ("worker_ids",)
+    WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
+    worker_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ProgressColumns(_message.Message):
+    __slots__ = ("worker", "epoch", "step", "seq_entered", "seq_exited", "in_collective_since_s", "last_progress_s", "op", "op_bytes", "heartbeat_s", "ops")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SEQ_ENTERED_FIELD_NUMBER: _ClassVar[int]
+    SEQ_EXITED_FIELD_NUMBER: _ClassVar[int]
+    IN_COLLECTIVE_SINCE_S_FIELD_NUMBER: _ClassVar[int]
+    LAST_PROGRESS_S_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    OP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    worker: _containers.RepeatedScalarFieldContainer[int]
+    epoch: _containers.RepeatedScalarFieldContainer[int]
+    step: _containers.RepeatedScalarFieldContainer[int]
+    seq_entered: _containers.RepeatedScalarFieldContainer[int]
+    seq_exited: _containers.RepeatedScalarFieldContainer[int]
+    in_collective_since_s: _containers.RepeatedScalarFieldContainer[float]
+    last_progress_s: _containers.RepeatedScalarFieldContainer[float]
+    op: _containers.RepeatedScalarFieldContainer[int]
+    op_bytes: _containers.RepeatedScalarFieldContainer[int]
+    heartbeat_s: _containers.RepeatedScalarFieldContainer[float]
+    ops: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker: _Optional[_Iterable[int]] = ..., epoch: _Optional[_Iterable[int]] = ..., step: _Optional[_Iterable[int]] = ..., seq_entered: _Optional[_Iterable[int]] = ..., seq_exited: _Optional[_Iterable[int]] = ..., in_collective_since_s: _Optional[_Iterable[float]] = ..., last_progress_s: _Optional[_Iterable[float]] = ..., op: _Optional[_Iterable[int]] = ..., op_bytes: _Optional[_Iterable[int]] = ..., heartbeat_s: _Optional[_Iterable[float]] = ..., ops: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StepColumns(_message.Message):
+    __slots__ = ("worker", "epoch", "step", "loss", "step_time_s", "completed_at_s", "num_samples", "compute_s", "wait_s", "collective_bytes", "snapshot_bytes", "snapshot_at_s")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_AT_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_AT_S_FIELD_NUMBER: _ClassVar[int]
+    worker: _containers.RepeatedScalarFieldContainer[int]
+    epoch: _containers.RepeatedScalarFieldContainer[int]
+    step: _containers.RepeatedScalarFieldContainer[int]
+    loss: _containers.RepeatedScalarFieldContainer[float]
+    step_time_s: _containers.RepeatedScalarFieldContainer[float]
+    completed_at_s: _containers.RepeatedScalarFieldContainer[float]
+    num_samples: _containers.RepeatedScalarFieldContainer[int]
+    compute_s: _containers.RepeatedScalarFieldContainer[float]
+    wait_s: _containers.RepeatedScalarFieldContainer[float]
+    collective_bytes: _containers.RepeatedScalarFieldContainer[int]
+    snapshot_bytes: _containers.RepeatedScalarFieldContainer[int]
+    snapshot_at_s: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, worker: _Optional[_Iterable[int]] = ..., epoch: _Optional[_Iterable[int]] = ..., step: _Optional[_Iterable[int]] = ..., loss: _Optional[_Iterable[float]] = ..., step_time_s: _Optional[_Iterable[float]] = ..., completed_at_s: _Optional[_Iterable[float]] = ..., num_samples: _Optional[_Iterable[int]] = ..., compute_s: _Optional[_Iterable[float]] = ..., wait_s: _Optional[_Iterable[float]] = ..., collective_bytes: _Optional[_Iterable[int]] = ..., snapshot_bytes: _Optional[_Iterable[int]] = ..., snapshot_at_s: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class WorkerProgress(_message.Message):
     __slots__ = ("worker_id", "epoch", "step", "seq_entered", "seq_exited", "in_collective_since_s", "last_progress_s", "op", "op_bytes", "heartbeat_s")

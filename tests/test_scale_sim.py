@@ -57,3 +57,51 @@ def test_generator_encoder_parses_to_the_message_the_setters_build() -> None:
                                wait_s=float(1 - c[w]), step_time_s=1.05, completed_at_s=7.5,
                                loss=0.25)
         assert pb.Telemetry.FromString(enc.encode(with_steps, v)) == want
+
+
+def test_column_encoder_parses_to_the_message_the_setters_build() -> None:
+    import numpy as np
+
+    from bench.scale import ColumnTelemetryEncoder, worker
+    from splice.proto import controller_pb2 as pb
+
+    k = 200   # worker indices past 127 take two-byte varints
+    wids = [worker(3, w) for w in range(k)]
+    enc = ColumnTelemetryEncoder(wids, epoch=1, num_samples=32, collective_bytes=1 << 26,
+                                 op="all_reduce", op_bytes=1 << 26)
+    c = np.random.default_rng(1).random(k)
+    entered = np.where(c > .5, 300, 299)
+    for first, with_steps in ((True, True), (False, False), (False, True)):
+        v = dict(p_step=299, p_seq_entered=entered, p_seq_exited=299,
+                 p_in_collective_since_s=np.where(c > .5, c, 0.0), p_last_progress_s=c + 3,
+                 p_heartbeat_s=123.5, sent_at_s=99.25)
+        if with_steps:
+            v.update(s_step=298, s_compute_s=c, s_wait_s=1 - c, s_step_time_s=1.05,
+                     s_completed_at_s=7.5, s_loss=0.25)
+        want = pb.Telemetry(sent_at_s=99.25)
+        if first:
+            want.workers.worker_ids.extend(wids)
+        p = want.progress_columns
+        p.worker.extend(range(k))
+        p.epoch.extend([1] * k)
+        p.step.extend([299] * k)
+        p.seq_entered.extend(entered.tolist())
+        p.seq_exited.extend([299] * k)
+        p.in_collective_since_s.extend(v["p_in_collective_since_s"].tolist())
+        p.last_progress_s.extend((c + 3).tolist())
+        p.op_bytes.extend([1 << 26] * k)
+        p.heartbeat_s.extend([123.5] * k)
+        p.ops.append("all_reduce")
+        if with_steps:
+            s = want.step_columns
+            s.worker.extend(range(k))
+            s.epoch.extend([1] * k)
+            s.step.extend([298] * k)
+            s.loss.extend([0.25] * k)
+            s.step_time_s.extend([1.05] * k)
+            s.completed_at_s.extend([7.5] * k)
+            s.num_samples.extend([32] * k)
+            s.compute_s.extend(c.tolist())
+            s.wait_s.extend((1 - c).tolist())
+            s.collective_bytes.extend([1 << 26] * k)
+        assert pb.Telemetry.FromString(enc.encode(with_steps, v)) == want
