@@ -25,13 +25,14 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 
-from splice.agent import linkprobe, progress
+from splice.agent import linkprobe, progress, replication
 from splice.agent.health import NodeHealthProbe
 from splice.agent.local_server import LocalServer
 from splice.agent.metrics import AgentMetrics
 from splice.agent.progress import ProgressReader
 from splice.agent.supervisor import Exit, Supervisor
 from splice.agent.upstream import AgentRefused, Attached, Upstream
+from splice.controller import telemetry_columns
 from splice.controller.membership import worker_id
 from splice.proto import controller_pb2 as pb
 from splice.proto import local_pb2 as lpb
@@ -171,6 +172,17 @@ class Agent:
         except OSError as e:  # links go unmeasured; the node's workers matter more
             log.warning("agent %s: cannot serve link probes on %s: %s", config.node_id,
                         config.gloo_host, e)
+        # Snapshots: served from the workers' shared memory to joining workers elsewhere.
+        self._snapshot_server: replication.PeerServer | None = None
+        self.snapshot_address = ""
+        try:
+            self._snapshot_server = replication.serve(
+                replication.ReplicaStore(0, job_id=config.job_id),
+                f"{config.gloo_host}:0", self._serve_snapshot)
+            self.snapshot_address = f"{config.gloo_host}:{self._snapshot_server.port}"
+        except OSError as e:  # joining workers then receive state over the group
+            log.warning("agent %s: cannot serve snapshots on %s: %s", config.node_id,
+                        config.gloo_host, e)
         self._probe_cv = threading.Condition()
         self._probe_requests: collections.deque[pb.ProbeLinks] = collections.deque()
         self._probes_closed = False
@@ -181,7 +193,8 @@ class Agent:
         hello = pb.AgentHello(
             protocol_version=pb.PROTOCOL_VERSION_1, job_id=self.config.job_id,
             node_id=self.config.node_id, num_workers=self.config.nproc,
-            hostname=socket.gethostname(), probe_address=self.probe_address)
+            hostname=socket.gethostname(), probe_address=self.probe_address,
+            snapshot_address=self.snapshot_address)
         with self._lock:
             if self._attached_once:  # a re-attach: tell the controller what it missed
                 hello.epoch = self._epoch
@@ -275,7 +288,12 @@ class Agent:
                 log.info("agent %s re-attached to %s", self.config.node_id, attached.address)
 
     def _telemetry(self) -> None:
-        """Every interval: the workers' progress counters and the steps completed since."""
+        """Every interval: the workers' progress counters and the steps completed since, as
+        columns (controller/telemetry_columns.py: the controller decodes them in bulk). The
+        worker table the columns index goes up with the first batch of every attach (each
+        has its own outbox) and again whenever a worker it lacks appears."""
+        table: dict[str, int] = {}       # worker id -> index, as last sent on table_outbox
+        table_outbox = None
         while not self._stopping.wait(self.config.telemetry_interval_s):  # a period
             batch = pb.Telemetry(sent_at_s=time.time(), health=self.health.read())
             if self.config.replace:
@@ -285,23 +303,34 @@ class Agent:
                 self.metrics.node_health(batch.health.memory_used_ratio,
                                          batch.health.cpu_throttled_ratio)
                 self.metrics.set_workers(self._supervisor.live)
+            progress = []
             for wid, reader in list(self._readers.items()):
                 p = reader.read()
                 if p is None or p.pid == 0:
                     continue
-                batch.progress.append(pb.WorkerProgress(
-                    worker_id=wid, epoch=p.epoch, step=p.step, seq_entered=p.seq_entered,
-                    seq_exited=p.seq_exited, in_collective_since_s=p.in_collective_since_s,
-                    last_progress_s=p.last_progress_s, op=p.op, op_bytes=p.op_bytes,
-                    heartbeat_s=p.heartbeat_s))
+                progress.append((wid, p))
             outbox = self._outbox
+            steps: list[pb.StepReport] = []
             with self._lock:
                 if outbox is not None:
-                    batch.steps.extend(self._steps)
+                    steps = list(self._steps)
                     self._steps.clear()
                     batch.dropped, self._dropped = self._dropped, 0
-            if outbox is not None and (batch.progress or batch.steps or batch.dropped):
-                outbox.put(pb.AgentMessage(telemetry=batch))
+            if outbox is None or not (progress or steps or batch.dropped):
+                continue
+            wids = [w for w, _ in progress] + [r.worker_id for r in steps]
+            if outbox is not table_outbox or not table.keys() >= set(wids):
+                # This node's workers now, and any whose last steps are still on their way.
+                table = {w: i for i, w in enumerate(dict.fromkeys([*self._readers, *wids]))}
+                batch.workers.worker_ids.extend(table)
+                table_outbox = outbox
+            if progress:
+                telemetry_columns.encode_progress(batch.progress_columns,
+                                                  [(table[w], p) for w, p in progress])
+            if steps:
+                telemetry_columns.encode_steps(batch.step_columns,
+                                               [(table[r.worker_id], r) for r in steps])
+            outbox.put(pb.AgentMessage(telemetry=batch))
 
     def _heartbeats(self, attached: Attached) -> None:
         while not self._stopping.is_set() and self._outbox is attached.outbox:
@@ -360,6 +389,8 @@ class Agent:
             self._probe_cv.notify_all()
         if self._probe_server is not None:
             self._probe_server.close()
+        if self._snapshot_server is not None:
+            self._snapshot_server.stop(grace_s=0)
         if self._prober is not None:
             # A probe in flight ends within its timeout (the peer's server may be gone).
             self._prober.join(timeout=1.0)
@@ -429,6 +460,18 @@ class Agent:
         """The worker's snapshot directory in this agent's shared memory (checkpoint/shm.py):
         node-0/1 -> <shm>/snapshots/node-0_1."""
         return os.path.join(self._shm_dir, "snapshots", wid.replace("/", "_"))
+
+    def _serve_snapshot(self, job_id: str, wid: str, step: int
+                        ) -> tuple[int, bytes, memoryview] | None:
+        """A local worker's committed snapshot of `step` (0: its newest), straight from
+        shared memory, for a peer's Fetch: (step, meta, data). The worker does not touch
+        that slot while the joining worker fetches it (the members wait for it in the
+        resume step, and a slot is rewritten two steps later at the earliest)."""
+        from splice.checkpoint import slotmeta
+
+        if job_id != self.config.job_id or "/" not in wid:
+            return None
+        return slotmeta.open_committed(self._snapshot_dir(wid), step)
 
     def _hand_over_snapshots(self, lost: str, to: str) -> None:
         """The snapshots `lost` left in shared memory become `to`'s (one rename): the

@@ -16,7 +16,10 @@ Measures, on this machine, with one torch thread (as workers run):
 and the fractions of that step. Rounds of --round steps rotate between three rings, so a
 shared machine's load hits them alike:
   off          no snapshot: the baseline step
-  inline       the ring splice runs: checksums at the end of `capture` (hook_fraction)
+  inline       the ring in private memory: checksums at the end of `capture`
+               (hook_fraction; what a session without an agent runs)
+  shm          the ring splice runs under an agent: the same, in shared-memory files, plus
+               the commit record written each step (checkpoint/shm.py) (shm.hook_fraction)
   background   checksums on a helper thread (`checksum_in_background=True`): the
                training thread's time plus the helper's CPU time, which a step pays too
                when no core is spare (workers usually fill the cores)
@@ -34,6 +37,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import sys
@@ -116,7 +120,7 @@ class _Off:
         return []
 
 
-MODES = ("off", "inline", "background")
+MODES = ("off", "inline", "shm", "background")
 
 
 def snapshot_in_step_loop(steps: int = 400, round_steps: int = 25) -> dict[str, Any]:
@@ -130,7 +134,11 @@ def snapshot_in_step_loop(steps: int = 400, round_steps: int = 25) -> dict[str, 
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     session.register(model=model, optimizer=opt, dataset=TeacherDataset(), loss_fn=mse_loss,
                      global_batch_size=64, micro_batch_size=8)
+    shm = tempfile.mkdtemp(prefix="splice-bench-",
+                           dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     rings: dict[str, Any] = {"off": _Off(), "inline": SnapshotRing(),
+                             "shm": SnapshotRing(directory=os.path.join(shm, "w"),
+                                                 owner="node-0/0"),
                              "background": SnapshotRing(checksum_in_background=True)}
     snap = {m: _Timed() for m in MODES}  # on the training thread
     checksum = {m: _Timed() for m in MODES}  # wherever `_record` runs
@@ -167,6 +175,8 @@ def snapshot_in_step_loop(steps: int = 400, round_steps: int = 25) -> dict[str, 
     finally:
         snapshot_module._record = record
         session._state = state_fn  # type: ignore[method-assign]
+        rings["shm"].close()
+        shutil.rmtree(shm, ignore_errors=True)
     return {m: {"step_s": times[m], "snapshot_wall_s": snap[m].walls,
                 "snapshot_cpu_s": snap[m].cpus, "checksum_cpu_s": checksum[m].cpus}
             for m in MODES} | {"snapshot_bytes": rings["inline"].num_bytes // 2}
@@ -183,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     med, mean = statistics.median, statistics.mean
     step_us = med(m["off"]["step_s"]) * 1e6
     inline_us = med(m["inline"]["snapshot_wall_s"]) * 1e6
+    shm_us = med(m["shm"]["snapshot_wall_s"]) * 1e6
     checksum_us = mean(m["inline"]["checksum_cpu_s"]) * 1e6
     bg_thread_us = med(m["background"]["snapshot_wall_s"]) * 1e6
     bg_checksum_us = mean(m["background"]["checksum_cpu_s"]) * 1e6
@@ -207,8 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         "background": {"training_thread_us": r1(bg_thread_us),
                        "checksum_cpu_us": r1(bg_checksum_us),
                        "no_spare_core_us": r1(bg_thread_us + bg_checksum_us)},
+        "shm": {"snapshot_us_per_step": r1(shm_us),
+                "checksum_us_per_step": r1(mean(m["shm"]["checksum_cpu_s"]) * 1e6),
+                "snapshot_fraction": round(shm_us / step_us, 5),
+                "hook_fraction": round((tel + shm_us) / step_us, 5)},
         "step_delta_us": {k: r1((med(m[k]["step_s"]) - med(m["off"]["step_s"])) * 1e6)
-                          for k in ("inline", "background")},
+                          for k in ("inline", "shm", "background")},
         "telemetry_fraction": round(tel / step_us, 5),
         "checksum_fraction": round(checksum_us / step_us, 5),
         "snapshot_fraction": round(inline_us / step_us, 5),

@@ -439,7 +439,7 @@ def _on_recovery_ready(state: JobState, ev: RecoveryReady) -> tuple[JobState, Re
                       recoveries=state.recoveries + 1, joining=frozenset(),
                       joined=bool(joining & set(ready)))
     holders = tuple(w for w in sorted(ready, key=rank_order) if plan.step in ready[w]
-                    and w not in joining)
+                    and w not in joining) if plan.transfers else ()
     resume = Resume(state.epoch, plan.step, plan.reason, plan.transfers, holders)
     return resumed, Ready(
         persist_resume=resume,

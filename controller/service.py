@@ -116,6 +116,7 @@ class AgentSession:
     closed: bool = False
     replacements_ready: int = 0  # warm spares the agent would promote (its telemetry)
     probe_address: str = ""      # its link probe server (HOST:PORT), "" if none
+    snapshot_address: str = ""   # its snapshot server (HOST:PORT), "" if none
     worker_table: tuple[str, ...] = ()  # what its telemetry columns index (its last table)
 
 
@@ -408,11 +409,13 @@ class Controller(Leadership):
             return refusal("NOT_LEADER", f"{self.address} is a standby"
                            + (f"; the leader is {hint}" if hint else "; no leader yet"),
                            leader=hint)
-        if hello.probe_address:
-            host, sep, port = hello.probe_address.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                return refusal("MALFORMED", f"probe address must be HOST:PORT, got "
-                                            f"{hello.probe_address!r}")
+        for what, address in (("probe", hello.probe_address),
+                              ("snapshot", hello.snapshot_address)):
+            host, sep, port = address.rpartition(":")
+            if address and (not sep or not host or not port.isdigit()
+                            or not 0 < int(port) < 65536):
+                return refusal("MALFORMED", f"{what} address must be HOST:PORT, got "
+                                            f"{address!r}")
         for w in hello.workers:
             problem = self._check_worker_id_of(hello.node_id, w.worker_id)
             if problem:
@@ -423,7 +426,8 @@ class Controller(Leadership):
                 return refusal("MALFORMED", f"node {hello.node_id!r} is already attached to "
                                             f"job {hello.job_id!r}")
             session = AgentSession(hello.job_id, hello.node_id, last_seen_s=self._clock(),
-                                   probe_address=hello.probe_address)
+                                   probe_address=hello.probe_address,
+                                   snapshot_address=hello.snapshot_address)
             self._sessions[key] = session
         log.info("agent %s attached to job %s with %d workers", hello.node_id, hello.job_id,
                  hello.num_workers)
@@ -764,11 +768,25 @@ class Controller(Leadership):
             # Goodput: the share of the job's wall time not spent recovering.
             m.set_goodput(job_id, max(0.0, 1.0 - rt.lost_s / (now - rt.started_at_s)))
 
+    def _holders(self, job_id: str, src: str, resume: jobs.Resume) -> list[pb.SnapshotHolder]:
+        """Where a joining worker fetches the resume step's snapshot: `src`'s agent, then
+        the other holders' (their agents serve it from shared memory). Empty, so `src`
+        sends it over the group, when `src`'s agent serves no snapshots."""
+        with self._sessions_lock:
+            address = {n: s.snapshot_address for (j, n), s in self._sessions.items()
+                       if j == job_id}
+        if not address.get(node_of(src)):
+            return []
+        order = [src] + [w for w in resume.holders if w != src]
+        return [pb.SnapshotHolder(worker_id=w, address=address[node_of(w)])
+                for w in order if address.get(node_of(w))]
+
     def _to_proto(self, job_id: str, message: Membership | jobs.Resume) -> pb.ControllerMessage:
         if isinstance(message, jobs.Resume):
             return pb.ControllerMessage(resume=pb.Resume(
                 epoch=message.epoch, step=message.step, reason=message.reason,
-                transfers=[pb.StateTransfer(to_worker=dst, from_worker=src)
+                transfers=[pb.StateTransfer(to_worker=dst, from_worker=src,
+                                            holders=self._holders(job_id, src, message))
                            for dst, src in message.transfers],
                 from_disk=message.from_disk))
         assert self.rendezvous is not None

@@ -193,7 +193,7 @@ class NodeHealth(_message.Message):
     def __init__(self, memory_used_ratio: _Optional[float] = ..., cpu_throttled_ratio: _Optional[float] = ..., gpus: _Optional[int] = ..., notes: _Optional[str] = ...) -> None: ...
 
 class AgentHello(_message.Message):
-    __slots__ = ("protocol_version", "job_id", "node_id", "num_workers", "hostname", "epoch", "workers", "probe_address")
+    __slots__ = ("protocol_version", "job_id", "node_id", "num_workers", "hostname", "epoch", "workers", "probe_address", "snapshot_address")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +202,7 @@ class AgentHello(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     PROBE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: ProtocolVersion
     job_id: str
     node_id: str
@@ -210,7 +211,8 @@ class AgentHello(_message.Message):
     epoch: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerResync]
     probe_address: str
-    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., job_id: _Optional[str] = ..., node_id: _Optional[str] = ..., num_workers: _Optional[int] = ..., hostname: _Optional[str] = ..., epoch: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerResync, _Mapping]]] = ..., probe_address: _Optional[str] = ...) -> None: ...
+    snapshot_address: str
+    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., job_id: _Optional[str] = ..., node_id: _Optional[str] = ..., num_workers: _Optional[int] = ..., hostname: _Optional[str] = ..., epoch: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerResync, _Mapping]]] = ..., probe_address: _Optional[str] = ..., snapshot_address: _Optional[str] = ...) -> None: ...
 
 class WorkerResync(_message.Message):
     __slots__ = ("worker_id", "state", "pid", "exit_code", "signal")
@@ -413,12 +415,22 @@ class Resume(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ..., transfers: _Optional[_Iterable[_Union[StateTransfer, _Mapping]]] = ..., from_disk: _Optional[bool] = ...) -> None: ...
 
 class StateTransfer(_message.Message):
-    __slots__ = ("to_worker", "from_worker")
+    __slots__ = ("to_worker", "from_worker", "holders")
     TO_WORKER_FIELD_NUMBER: _ClassVar[int]
     FROM_WORKER_FIELD_NUMBER: _ClassVar[int]
+    HOLDERS_FIELD_NUMBER: _ClassVar[int]
     to_worker: str
     from_worker: str
-    def __init__(self, to_worker: _Optional[str] = ..., from_worker: _Optional[str] = ...) -> None: ...
+    holders: _containers.RepeatedCompositeFieldContainer[SnapshotHolder]
+    def __init__(self, to_worker: _Optional[str] = ..., from_worker: _Optional[str] = ..., holders: _Optional[_Iterable[_Union[SnapshotHolder, _Mapping]]] = ...) -> None: ...
+
+class SnapshotHolder(_message.Message):
+    __slots__ = ("worker_id", "address")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    address: str
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class Refusal(_message.Message):
     __slots__ = ("code", "message", "leader")
