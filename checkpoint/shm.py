@@ -254,6 +254,17 @@ class SlotFiles:
         path = os.path.join(self.directory, name)
         if os.path.exists(path):
             os.unlink(path)
+        # Reserve the pages now: a tmpfs that runs out of room later would kill the worker
+        # with SIGBUS in the middle of a copy; here it is an OSError (ENOSPC) instead.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, max(1, num_words) * 8)
+        except OSError:
+            os.unlink(path)
+            self._gen[index] -= 1
+            raise
+        finally:
+            os.close(fd)
         buf = torch.from_file(path, shared=True, size=max(1, num_words), dtype=torch.int64)
         old, self._data[index] = self._data[index], name
         for gone in {old, *self._stale[index]} - {None, name}:

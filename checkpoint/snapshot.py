@@ -382,6 +382,7 @@ class _Slot:
     layout: _Layout | None = None  # its flat buffer holds the tree's CPU tensors
     others: dict[int, torch.Tensor] = field(default_factory=dict)  # walk index: off-CPU
     recorded: dict[int, int] | cf.Future[dict[int, int]] | None = None  # others' checksums
+    shared: bool = False  # its layout's buffer is a file in the ring's directory
 
 
 class SnapshotRing:
@@ -426,6 +427,7 @@ class SnapshotRing:
             slot = self._slots[found.index]
             slot.step, slot.tree, slot.layout = found.step, tree, layout
             slot.num_bytes, slot.others, slot.recorded = tensor_bytes(tree), {}, {}
+            slot.shared = True
             self.adopted_from = found.owner
         return self.steps()
 
@@ -455,9 +457,17 @@ class SnapshotRing:
         cap = _Capture(slot.layout)
         tree = _copy_into(state, cap)
         if not cap.done():  # first capture into this slot, or the state changed shape
-            slot.layout = _Layout(cap.signature, buffer=None if self._files is None else
-                                  self._files.allocate(self._slots.index(slot),
-                                                       total_words(cap.signature)))
+            buffer = None
+            if self._files is not None:
+                try:
+                    buffer = self._files.allocate(self._slots.index(slot),
+                                                  total_words(cap.signature))
+                except OSError as e:
+                    log.warning("snapshot slot in %s stays in private memory: %s (the "
+                                "shared memory is too small: a replacement cannot adopt "
+                                "it)", self._files.directory, e)
+            slot.layout = _Layout(cap.signature, buffer=buffer)
+            slot.shared = buffer is not None
             tree = _place(tree, iter(slot.layout.views))
         layout = slot.layout
         assert layout is not None
@@ -474,7 +484,7 @@ class SnapshotRing:
         else:
             slot.recorded = _record(layout, cap.others)
         slot.step = step
-        if self._files is not None and not cap.others:  # off-CPU tensors stay private
+        if self._files is not None and slot.shared and not cap.others:  # off-CPU: private
             self._files.commit(self._slots.index(slot), step, layout.signature, layout.views,
                                tree)
 

@@ -34,6 +34,9 @@ class JobRef:
     uid: str
 
 
+SHM_VOLUME = "splice-shm"
+
+
 def service_name(job: str) -> str:
     return f"{job}-controller"
 
@@ -134,6 +137,14 @@ def worker_pod(job: JobRef, spec: SpliceJobSpec, index: int) -> dict[str, Any]:
         c["env"] = [e for e in c.get("env", []) if e.get("name") != "POD_IP"] + [_POD_IP_ENV]
         c["ports"] = [p for p in c.get("ports", []) if p.get("name") != "metrics"]
         c["ports"] = _ports(spec, c["ports"])
+        # Snapshots live in /dev/shm (the agent's shared memory), which a container gets
+        # only 64 MiB of by default: mount a memory-backed volume there, unless the
+        # template mounts one itself. It counts against the pod's memory limit.
+        mounts = c.setdefault("volumeMounts", [])
+        if not any(m.get("mountPath") == "/dev/shm" for m in mounts):
+            mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
+            pod_spec.setdefault("volumes", []).append(
+                {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}})
         break
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": _metadata(job, name, "worker", index, template.get("metadata")),

@@ -329,6 +329,9 @@ def test_worker_pods_wrap_the_user_command_in_the_agent() -> None:
                             "--gloo-host", "$(POD_IP)", "--", "python", "train.py"]
     assert pod["spec"]["restartPolicy"] == "Never"
     assert pod["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    # The snapshots' shared memory: a memory-backed /dev/shm, not the 64 MiB default.
+    assert {"name": "splice-shm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    assert {"name": "splice-shm", "emptyDir": {"medium": "Memory"}} in pod["spec"]["volumes"]
     assert {"name": "metrics", "containerPort": 9400} in c["ports"]
     ctl = next(a.manifest for a in plan.actions if isinstance(a, CreatePod)
                and a.manifest["metadata"]["name"] == "j-controller-0")

@@ -1087,3 +1087,29 @@ def test_a_frozen_tuple_that_starts_with_four_ints_round_trips(
     restored = adopter(tmp_path).restore(0)["f"].value
     assert restored == value
     assert [type(x) for x in restored[1]] == [type(x) for x in value[1]]
+
+
+def test_a_full_shared_memory_leaves_the_slot_private_and_unadoptable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A tmpfs without room would kill the worker with SIGBUS mid-copy; the pages are
+    reserved up front instead, and a slot that does not fit stays in private memory."""
+    import errno
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    directory = tmp_path / "full"
+    ring = SnapshotRing(directory=str(directory), owner="node-0/0")
+    monkeypatch.setattr(shm.os, "posix_fallocate", full)
+    caplog.set_level(logging.WARNING)
+    state = {"w": torch.arange(4096, dtype=torch.float32), "step": 1}
+    ring.capture(1, state)
+    assert ring.steps() == [1]
+    assert torch.equal(ring.restore(1)["w"], state["w"])  # the snapshot itself is fine
+    assert any("stays in private memory" in r.getMessage() for r in caplog.records)
+    assert not [n for n in os.listdir(directory) if n.endswith(".data")]  # nothing half-made
+    assert SnapshotRing(directory=str(directory)).adopt() == []
+    monkeypatch.undo()
+    ring.capture(2, {"w": state["w"] + 1, "step": 2})  # the other slot: room again
+    assert SnapshotRing(directory=str(directory)).adopt() == [2]
