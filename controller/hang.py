@@ -11,6 +11,13 @@ The diagnosis works on arrays over the ranks (`RankArrays`: what the controller'
 hub keeps per rank), so that a stall of 100,000 ranks is diagnosed in tens of
 milliseconds; only culprits become Python objects, and the per-rank evidence is built when
 read. `diagnose` takes the same picture as RankProgress records.
+
+Every age here (stall, idle, heartbeat, time inside a collective) is `now` minus a rank's
+time, so the times must be on the clock `now` is read from. The controller's hub moves
+each rank's times onto its own clock by the offset of the batch that carried them (its
+clock when it took the batch minus the batch's sent_at_s): a rank is then as old as its
+agent saw it when sending, plus the controller time since, and a controller that reads
+its telemetry seconds late does not take every healthy rank for a stopped one.
 """
 
 from __future__ import annotations
@@ -94,7 +101,8 @@ class HangVerdict:
 class RankArrays:
     """Ranks' progress as parallel arrays, one entry per rank in rank order: the fields of
     RankProgress, with None as a mask (`has_heartbeat`; a collective's start only counts
-    where seq_entered > seq_exited, and pending_op is None there otherwise)."""
+    where seq_entered > seq_exited, and pending_op is None there otherwise). Times are on
+    the clock of the `now` they are judged against (see the module's docstring)."""
     rank: np.ndarray
     epoch: np.ndarray
     seq_entered: np.ndarray

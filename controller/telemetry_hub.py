@@ -69,7 +69,16 @@ class DetectionConfig:
 
 
 class ProgressArrays:
-    """Every member's newest progress record of the epoch, as arrays indexed by rank."""
+    """Every member's newest progress record of the epoch, as arrays indexed by rank.
+
+    The times are kept as the agent sent them, with the offset of the batch that carried
+    them (the controller's clock when the hub took the batch minus the batch's sent_at_s):
+    `rank_arrays` moves them onto the controller's clock with it. A rank's ages are then
+    what its agent saw when it sent the batch, plus the controller time since the hub took
+    it, so a controller that reads its telemetry seconds late does not see every heartbeat
+    seconds old; a heartbeat that stops advancing still ages, batch after batch, and one
+    whose agent stops sending ages with the controller's clock.
+    """
 
     def __init__(self, world_size: int) -> None:
         n = world_size
@@ -83,30 +92,40 @@ class ProgressArrays:
         self.heartbeat_s = np.zeros(n)
         self.op = np.full(n, "", dtype=object)
         self.op_bytes = np.zeros(n, dtype=np.uint64)
+        self.clock_offset_s = np.zeros(n)   # the record's batch's: controller minus agent
 
     _COLUMNS = ("epoch", "step", "seq_entered", "seq_exited", "in_collective_since_s",
                 "last_progress_s", "heartbeat_s", "op_bytes")
 
-    def update(self, ranks: np.ndarray, batch: Progress, rows: np.ndarray | None
-               ) -> None:
-        """Records `rows` of the batch's progress (all if None) are ranks `ranks`' newest."""
+    def update(self, ranks: np.ndarray, batch: Progress, rows: np.ndarray | None,
+               clock_offset_s: float = 0.0) -> None:
+        """Records `rows` of the batch's progress (all if None) are ranks `ranks`' newest;
+        `clock_offset_s`: the controller's clock when the batch was taken minus its
+        sent_at_s."""
         def pick(a: np.ndarray) -> np.ndarray:
             return a if rows is None else a[rows]
         self.seen[ranks] = True
         for name in self._COLUMNS:
             getattr(self, name)[ranks] = pick(getattr(batch, name))
         self.op[ranks] = np.array(batch.ops, dtype=object)[pick(batch.op)]
+        self.clock_offset_s[ranks] = clock_offset_s
 
     def of_epoch(self, epoch: int) -> np.ndarray:
         """The ranks whose newest record is of `epoch`."""
         return self.seen & (self.epoch == epoch)
 
+    def newest_progress_s(self) -> float:
+        """The newest last_progress_s of any rank, on the controller's clock."""
+        return float(np.max(self.last_progress_s + self.clock_offset_s, initial=-np.inf))
+
     def rank_arrays(self) -> RankArrays:
         """A copy of every rank's record as the hang detector takes it (what
-        to_rank_progress makes of one record, for all ranks at once)."""
+        to_rank_progress makes of one record, for all ranks at once), its times on the
+        controller's clock (0.0 stays "none")."""
         entered, exited = self.seq_entered.copy(), self.seq_exited
         inside = entered > exited
-        since, last = self.in_collective_since_s, self.last_progress_s
+        offset, since, beat = self.clock_offset_s, self.in_collective_since_s, self.heartbeat_s
+        last = self.last_progress_s
         pending = np.full(len(entered), None, dtype=object)
         if inside.any():
             pending[inside] = (self.op[inside] + ":"
@@ -114,9 +133,10 @@ class ProgressArrays:
         return RankArrays(
             rank=np.arange(len(entered)), epoch=self.epoch.copy(), seq_entered=entered,
             seq_exited=np.minimum(exited, entered),
-            in_collective_since_s=np.where(since != 0.0, since, last), last_step=self.step.copy(),
-            last_progress_s=last.copy(), heartbeat_s=self.heartbeat_s.copy(),
-            has_heartbeat=self.heartbeat_s != 0.0, pending_op=pending)
+            in_collective_since_s=np.where(since != 0.0, since, last) + offset,
+            last_step=self.step.copy(), last_progress_s=last + offset,
+            heartbeat_s=np.where(beat != 0.0, beat + offset, 0.0), has_heartbeat=beat != 0.0,
+            pending_op=pending)
 
 
 class _PendingStep:
@@ -198,11 +218,15 @@ class TelemetryHub:
                 # Any record counts as movement (not only members' of this epoch).
                 t.freshest_s = float(np.fmax.reduce(p.last_progress_s, initial=t.freshest_s))
                 ranks = ranks_of[p.worker]
+                # The records' times are the agent's, as of sent_at_s; the hang detector
+                # ages them from when they are taken here, not from when they were sent
+                # (ProgressArrays): a controller behind its telemetry is not a hang.
+                offset_s = self._clock() - batch.sent_at_s
                 if (ranks >= 0).all():
-                    t.progress.update(ranks, p, None)
+                    t.progress.update(ranks, p, None, offset_s)
                 else:
                     rows = np.flatnonzero(ranks >= 0)
-                    t.progress.update(ranks[rows], p, rows)
+                    t.progress.update(ranks[rows], p, rows, offset_s)
             touched: set[int] = set()
             s = batch.steps
             if len(s):
@@ -313,7 +337,9 @@ class TelemetryHub:
                 if not t.node_sent_s or t.freshest_s == 0.0:
                     continue
                 # Only look closer once nothing has moved for the floor: the common case
-                # costs O(1), not a walk over every rank every tick.
+                # costs O(1), not a walk over every rank every tick. (freshest_s is on the
+                # agents' clocks: a controller behind its telemetry passes these first
+                # gates more often, and the stall is judged below without its lag.)
                 if now - t.freshest_s <= self.config.hang.floor_s:
                     continue
                 step_times = list(t.step_times)
@@ -337,14 +363,17 @@ class TelemetryHub:
                 if min(sent.get(n, 0.0) for n in t.nodes) - t.freshest_s <= limit:
                     continue
                 # Only with every member's record of this epoch (the array has a slot per
-                # member, so all of them).
-                complete = bool(t.progress.of_epoch(m.epoch).all())
-                ranks = t.progress.rank_arrays() if complete else None
+                # member, so all of them), and once the stall outlasts the threshold as the
+                # detector judges it too: each rank's records aged from when they were
+                # taken here (until then the stall is not diagnosed, so it is looked at
+                # again next tick).
                 detector = t.hang
-                if detector is not None and complete:
-                    t.diagnosed_at = t.freshest_s
-            if detector is None or ranks is None:
-                continue
+                if detector is None or not t.progress.of_epoch(m.epoch).all():
+                    continue
+                if now - t.progress.newest_progress_s() <= limit:
+                    continue
+                ranks = t.progress.rank_arrays()
+                t.diagnosed_at = t.freshest_s
             verdict = detector.observe(ranks, step_times, now, min_threshold_s=grace_s)
             if verdict is not None:
                 self._act_on_hang(job_id, m, verdict)
