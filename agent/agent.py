@@ -152,6 +152,7 @@ class Agent:
         self.metrics_address = ""
         if config.metrics_port >= 0:
             metrics = AgentMetrics(config.job_id, config.node_id)
+            metrics.watch_snapshot_shm(os.path.join(self._shm_dir, "snapshots"))
             try:
                 port = metrics.serve(config.metrics_host, config.metrics_port)
                 self.metrics = metrics
@@ -178,7 +179,8 @@ class Agent:
         try:
             self._snapshot_server = replication.serve(
                 replication.ReplicaStore(0, job_id=config.job_id),
-                f"{config.gloo_host}:0", self._serve_snapshot)
+                f"{config.gloo_host}:0", self._serve_snapshot if self.metrics is None
+                else self.metrics.counting_served(self._serve_snapshot))
             self.snapshot_address = f"{config.gloo_host}:{self._snapshot_server.port}"
         except OSError as e:  # joining workers then receive state over the group
             log.warning("agent %s: cannot serve snapshots on %s: %s", config.node_id,
@@ -481,6 +483,8 @@ class Agent:
             return
         shutil.rmtree(dst, ignore_errors=True)  # a spare has written nothing there yet
         os.rename(src, dst)
+        if self.metrics is not None:
+            self.metrics.snapshot_handed_over()
 
     def _announce(self, wid: str, pid: int) -> None:
         with self._lock:

@@ -1,5 +1,5 @@
-"""The agent's Prometheus metrics: step timing, collectives, worker exits, snapshots, node
-health.
+"""The agent's Prometheus metrics: step timing, collectives, worker exits, snapshots (in
+shared memory, handed over, served to peers), node health.
 
 One `AgentMetrics` per agent, with its own `CollectorRegistry` (several agents share a
 process in tests). Every series carries `job_name`; the node-level gauges also carry
@@ -10,11 +10,21 @@ apart, so they need no `node` label and the series count stays fixed per agent.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from splice.controller.metrics import ServesMetrics
 
 WORKER_EXIT_KINDS = ("clean", "crash", "killed")
+# What a peer's Fetch got from the agent's snapshot provider: a snapshot, nothing (no such
+# worker or step here), or an exception (the Fetch then fails).
+SERVED_OUTCOMES = ("ok", "missing", "error")
+
+# The agent's snapshot provider (agent/replication.py's Provider, as the agent types it):
+# (job id, worker id, step) -> (step, meta, data) or None.
+SnapshotProvider = Callable[[str, str, int], "tuple[int, bytes, memoryview] | None"]
 
 # Steps of a toy model take ~1 ms, of a large one minutes; past 120 s lands in +Inf.
 STEP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -61,6 +71,23 @@ class AgentMetrics(ServesMetrics):
                                 "scheduling periods the node's cgroup was throttled (0..1).",
                                 node, registry=r)
         # Snapshot and health series appear with their first report, not as a made-up 0.
+        # Shared memory is measured, not reported: 0 is the truth until a worker writes.
+        self._shm_bytes = Gauge("splice_agent_snapshot_shm_bytes", "Bytes of snapshot files "
+                                "in this agent's shared memory, summed over its workers "
+                                "(and the dead ones' kept for their replacements).", node,
+                                registry=r).labels(job_id, node_id)
+        self._handovers = Counter("splice_agent_snapshot_handovers", "Dead workers' "
+                                  "snapshots handed to their replacement in shared memory "
+                                  "(no transfer).", job, registry=r).labels(job_id)
+        self._served = Counter("splice_agent_snapshots_served", "Snapshot fetches of peers "
+                               "answered from this agent's shared memory, by outcome (" +
+                               ", ".join(SERVED_OUTCOMES) + ").", [*job, "outcome"],
+                               registry=r)
+        for outcome in SERVED_OUTCOMES:   # present at 0, so increase() sees the first one
+            self._served.labels(job_id, outcome)
+        self._served_bytes = Counter("splice_agent_snapshot_served_bytes", "Bytes (meta and "
+                                     "data) of the snapshots handed to peers' fetches.", job,
+                                     registry=r).labels(job_id)
         self.job_id = job_id
         self.node_id = node_id
 
@@ -87,6 +114,60 @@ class AgentMetrics(ServesMetrics):
         self._snapshot_bytes.labels(self.job_id, self.node_id).set(num_bytes)
         self._snapshot_age.labels(self.job_id, self.node_id).set(age_s)
 
+    def watch_snapshot_shm(self, root: str) -> None:
+        """`splice_agent_snapshot_shm_bytes` is measured at each scrape: the files in the
+        worker directories under `root` (`snapshot_shm_bytes`)."""
+        self._shm_bytes.set_function(lambda: snapshot_shm_bytes(root))
+
+    def snapshot_handed_over(self) -> None:
+        """A dead worker's snapshots became its replacement's."""
+        self._handovers.inc()
+
+    def counting_served(self, provider: SnapshotProvider) -> SnapshotProvider:
+        """`provider`, counting what it hands to peers' Fetch streams (and the bytes of
+        each snapshot handed over, whether or not the peer then reads the stream to its
+        end); an exception is counted as "error" and raised on."""
+        def counted(job_id: str, worker_id: str, step: int
+                    ) -> tuple[int, bytes, memoryview] | None:
+            try:
+                own = provider(job_id, worker_id, step)
+            except Exception:
+                self._served.labels(self.job_id, "error").inc()
+                raise
+            if own is None:
+                self._served.labels(self.job_id, "missing").inc()
+                return None
+            _, meta, data = own
+            self._served.labels(self.job_id, "ok").inc()
+            self._served_bytes.inc(len(meta) + data.nbytes)
+            return own
+        return counted
+
     def node_health(self, memory_used_ratio: float, cpu_throttled_ratio: float) -> None:
         self._memory.labels(self.job_id, self.node_id).set(memory_used_ratio)
         self._throttled.labels(self.job_id, self.node_id).set(cpu_throttled_ratio)
+
+
+def snapshot_shm_bytes(root: str) -> int:
+    """Bytes of the files in each directory under `root` (one per worker; 0 if `root` is
+    missing). The slots' pages are reserved up front (posix_fallocate), so a file's size is
+    the memory it holds. Directories come and go under the scan (removed with their worker,
+    renamed on a handover); one that vanished midway counts 0 until the next scrape."""
+    total = 0
+    try:
+        with os.scandir(root) as workers:
+            dirs = [w.path for w in workers if w.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return 0
+    for path in dirs:
+        try:
+            with os.scandir(path) as files:
+                for f in files:
+                    try:
+                        if f.is_file(follow_symlinks=False):
+                            total += f.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:   # a slot file replaced by a new layout's
+                        continue
+        except FileNotFoundError:   # the worker's directory went meanwhile
+            continue
+    return total

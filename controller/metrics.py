@@ -1,10 +1,13 @@
-"""The controller's Prometheus metrics: membership, faults, recoveries, detector verdicts.
+"""The controller's Prometheus metrics: membership, faults, recoveries, detector verdicts,
+link probes.
 
 Each `ControllerMetrics` owns its own `CollectorRegistry`, never prometheus_client's global
 one, so several controllers (HA replicas, tests) can live in one process without clashing.
 Every label value is bounded: job names are one per controller, fault kinds, detectors and
-actions come from the fixed vocabularies below (anything else is counted as "other"), and
-straggler ranks exist only while flagged. Units are base units (seconds), counters end in
+actions come from the fixed vocabularies below (anything else is counted as "other"),
+straggler ranks exist only while flagged, and link probes are histograms over all node
+pairs (a pair label would grow with the square of the node count; the slow pair is named
+in the "link" verdict's reason). Units are base units (seconds), counters end in
 `_total`; see docs/kubernetes.md for the dashboard that reads them.
 
 `MetricsServer` (a registry served over HTTP on a daemon thread) is shared with the agent.
@@ -23,12 +26,21 @@ OTHER = "other"
 # new detector cannot grow the series count before this list (and the dashboard) knows it.
 FAULT_KINDS = ("crash", "node_lost", "hang", "straggler", "bitflip", OTHER)
 RECOVERY_OUTCOMES = ("resumed", "failed")
-DETECTORS = ("hang", "straggler", "bitflip", "node_health", OTHER)
-ACTIONS = ("none", "report", "evict", "recover", OTHER)   # compared lower-cased ("Report")
+DETECTORS = ("hang", "straggler", "bitflip", "node_health", "link", OTHER)
+ACTIONS = ("none", "report", "evict", "recover", "alert", OTHER)   # compared lower-cased
+LINK_PROBE_OUTCOMES = ("ok", "error")
 
 # Recoveries take ~20 ms (a worker crash on one host) to tens of seconds (a lost node, a
 # hang caught by its timeout); anything past 60 s lands in +Inf.
 RECOVERY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+# A probe's round trip: ~50 us on loopback, 0.1-1 ms in a data centre, 10-100 ms across
+# regions; the agent gives up at the probe timeout (10 s by default).
+LINK_RTT_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                      0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+# A probe's bulk transfer: ~1 Gb/s (1.25e8 B/s) to 400 Gb/s (5e10 B/s) links, loopback at
+# several GB/s; a link that is slow stands out below 1e8.
+LINK_BANDWIDTH_BUCKETS = (1e6, 1e7, 5e7, 1e8, 2.5e8, 5e8, 1e9, 2.5e9, 5e9, 1e10, 2.5e10,
+                          5e10, 1e11)
 
 
 def bounded(value: str, allowed: Sequence[str]) -> str:
@@ -111,6 +123,20 @@ class ControllerMetrics(ServesMetrics):
         self._dropped = Counter("splice_telemetry_dropped", "Telemetry records agents "
                                 "dropped before sending (their buffer was full).",
                                 registry=r)
+        self._probe_rounds = Counter("splice_link_probe_rounds", "Link probe rounds "
+                                     "started (every node pair measured once).", job,
+                                     registry=r)
+        self._probes = Counter("splice_link_probes", "Node pairs probed, by outcome (ok, "
+                               "error: the probe failed or timed out).", [*job, "outcome"],
+                               registry=r)
+        self._probe_rtt_s = Histogram("splice_link_probe_rtt_seconds", "Round trip of a "
+                                      "link probe between two nodes (median of a few "
+                                      "pings), over all node pairs.", job,
+                                      buckets=LINK_RTT_BUCKETS_S, registry=r)
+        self._probe_bandwidth = Histogram("splice_link_probe_bandwidth_bytes_per_second",
+                                          "Bandwidth of a link probe's bulk transfer from "
+                                          "one node to another, over all node pairs.", job,
+                                          buckets=LINK_BANDWIDTH_BUCKETS, registry=r)
         self._jobs: set[str] = set()
         self._epochs: dict[str, int] = {}
         self._flagged: dict[str, set[int]] = {}
@@ -118,7 +144,7 @@ class ControllerMetrics(ServesMetrics):
 
     def _maybe_init_job(self, job_id: str) -> None:
         # Counters exist at 0 from the job's first update, so increase() sees the first
-        # fault and a dashboard shows 0 rather than "no data". Bounded: 6 + 6 x 2 series.
+        # fault and a dashboard shows 0 rather than "no data". Bounded: 6 + 6 x 2 + 1 + 2.
         with self._lock:
             if job_id in self._jobs:
                 return
@@ -127,6 +153,9 @@ class ControllerMetrics(ServesMetrics):
             self._faults.labels(job_id, kind)
             for outcome in RECOVERY_OUTCOMES:
                 self._recoveries.labels(job_id, kind, outcome)
+        self._probe_rounds.labels(job_id)
+        for outcome in LINK_PROBE_OUTCOMES:
+            self._probes.labels(job_id, outcome)
 
     def set_membership(self, job_id: str, epoch: int, world_size: int) -> None:
         """A new membership. A new epoch renumbers ranks: straggler flags are dropped."""
@@ -172,6 +201,23 @@ class ControllerMetrics(ServesMetrics):
                 return
             flagged.discard(rank)
         self._straggler.remove(job_id, str(rank))
+
+    def link_probe_round(self, job_id: str) -> None:
+        """A probe round started (the agents were asked to measure every node pair)."""
+        self._maybe_init_job(job_id)
+        self._probe_rounds.labels(job_id).inc()
+
+    def link_probe(self, job_id: str, rtt_s: float, bandwidth_bytes_per_s: float) -> None:
+        """One node pair measured."""
+        self._maybe_init_job(job_id)
+        self._probes.labels(job_id, "ok").inc()
+        self._probe_rtt_s.labels(job_id).observe(rtt_s)
+        self._probe_bandwidth.labels(job_id).observe(bandwidth_bytes_per_s)
+
+    def link_probe_failed(self, job_id: str) -> None:
+        """One node pair's probe failed (refused, timed out)."""
+        self._maybe_init_job(job_id)
+        self._probes.labels(job_id, "error").inc()
 
     def set_goodput(self, job_id: str, ratio: float) -> None:
         self._goodput.labels(job_id).set(ratio)

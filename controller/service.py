@@ -356,11 +356,17 @@ class Controller(Leadership):
         a "link" verdict. Returns the number of pairs asked for."""
         if job_id not in self._jobs:
             raise KeyError(job_id)
-        return self.links.start_round(job_id, reason, respect_cooldown=False)
+        return self._start_probe_round(job_id, reason, respect_cooldown=False)
 
     def maybe_probe_links(self, job_id: str, reason: str) -> int:
         """`probe_links`, unless a round started within the cool-down (a detector's ask)."""
-        return self.links.start_round(job_id, reason, respect_cooldown=True)
+        return self._start_probe_round(job_id, reason, respect_cooldown=True)
+
+    def _start_probe_round(self, job_id: str, reason: str, *, respect_cooldown: bool) -> int:
+        pairs = self.links.start_round(job_id, reason, respect_cooldown=respect_cooldown)
+        if pairs and self.metrics is not None:
+            self.metrics.link_probe_round(job_id)
+        return pairs
 
     def probe_targets(self, job_id: str
                       ) -> dict[str, tuple[str, Callable[[pb.ControllerMessage], None]]]:
@@ -550,6 +556,12 @@ class Controller(Leadership):
             if problem:
                 session.outbox.put(refusal("MALFORMED", problem))
                 return
+            if self.metrics is not None:
+                for r in msg.link_probes.results:
+                    if r.error:
+                        self.metrics.link_probe_failed(job_id)
+                    else:
+                        self.metrics.link_probe(job_id, r.rtt_s, r.bandwidth_bytes_per_s)
             self.links.on_report(job_id, session.node_id, msg.link_probes)
             return
         session.outbox.put(refusal("MALFORMED", f"unexpected message {kind!r} after hello"))

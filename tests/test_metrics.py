@@ -16,8 +16,20 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from splice.agent.metrics import AgentMetrics
-from splice.controller.metrics import FAULT_KINDS, RECOVERY_BUCKETS_S, ControllerMetrics
+from splice.agent import replication
+from splice.agent.agent import Agent, AgentConfig
+from splice.agent.metrics import AgentMetrics, snapshot_shm_bytes
+from splice.controller.job import JobSpec
+from splice.controller.metrics import (
+    FAULT_KINDS,
+    LINK_BANDWIDTH_BUCKETS,
+    LINK_RTT_BUCKETS_S,
+    RECOVERY_BUCKETS_S,
+    ControllerMetrics,
+)
+from splice.controller.service import PROTOCOL_VERSION, AgentSession, Controller, ControllerConfig
+from splice.controller.store import InMemoryStateStore
+from splice.proto import controller_pb2 as pb
 from tests.prometheus_server import dashboard_queries
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "manifests" / "grafana" / "dashboard.json"
@@ -29,6 +41,9 @@ CONTROLLER_METRICS = {
     "splice_detector_verdicts_total": "counter", "splice_straggler_score": "gauge",
     "splice_goodput_ratio": "gauge", "splice_controller_leader": "gauge",
     "splice_telemetry_records_total": "counter", "splice_telemetry_dropped_total": "counter",
+    "splice_link_probe_rounds_total": "counter", "splice_link_probes_total": "counter",
+    "splice_link_probe_rtt_seconds": "histogram",
+    "splice_link_probe_bandwidth_bytes_per_second": "histogram",
 }
 AGENT_METRICS = {
     "splice_step_duration_seconds": "histogram", "splice_compute_duration_seconds": "histogram",
@@ -37,6 +52,10 @@ AGENT_METRICS = {
     "splice_workers": "gauge", "splice_snapshot_bytes": "gauge",
     "splice_snapshot_age_seconds": "gauge", "splice_node_memory_used_ratio": "gauge",
     "splice_node_cpu_throttled_ratio": "gauge",
+    "splice_agent_snapshot_shm_bytes": "gauge",
+    "splice_agent_snapshot_handovers_total": "counter",
+    "splice_agent_snapshots_served_total": "counter",
+    "splice_agent_snapshot_served_bytes_total": "counter",
 }
 # Per controller process, not per job: the scrape target says which replica it is.
 PROCESS_LEVEL = {"splice_controller_leader", "splice_telemetry_records_total",
@@ -56,6 +75,9 @@ def fed_controller(job: str = "mlp") -> ControllerMetrics:
     m.set_goodput(job, 0.95)
     m.set_leader(True)
     m.telemetry_batch(num_records=10, dropped=1)
+    m.link_probe_round(job)
+    m.link_probe(job, rtt_s=0.0003, bandwidth_bytes_per_s=1.1e9)
+    m.link_probe_failed(job)
     return m
 
 
@@ -66,6 +88,9 @@ def fed_agent() -> AgentMetrics:
     m.set_workers(1)
     m.snapshot(num_bytes=48 << 20, age_s=0.1)
     m.node_health(memory_used_ratio=0.4, cpu_throttled_ratio=0.0)
+    m.snapshot_handed_over()
+    m.counting_served(lambda job, wid, step: (7, b"meta", memoryview(bytes(96))))(
+        "mlp", "node-0/0", 0)
     return m
 
 
@@ -102,10 +127,11 @@ def test_names_types_and_units_follow_the_conventions(side: str) -> None:
             assert all(s.name == name for s in f.samples), name   # each sample ends _total
         else:
             assert not name.endswith("_total"), f"{name}: only counters end in _total"
-        if re.search(r"duration|_age|latency|wait|time", name) and f.type != "counter":
+        if re.search(r"_(duration|age|latency|wait|time|rtt)(_|$)", name) and \
+                f.type != "counter":
             assert name.endswith("_seconds"), f"{name} measures time: end in _seconds"
         if f.type == "histogram":
-            assert name.endswith(("_seconds", "_bytes")), name
+            assert name.endswith(("_seconds", "_bytes", "_bytes_per_second")), name
             buckets = [s for s in f.samples if s.name == name + "_bucket"]
             assert buckets and buckets[-1].labels["le"] == "+Inf", name
             counts = [s.value for s in buckets]
@@ -117,6 +143,13 @@ def test_names_types_and_units_follow_the_conventions(side: str) -> None:
 def test_the_recovery_buckets_span_10_ms_to_60_s() -> None:
     assert RECOVERY_BUCKETS_S[0] <= 0.01 and RECOVERY_BUCKETS_S[-1] >= 60.0
     assert list(RECOVERY_BUCKETS_S) == sorted(set(RECOVERY_BUCKETS_S))
+
+
+def test_the_link_probe_buckets_span_loopback_to_slow_cross_region_links() -> None:
+    assert LINK_RTT_BUCKETS_S[0] <= 0.00005 and LINK_RTT_BUCKETS_S[-1] >= 10.0
+    assert LINK_BANDWIDTH_BUCKETS[0] <= 1.25e8 / 100 and LINK_BANDWIDTH_BUCKETS[-1] >= 1e11
+    for buckets in (LINK_RTT_BUCKETS_S, LINK_BANDWIDTH_BUCKETS):
+        assert list(buckets) == sorted(set(buckets))
 
 
 @pytest.mark.parametrize("side", FED)
@@ -216,3 +249,133 @@ def test_every_metric_the_dashboard_queries_is_exported() -> None:
                for name in re.findall(r"\bsplice_[a-z0-9_]+", expr)}
     assert queried, "the dashboard queries no splice metric"
     assert queried <= exported, f"the dashboard queries unknown metrics: {queried - exported}"
+
+
+def value(m: AgentMetrics | ControllerMetrics, name: str, **labels: str) -> float:
+    """The one sample of `name` (as exposed, counters with _total) whose labels include
+    `labels`."""
+    [v] = [s.value for f in families(m.registry).values() for s in f.samples
+           if s.name == name and labels.items() <= s.labels.items()]
+    return v
+
+
+def test_snapshot_shm_bytes_are_the_files_in_the_worker_directories(tmp_path: Path) -> None:
+    root = tmp_path / "snapshots"
+    assert snapshot_shm_bytes(str(root)) == 0            # no worker has written yet
+    m = AgentMetrics("mlp", "node-0")
+    m.watch_snapshot_shm(str(root))
+    assert value(m, "splice_agent_snapshot_shm_bytes", node="node-0") == 0
+    for wid, sizes in (("node-0_0", (4096, 100)), ("node-0_1", (8192,))):
+        (root / wid).mkdir(parents=True)
+        for i, size in enumerate(sizes):
+            (root / wid / f"slot{i}-0.data").write_bytes(bytes(size))
+    (root / "stray-file").write_bytes(bytes(10))        # not a worker's directory
+    (root / "node-0_1" / "nested").mkdir()              # not a slot file
+    (root / "node-0_1" / "nested" / "x").write_bytes(bytes(10))
+    assert snapshot_shm_bytes(str(root)) == 4096 + 100 + 8192
+    assert value(m, "splice_agent_snapshot_shm_bytes", node="node-0") == 4096 + 100 + 8192
+    # A handover renames the directory: the memory stays; a worker that leaves frees it.
+    (root / "node-0_0").rename(root / "node-0_2")
+    assert value(m, "splice_agent_snapshot_shm_bytes") == 4096 + 100 + 8192
+    for f in (root / "node-0_2").iterdir():
+        f.unlink()
+    (root / "node-0_2").rmdir()
+    assert value(m, "splice_agent_snapshot_shm_bytes") == 8192
+
+
+def test_served_snapshots_are_counted_by_outcome_as_a_peer_fetches_them() -> None:
+    data = memoryview(bytes(range(256)) * 64)
+    m = AgentMetrics("mlp", "node-0")
+
+    def provider(job_id: str, wid: str, step: int) -> tuple[int, bytes, memoryview] | None:
+        if wid == "node-0/9":
+            raise OSError("the slot's file is unreadable")
+        return (12, b"skeleton", data) if wid == "node-0/0" else None
+
+    for outcome in ("ok", "missing", "error"):      # present before the first fetch
+        assert value(m, "splice_agent_snapshots_served_total", outcome=outcome) == 0
+    server = replication.serve(replication.ReplicaStore(0, job_id="mlp"), "127.0.0.1:0",
+                               m.counting_served(provider))
+    address = f"127.0.0.1:{server.port}"
+    try:
+        got = replication.fetch([address], "mlp", "node-0/0")
+        assert got.step == 12 and bytes(got.data) == bytes(data)
+        for wid in ("node-0/1", "node-0/9"):
+            with pytest.raises(replication.FetchFailed):
+                replication.fetch([address], "mlp", wid)
+    finally:
+        server.stop(grace_s=0)
+    served = {o: value(m, "splice_agent_snapshots_served_total", outcome=o)
+              for o in ("ok", "missing", "error")}
+    assert served == {"ok": 1, "missing": 1, "error": 1}
+    assert value(m, "splice_agent_snapshot_served_bytes_total") == len(b"skeleton") + len(data)
+
+
+def test_an_agent_exports_its_snapshot_metrics_from_the_start_and_counts_fetches() -> None:
+    agent = Agent(AgentConfig(controller="127.0.0.1:1", command=("true",), job_id="mlp",
+                              node_id="node-0", metrics_port=0, metrics_host="127.0.0.1",
+                              connect_timeout_s=0))
+    assert agent.metrics is not None and agent.snapshot_address
+    port = int(agent.metrics_address.rpartition(":")[2])
+    try:
+        [shm] = scrape(port)["splice_agent_snapshot_shm_bytes"].samples
+        assert shm.value == 0 and shm.labels == {"job_name": "mlp", "node": "node-0"}
+        with pytest.raises(replication.FetchFailed):   # no worker has written a snapshot
+            replication.fetch([agent.snapshot_address], "mlp", "node-0/0")
+        served = {s.labels["outcome"]: s.value
+                  for s in scrape(port)["splice_agent_snapshots_served"].samples
+                  if s.name.endswith("_total")}
+        assert served == {"ok": 0, "missing": 1, "error": 0}
+    finally:
+        assert agent.run() == 2   # no controller: it stops its servers and gives up
+        agent.metrics.close()
+
+
+def _attach(c: Controller, node: str) -> AgentSession:
+    opened = c.open_session(pb.AgentHello(protocol_version=PROTOCOL_VERSION, job_id="mlp",
+                                          node_id=node, num_workers=1,
+                                          probe_address=f"127.0.0.1:{1000 + int(node[-1])}"))
+    assert isinstance(opened, AgentSession), opened
+    return opened
+
+
+def test_link_probe_rounds_and_results_reaching_the_controller_are_observed() -> None:
+    c = Controller(ControllerConfig(listen="127.0.0.1:0",
+                                    jobs=(JobSpec(job_id="mlp", world_size=3),)),
+                   InMemoryStateStore())
+    c.start()
+    try:
+        c.serve_metrics()
+        m = c.metrics
+        sessions = [_attach(c, f"node-{i}") for i in range(3)]
+        assert c.probe_links("mlp") == 3
+        assert value(m, "splice_link_probe_rounds_total", job_name="mlp") == 1
+        rtts = iter([0.0002, 0.004])
+        for session in sessions:
+            while (msg := session.outbox.get(timeout=5.0)).WhichOneof("kind") != "probe_links":
+                pass
+            req = msg.probe_links
+            results = []
+            for t in req.targets:   # one pair probes fine, one is slow, one fails
+                rtt_s = next(rtts, None)
+                results.append(pb.LinkProbeResult(
+                    from_node=session.node_id, to_node=t.node_id, at_s=1.0,
+                    rtt_s=rtt_s or 0.0, bandwidth_bytes_per_s=2e9 if rtt_s else 0.0,
+                    error="" if rtt_s else "connection refused"))
+            c.on_agent_message(session, pb.AgentMessage(
+                link_probes=pb.LinkProbeReport(round=req.round, results=results)))
+        probes = {o: value(m, "splice_link_probes_total", outcome=o) for o in ("ok", "error")}
+        assert probes == {"ok": 2, "error": 1}
+        assert value(m, "splice_link_probe_rtt_seconds_count") == 2
+        assert value(m, "splice_link_probe_rtt_seconds_sum") == pytest.approx(0.0042)
+        assert value(m, "splice_link_probe_rtt_seconds_bucket", le="0.00025") == 1
+        assert value(m, "splice_link_probe_bandwidth_bytes_per_second_bucket", le="1e+09") == 0
+        assert value(m, "splice_link_probe_bandwidth_bytes_per_second_bucket",
+                     le="2.5e+09") == 2
+        # A malformed report is refused before it is observed.
+        c.on_agent_message(sessions[0], pb.AgentMessage(link_probes=pb.LinkProbeReport(
+            round=1, results=[pb.LinkProbeResult(from_node="node-1", to_node="node-2",
+                                                 rtt_s=0.001, bandwidth_bytes_per_s=1.0)])))
+        assert value(m, "splice_link_probe_rtt_seconds_count") == 2
+    finally:
+        c.stop(grace_s=0.1)
