@@ -115,6 +115,42 @@ class _Worker:
     signal: int = 0
 
 
+SHM_PREFIX = "splice-agent-"
+OWNER_FILE = "owner.pid"
+
+
+def sweep_stale_dirs(root: str) -> list[str]:
+    """Remove the shared-memory directories of agents that are gone (killed, so they could
+    not clean up): each names its owner's pid; a directory whose owner still runs, or
+    without an owner file, is left alone. Returns the directories removed."""
+    removed = []
+    try:
+        entries = [e for e in os.scandir(root) if e.name.startswith(SHM_PREFIX) and e.is_dir()]
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            with open(os.path.join(entry.path, OWNER_FILE)) as f:
+                pid = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            continue
+        if pid <= 0:
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still running (or a pid reused: left for its owner)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live process
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    if removed:
+        log.info("removed %d shared-memory directories of agents that are gone",
+                 len(removed))
+    return removed
+
+
 class Agent:
     def __init__(self, config: AgentConfig,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
@@ -127,8 +163,11 @@ class Agent:
         self._done_training = False  # the controller said the job is complete
         self._dir = tempfile.mkdtemp(prefix="splice-agent-")
         # Progress counters live in shared memory when the platform has it.
-        self._shm_dir = tempfile.mkdtemp(prefix="splice-agent-",
-                                         dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        shm_root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        sweep_stale_dirs(shm_root or tempfile.gettempdir())
+        self._shm_dir = tempfile.mkdtemp(prefix=SHM_PREFIX, dir=shm_root)
+        with open(os.path.join(self._shm_dir, OWNER_FILE), "w") as f:
+            f.write(str(os.getpid()))
         self._expected = set(self._workers)  # shared with the local server; grows with spares
         self._local = LocalServer(os.path.join(self._dir, "agent.sock"), self._expected,
                                   self._on_worker_message, self._on_worker_disconnect)
@@ -613,6 +652,17 @@ class Agent:
         log.debug("worker %s closed its channel", wid)
 
     # ---- main ---------------------------------------------------------------------------
+    def _release(self) -> None:
+        """Close the servers and remove the agent's directories (the snapshots' memory)."""
+        self._local.close()
+        self._close_probes()
+        for reader in self._readers.values():
+            reader.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        shutil.rmtree(self._shm_dir, ignore_errors=True)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
     def run(self) -> int:
         """Run until every worker has ended. Returns 0 if any worker finished training."""
         try:
@@ -621,14 +671,12 @@ class Agent:
                 deadline_s=time.monotonic() + self.config.connect_timeout_s, first_time=True)
         except AgentRefused as e:
             log.error("agent %s: %s", self.config.node_id, e)
-            self._local.close()
-            self._close_probes()
+            self._release()
             return 2
         if attached is None:
             log.error("agent %s: no controller reachable at %s within %.0f s",
                       self.config.node_id, self.config.controller, self.config.connect_timeout_s)
-            self._local.close()
-            self._close_probes()
+            self._release()
             return 2
         log.info("agent %s attached to %s (job %s)", self.config.node_id, attached.address,
                  self.config.job_id)
@@ -661,14 +709,7 @@ class Agent:
         outbox = self._outbox
         if outbox is not None:
             outbox.put(None)
-        self._local.close()
-        self._close_probes()
-        for reader in self._readers.values():
-            reader.close()
-        if self.metrics is not None:
-            self.metrics.close()
-        shutil.rmtree(self._shm_dir, ignore_errors=True)
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._release()
         with self._lock:
             finished = sum(w.state == pb.WorkerResync.FINISHED for w in self._state.values())
         log.info("agent %s: all workers ended (%d finished training)", self.config.node_id,

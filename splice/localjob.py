@@ -290,6 +290,10 @@ class LocalJob:
             except ProcessLookupError:
                 pass
             proc.wait()
+        # Agents killed above could not remove their shared memory (snapshots): do it.
+        from splice.agent.agent import sweep_stale_dirs
+
+        sweep_stale_dirs("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
         for channel in self._channels.values():
             channel.close()
         for log in self._logs:
