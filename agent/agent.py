@@ -159,6 +159,8 @@ class Agent:
         self._next_local = config.nproc
         # Spares launched and not promoted: worker id -> hello received (pid) or 0.
         self._spares: dict[str, int] = {}
+        # Workers killed for corrupted state: their snapshots go to nobody.
+        self._tainted: set[str] = set()
         self._replacements = 0
         self._done_training = False  # the controller said the job is complete
         self._dir = tempfile.mkdtemp(prefix="splice-agent-")
@@ -273,6 +275,9 @@ class Agent:
                     if msg.kill.epoch >= self._epoch:
                         log.warning("controller kills worker %s: %s", msg.kill.worker_id,
                                     msg.kill.reason)
+                        if msg.kill.discard_snapshots:
+                            with self._lock:
+                                self._tainted.add(msg.kill.worker_id)
                         self._supervisor.signal(msg.kill.worker_id, signal.SIGKILL)
                     else:
                         log.info("ignoring a kill of epoch %d (now %d)", msg.kill.epoch,
@@ -518,6 +523,13 @@ class Agent:
         """The snapshots `lost` left in shared memory become `to`'s (one rename): the
         newcomer adopts them instead of receiving a peer's over the network."""
         src, dst = self._snapshot_dir(lost), self._snapshot_dir(to)
+        with self._lock:
+            tainted = lost in self._tainted
+        if tainted:  # its state was corrupt: the newcomer gets a healthy member's
+            log.warning("agent %s: not handing %s's snapshots to %s (killed for corrupted "
+                        "state)", self.config.node_id, lost, to)
+            shutil.rmtree(src, ignore_errors=True)
+            return
         if not os.path.isdir(src):
             return
         shutil.rmtree(dst, ignore_errors=True)  # a spare has written nothing there yet

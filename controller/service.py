@@ -294,7 +294,8 @@ class Controller(Leadership):
         if self._leading.is_set():
             self._apply(None, job_id, event)
 
-    def kill_worker(self, job_id: str, worker_id: str, epoch: int, reason: str) -> None:
+    def kill_worker(self, job_id: str, worker_id: str, epoch: int, reason: str, *,
+                    discard_snapshots: bool = False) -> None:
         with self._sessions_lock:
             session = self._sessions.get((job_id, node_of(worker_id)))
         if session is None:
@@ -302,7 +303,8 @@ class Controller(Leadership):
             return
         log.warning("[%s] killing %s: %s", job_id, worker_id, reason)
         session.outbox.put(pb.ControllerMessage(kill=pb.KillWorker(
-            worker_id=worker_id, epoch=epoch, reason=reason)))
+            worker_id=worker_id, epoch=epoch, reason=reason,
+            discard_snapshots=discard_snapshots)))
 
     def record_verdict(self, job_id: str, verdict: pb.Verdict, fault: str = "") -> None:
         rt = self._jobs[job_id]
@@ -329,7 +331,10 @@ class Controller(Leadership):
         rt.corruptions.add(key)
         culprits = [w for w in report.culprits if m.has(w)]
         for w in culprits:
-            self.kill_worker(job_id, w, m.epoch, f"silent data corruption: {report.reason}")
+            # Its snapshots were taken from the corrupted state: its replacement must
+            # get a healthy member's, not adopt them.
+            self.kill_worker(job_id, w, m.epoch, f"silent data corruption: {report.reason}",
+                             discard_snapshots=True)
         first = culprits[0] if culprits else ""
         self.record_verdict(job_id, pb.Verdict(
             at_s=self._clock(), detector="sdc", kind="bitflip",

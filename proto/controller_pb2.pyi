@@ -359,14 +359,16 @@ class ProbeTarget(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class KillWorker(_message.Message):
-    __slots__ = ("worker_id", "epoch", "reason")
+    __slots__ = ("worker_id", "epoch", "reason", "discard_snapshots")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    DISCARD_SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     epoch: int
     reason: str
-    def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    discard_snapshots: bool
+    def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., reason: _Optional[str] = ..., discard_snapshots: _Optional[bool] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("job_id", "node_id", "heartbeat_interval_s", "epoch")

@@ -205,3 +205,21 @@ def test_replicas_go_to_another_node() -> None:
     members = ["a/0", "a/1", "a/2", "b/0", "b/1", "c/0"]
     s = replica_shift(members)
     assert all(members[r][0] != members[(r + s) % 6][0] for r in range(6)), s
+
+
+def test_a_corruption_culprits_spare_gets_a_healthy_members_snapshot(
+        tmp_path: Path, reference: dict[int, float]) -> None:
+    # A bit flips in node-1/0's weights; the fingerprint check kills it. Its snapshots were
+    # taken from the corrupted state (their checksums match it), so the spare taking its
+    # place must not adopt them: it receives a healthy member's instead.
+    summary, records = run_fault_job(
+        tmp_path, steps=STEPS, spares=1, replace=True,
+        extra_args=("--sdc-every", "1", "--bitflip", "node-1/0:12"))
+    assert summary["phase"] == "complete", summary["message"] + summary["logs"]
+    sdc = [v for v in summary["verdicts"] if v[0] == "sdc"]
+    assert sdc and sdc[0][1:] == ("bitflip", "node-1/0", "kill"), summary["verdicts"]
+    assert "not handing node-1/0's snapshots to node-1/2" in summary["logs"]
+    new = records["node-1/2"]
+    assert re.fullmatch(r"node-\d/\d memory, step \d+", new["restored_from"]), new
+    assert not new["restored_from"].startswith("node-1/0")
+    assert_losses_match(records, reference)
