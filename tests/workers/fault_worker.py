@@ -48,9 +48,10 @@ def main() -> int:
     p.add_argument("--zero", action="store_true",
                    help="ZeRO-1: AdamW with its state sharded across the ranks")
     p.add_argument("--hold-at", default="",
-                   help="STEP:EPOCH:WORLD - after completing STEP, wait (on the agent "
-                        "channel, at most 60 s) until a membership of epoch >= EPOCH with "
-                        "WORLD members is announced: a survivor waits for a newcomer")
+                   help="STEP:EPOCH:WORLD - after completing any step >= STEP in a world "
+                        "smaller than WORLD, wait (on the agent channel, at most 60 s) "
+                        "until a membership of epoch >= EPOCH with WORLD members, or any "
+                        "newer one, is announced: a survivor waits for a newcomer")
     args = p.parse_args()
     torch.set_num_threads(1)
     me = os.environ.get("SPLICE_WORKER_ID", "standalone/0")
@@ -128,14 +129,18 @@ def main() -> int:
                 from splice.examples.train_mlp import flip_one_bit
 
                 flip_one_bit(model)
-            if args.hold_at and int(args.hold_at.split(":")[0]) == r.step:
-                _, epoch, world = (int(x) for x in args.hold_at.split(":"))
+            hold_step, epoch, world = (int(x) for x in (args.hold_at or "0:0:0").split(":"))
+            if args.hold_at and r.step >= hold_step and session.world_size < world:
+                # In a shrunk world: wait for the newcomer. Any newer membership ends the
+                # wait too (a fault meanwhile must be recovered from, not held through).
                 link = session._link
                 assert link is not None
+                now = session.epoch
 
-                def grown(link=link, epoch=epoch, world=world) -> bool:  # type: ignore[no-untyped-def]
+                def grown(link=link, epoch=epoch, world=world, now=now) -> bool:  # type: ignore[no-untyped-def]
                     m = link.latest_membership()
-                    return m is not None and m.epoch >= epoch and len(m.members) >= world
+                    return m is not None and (m.epoch >= epoch and len(m.members) >= world
+                                              or m.epoch > now)
 
                 link.wait(grown, 60.0)
             if args.step_sleep_s:
