@@ -20,33 +20,56 @@ in transit: a newer replica replaces the older one only once complete and verifi
 design's double buffering). Everything held or reserved counts against a budget; a push
 that does not fit is refused up front with an error naming the flag to raise. Every
 refusal leaves the store as it was.
+
+Here: the store, the service and the client. The chunks' wire form and the errors are in
+agent/replication_wire.py, the pushing `Replicator` and `place_replicas` in
+agent/replicator.py.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import mmap
 import threading
-import time
-import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn
 
 import grpc
-from google.protobuf.message import DecodeError
 
+from splice.agent.replication_wire import (  # noqa: F401 (the errors are this module's API too)
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    MAX_META_BYTES,
+    AlreadyHeld,
+    Buffer,
+    Chunk,
+    FetchFailed,
+    MalformedStream,
+    MiB,
+    ReplicaBudgetExceeded,
+    ReplicaBusy,
+    ReplicationError,
+    SnapshotCorrupt,
+    SnapshotNotHeld,
+    StaleReplica,
+    UnknownJob,
+    _allocate,
+    _Assembly,
+    _check_header,
+    _encoded,
+    _size,
+    _slices,
+    crc32_combine,
+    decode_chunk,
+    encode_chunk,
+    snapshot_chunks,
+)
 from splice.proto import peer_pb2 as pb
 from splice.proto import peer_pb2_grpc as pb_grpc
 
 log = logging.getLogger("splice.agent")
 
-MiB = 1024 * 1024
-DEFAULT_CHUNK_BYTES = MiB
-MAX_CHUNK_BYTES = 16 * MiB
-MAX_META_BYTES = MiB
 # A chunk message is its bytes plus a few dozen of framing; the first also has a header.
 _MESSAGE_LIMIT = MAX_CHUNK_BYTES + 64 * 1024
 GRPC_OPTIONS = [("grpc.max_receive_message_length", _MESSAGE_LIMIT),
@@ -56,335 +79,7 @@ GRPC_OPTIONS = [("grpc.max_receive_message_length", _MESSAGE_LIMIT),
 SERVER_OPTIONS = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000)]
 BUDGET_FLAG = "--replica-budget-mb"
 
-# `data` may be anything exposing bytes (memoryview, bytearray, mmap) or a uint8 1-D CPU
-# torch.Tensor; torch stays out of the agent's imports (tests/test_layers.py).
-Buffer = Any
 Provider = Callable[[str, str, int], "tuple[int, bytes | memoryview, Buffer] | None"]
-
-
-# ---- errors ---------------------------------------------------------------------------------
-
-class ReplicationError(Exception):
-    """A push or fetch was refused; `code` is the gRPC status it travels as."""
-
-    code = grpc.StatusCode.UNKNOWN
-
-
-class ReplicaBudgetExceeded(ReplicationError):
-    """Accepting the replica would take replica memory past the budget: raise the budget."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class SnapshotCorrupt(ReplicationError):
-    """Bytes failed a chunk CRC or the whole snapshot's checksum: fetch from another holder."""
-
-    code = grpc.StatusCode.DATA_LOSS
-
-
-class MalformedStream(ReplicationError):
-    """The chunks do not form the announced snapshot (missing header, gap, overlap, size)."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class UnknownJob(ReplicationError):
-    """The push or fetch names another job than the one this agent serves."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
-
-class StaleReplica(ReplicationError):
-    """The store already holds this worker's snapshot at this or a newer (epoch, step)."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
-
-class AlreadyHeld(StaleReplica):
-    """The very same (epoch, step) is held already: nothing to do."""
-
-    code = grpc.StatusCode.ALREADY_EXISTS
-
-
-class ReplicaBusy(ReplicationError):
-    """Another push of this worker's snapshot is in transit; retry when it has ended."""
-
-    code = grpc.StatusCode.ABORTED
-
-
-class SnapshotNotHeld(ReplicationError):
-    """The peer holds no such snapshot."""
-
-    code = grpc.StatusCode.NOT_FOUND
-
-
-class FetchFailed(ReplicationError):
-    """No holder could supply an intact snapshot; the message names each one and why.
-    The caller falls back to the persistent checkpoint."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-# ---- checksums ------------------------------------------------------------------------------
-
-def _gf2_times(matrix: Sequence[int], vector: int) -> int:
-    out, i = 0, 0
-    while vector:
-        if vector & 1:
-            out ^= matrix[i]
-        vector >>= 1
-        i += 1
-    return out
-
-
-def _gf2_compose(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
-    """The operator `a` after `b`."""
-    return tuple(_gf2_times(a, col) for col in b)
-
-
-@functools.cache
-def _zeros_power(k: int) -> tuple[int, ...]:
-    """The CRC-32 operator for appending 2**k zero bytes (zlib's crc32_combine matrices)."""
-    if k == 0:
-        op: tuple[int, ...] = (0xEDB88320, *(1 << n for n in range(31)))  # one zero bit
-        for _ in range(3):
-            op = _gf2_compose(op, op)
-        return op
-    half = _zeros_power(k - 1)
-    return _gf2_compose(half, half)
-
-
-@functools.lru_cache(maxsize=128)
-def _zeros_operator(length: int) -> tuple[int, ...]:
-    op: tuple[int, ...] = tuple(1 << n for n in range(32))
-    k = 0
-    while length:
-        if length & 1:
-            op = _gf2_compose(_zeros_power(k), op)
-        length >>= 1
-        k += 1
-    return op
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """CRC-32 of A ++ B from CRC-32(A), CRC-32(B) and len(B), as zlib's crc32_combine.
-    A few microseconds once the operator for len2 is cached (chunks share a few lengths)."""
-    return _gf2_times(_zeros_operator(len2), crc1) ^ crc2 if len2 else crc1
-
-
-def _byte_view(data: Buffer) -> memoryview:
-    """A flat byte view of `data`, without copying."""
-    if hasattr(data, "data_ptr"):  # a torch tensor; torch is loaded by whoever made it
-        import torch
-        if not (data.dtype == torch.uint8 and data.dim() == 1 and data.device.type == "cpu"
-                and data.is_contiguous()):
-            raise ValueError(f"snapshot data must be a uint8 1-D contiguous CPU tensor, got "
-                             f"{data.dtype} {tuple(data.shape)} on {data.device}")
-        return memoryview(data.numpy())
-    view = memoryview(data)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
-
-def _size(num_bytes: int) -> str:
-    return f"{num_bytes / MiB:.1f} MiB" if num_bytes >= MiB // 10 else f"{num_bytes} bytes"
-
-
-def _allocate(size_bytes: int) -> memoryview:
-    """A zeroed writable buffer of anonymous memory, returned to the system when the last
-    view goes. Its pages are faulted in up front (MAP_POPULATE: in one go, ~25 % faster
-    than page by page as chunks land), so RSS matches what the budget accounts."""
-    if not size_bytes:
-        return memoryview(bytearray())
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-    return memoryview(mmap.mmap(-1, size_bytes, flags=flags))
-
-
-# ---- chunks out -----------------------------------------------------------------------------
-
-def _slices(meta: memoryview, data: memoryview, chunk_bytes: int) -> list[memoryview]:
-    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
-        raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
-    return ([meta[i:i + chunk_bytes] for i in range(0, len(meta), chunk_bytes)]
-            + [data[i:i + chunk_bytes] for i in range(0, len(data), chunk_bytes)])
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def encode_chunk(offset: int, part: memoryview | bytes, crc: int,
-                 header: pb.SnapshotHeader | None = None) -> bytes:
-    """A SnapshotChunk's wire bytes, as `SerializeToString` makes them, with one copy of
-    `part` (building the message and serialising it would copy it three times)."""
-    head = bytearray()
-    if header is not None:
-        raw = header.SerializeToString()
-        head += b"\x0a" + _varint(len(raw)) + raw
-    if offset:
-        head += b"\x10" + _varint(offset)
-    if len(part):
-        head += b"\x1a" + _varint(len(part))
-    return b"".join((head, part, b"\x20" + _varint(crc) if crc else b""))
-
-
-def snapshot_chunks(header: pb.SnapshotHeader, meta: bytes | memoryview, data: Buffer,
-                    chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
-    """The encoded SnapshotChunk messages of one snapshot, made lazily: one chunk's bytes
-    copied at a time.
-
-    The sizes and `checksum` of `header` are filled in here. The chunk CRCs are all taken
-    before the first chunk leaves (one pass, folded into the whole checksum), so bytes that
-    change while streaming fail the receiver's check instead of arriving torn."""
-    meta_view, data_view = memoryview(meta).cast("B"), _byte_view(data)
-    if len(meta_view) > MAX_META_BYTES:
-        raise ValueError(f"snapshot meta is {len(meta_view)} bytes, over {MAX_META_BYTES}")
-    parts = _slices(meta_view, data_view, chunk_bytes)
-    crcs = [zlib.crc32(p) for p in parts]
-    whole = 0
-    for part, crc in zip(parts, crcs, strict=True):
-        whole = crc32_combine(whole, crc, len(part))
-    first = pb.SnapshotHeader()
-    first.CopyFrom(header)
-    first.meta_bytes, first.data_bytes, first.checksum = len(meta_view), len(data_view), whole
-    yield from _encoded(first, parts, crcs)
-
-
-def _encoded(header: pb.SnapshotHeader, parts: list[memoryview],
-             crcs: Sequence[int] | None) -> Iterator[bytes]:
-    """Chunks of `parts`, the first with the header; CRCs taken as they go if not given."""
-    if not parts:
-        yield encode_chunk(0, b"", 0, header)
-    offset = 0
-    for i, part in enumerate(parts):
-        crc = crcs[i] if crcs is not None else zlib.crc32(part)
-        yield encode_chunk(offset, part, crc, header if i == 0 else None)
-        offset += len(part)
-
-
-# ---- chunks in ------------------------------------------------------------------------------
-
-class Chunk(NamedTuple):
-    """A decoded SnapshotChunk; `data` is a view into the received message's bytes."""
-    header: pb.SnapshotHeader | None
-    offset: int
-    data: memoryview
-    crc32: int
-    error: str = ""  # not a well-formed SnapshotChunk: why
-
-
-def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(raw) or shift > 63:
-            raise ValueError("truncated or overlong varint")
-        byte = raw[pos]
-        value |= (byte & 0x7F) << shift
-        pos += 1
-        shift += 7
-        if byte < 0x80:
-            return value, pos
-
-
-def decode_chunk(raw: bytes) -> Chunk:
-    """Parse SnapshotChunk wire bytes as protobuf would, but leave `data` in place (the
-    generated parser copies it once, and each read of the field once more). Never raises:
-    a malformed message comes back with `error` set, refused by whoever reads it."""
-    view, pos = memoryview(raw), 0
-    header, offset, data, crc = None, 0, view[0:0], 0
-    try:
-        while pos < len(raw):
-            key, pos = _read_varint(raw, pos)
-            field, wire = key >> 3, key & 7
-            if not 0 < field < 1 << 29:
-                raise ValueError(f"field number {field}")
-            if wire == 0:
-                value, pos = _read_varint(raw, pos)
-                if field == 2:
-                    offset = value
-                elif field == 4:
-                    crc = value & 0xFFFFFFFF
-            elif wire == 2:
-                size, pos = _read_varint(raw, pos)
-                if pos + size > len(raw):
-                    raise ValueError("length-delimited field past the end")
-                if field == 1:
-                    header = header or pb.SnapshotHeader()
-                    header.MergeFromString(view[pos:pos + size].tobytes())
-                elif field == 3:
-                    data = view[pos:pos + size]
-                pos += size
-            elif wire in (1, 5):
-                pos += 8 if wire == 1 else 4
-            else:
-                raise ValueError(f"wire type {wire}")
-        if pos != len(raw):
-            raise ValueError("truncated fixed-width field")
-    except (ValueError, DecodeError) as e:
-        return Chunk(None, 0, view[0:0], 0, f"malformed SnapshotChunk ({e})")
-    return Chunk(header, offset, data, crc)
-
-
-class _Assembly:
-    """One snapshot's chunks written in order into preallocated buffers, each chunk's CRC
-    checked on arrival and folded into the whole checksum."""
-
-    def __init__(self, header: pb.SnapshotHeader, meta: memoryview, data: memoryview) -> None:
-        self.header, self.meta, self.data = header, meta, data
-        self.received = 0
-        self._crc = 0
-
-    @property
-    def total(self) -> int:
-        return self.header.meta_bytes + self.header.data_bytes
-
-    def write(self, chunk: Chunk) -> None:
-        data = chunk.data
-        h, n, offset = self.header, len(data), chunk.offset
-        name = f"{h.job_id}/{h.worker_id} step {h.step}"
-        if offset != self.received:
-            kind = "gap" if offset > self.received else "overlap"
-            raise MalformedStream(f"snapshot {name}: chunk at offset {offset} after "
-                                  f"{self.received} bytes ({kind})")
-        end = offset + n
-        if end > self.total:
-            raise MalformedStream(f"snapshot {name}: chunk ends at byte {end}, past the "
-                                  f"announced {self.total}")
-        if offset < h.meta_bytes < end:
-            raise MalformedStream(f"snapshot {name}: chunk at {offset} spans the end of meta "
-                                  f"({h.meta_bytes})")
-        crc = zlib.crc32(data)
-        if crc != chunk.crc32:
-            raise SnapshotCorrupt(f"snapshot {name}: chunk at offset {offset} ({n} bytes) "
-                                  f"fails its CRC-32 ({crc:#010x}, sent {chunk.crc32:#010x})")
-        if end <= h.meta_bytes:
-            self.meta[offset:end] = data
-        else:
-            self.data[offset - h.meta_bytes:end - h.meta_bytes] = data
-        self._crc = crc32_combine(self._crc, crc, n)
-        self.received = end
-
-    def finish(self) -> None:
-        h = self.header
-        name = f"{h.job_id}/{h.worker_id} step {h.step}"
-        if self.received != self.total:
-            raise MalformedStream(f"snapshot {name}: stream ended after {self.received} of "
-                                  f"{self.total} bytes")
-        if self._crc != h.checksum:
-            raise SnapshotCorrupt(f"snapshot {name}: checksum {self._crc:#010x} of the bytes "
-                                  f"received, {h.checksum:#010x} announced")
-
-
-def _check_header(header: pb.SnapshotHeader) -> None:
-    if not header.worker_id:
-        raise MalformedStream("snapshot header without a worker id")
-    if header.meta_bytes > MAX_META_BYTES:
-        raise MalformedStream(f"snapshot {header.job_id}/{header.worker_id}: meta of "
-                              f"{header.meta_bytes} bytes, over the {MAX_META_BYTES} limit")
 
 
 # ---- the store ------------------------------------------------------------------------------
@@ -790,192 +485,3 @@ def fetch(addresses: Sequence[str], job_id: str, worker_id: str, step: int = 0, 
                       f"from any holder: " + ("; ".join(reasons) or "no holders given"))
 
 
-# ---- pushing the node's snapshots -----------------------------------------------------------
-
-LocalSnapshot = tuple[str, int, int, "bytes | memoryview", Buffer]  # worker, step, epoch, meta, data
-PushFn = Callable[[str, str, int, int, "bytes | memoryview", Buffer], None]
-
-
-@dataclass(frozen=True)
-class ReplicatorStats:
-    bytes_pushed: int
-    pushes_ok: int
-    pushes_failed: int
-    last_push_s: float       # duration of the last successful push
-    lag_steps: int           # max over workers and peers: newest local step - step pushed
-    in_flight: int
-
-
-class Replicator:
-    """Pushes each local worker's newest snapshot to the node's peers, on its own thread.
-
-    Each round reads `snapshots()` (the newest committed snapshot of each local worker)
-    and `peers()`; a worker whose snapshot is newer than what a peer holds from us gets one
-    push task, unless one is in flight already: steps committed meanwhile are skipped, the
-    next round sends the newest. Rounds run every `interval_s` and on `poke()`."""
-
-    def __init__(self, job_id: str, snapshots: Callable[[], list[LocalSnapshot]],
-                 peers: Callable[[], list[str]], *, interval_s: float = 0.5,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, timeout_s: float = 300.0,
-                 max_concurrent_pushes: int = 2, push_fn: PushFn | None = None) -> None:
-        self.job_id, self.interval_s = job_id, interval_s
-        self._snapshots, self._peers = snapshots, peers
-        self._chunk_bytes, self._timeout_s = chunk_bytes, timeout_s
-        self._push_fn = push_fn or self._push_grpc
-        self._pool = ThreadPoolExecutor(max_concurrent_pushes, thread_name_prefix="splice-repl")
-        self._cond = threading.Condition()
-        self._channels: dict[str, grpc.Channel] = {}
-        self._pushed: dict[tuple[str, str], tuple[int, int]] = {}  # (worker, peer) -> (epoch, step)
-        self._newest: dict[str, tuple[int, int]] = {}  # worker -> (epoch, step) committed
-        self._peers_seen: list[str] = []
-        self._in_flight: set[str] = set()
-        self._bytes = self._ok = self._failed = 0
-        self._last_s = 0.0
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="splice-replicator", daemon=True)
-
-    def start(self) -> Replicator:
-        self._thread.start()
-        return self
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
-    def poke(self) -> None:
-        """A snapshot was committed: run a round now rather than at the next interval."""
-        self._wake.set()
-
-    def maybe_push(self) -> list[Future[None]]:
-        """One round: start the pushes due; returns their futures."""
-        peers = self._peers()
-        with self._cond:
-            self._peers_seen = list(peers)
-        started = []
-        for worker, step, epoch, meta, data in self._snapshots():
-            with self._cond:
-                self._newest[worker] = (epoch, step)
-                if worker in self._in_flight or self._stop.is_set():
-                    continue
-                due = [p for p in peers if self._pushed.get((worker, p), (-1, -1)) < (epoch, step)]
-                if not due:
-                    continue
-                self._in_flight.add(worker)
-            started.append(self._pool.submit(self._push_one, worker, step, epoch, meta, data,
-                                             due))
-        return started
-
-    def _push_one(self, worker: str, step: int, epoch: int, meta: bytes | memoryview,
-                  data: Buffer, peers: list[str]) -> None:
-        size = len(meta) + len(_byte_view(data))
-        try:
-            for peer in peers:
-                t0 = time.perf_counter()
-                try:
-                    self._push_fn(peer, worker, step, epoch, meta, data)
-                except AlreadyHeld:
-                    pass
-                except (ReplicationError, grpc.RpcError, OSError) as e:
-                    log.warning("replica of %s step %d to %s failed: %s", worker, step, peer, e)
-                    with self._cond:
-                        self._failed += 1
-                    continue
-                with self._cond:
-                    self._pushed[(worker, peer)] = (epoch, step)
-                    self._ok += 1
-                    self._bytes += size
-                    self._last_s = time.perf_counter() - t0
-                    self._cond.notify_all()
-        finally:
-            with self._cond:
-                self._in_flight.discard(worker)
-                self._cond.notify_all()
-            self._wake.set()  # a newer step may have been committed meanwhile
-
-    def _push_grpc(self, peer: str, worker: str, step: int, epoch: int,
-                   meta: bytes | memoryview, data: Buffer) -> None:
-        with self._cond:
-            channel = self._channels.get(peer)
-            if channel is None:
-                channel = self._channels[peer] = channel_to(peer)
-        push(channel, self.job_id, worker, step, epoch, meta, data, self._chunk_bytes,
-             timeout_s=self._timeout_s)
-
-    def stats(self) -> ReplicatorStats:
-        with self._cond:
-            lag = 0
-            for worker, (epoch, newest) in self._newest.items():
-                for peer in self._peers_seen:
-                    held_epoch, held = self._pushed.get((worker, peer), (epoch, 0))
-                    lag = max(lag, newest - (held if held_epoch == epoch else 0))
-            return ReplicatorStats(self._bytes, self._ok, self._failed, self._last_s, lag,
-                                   len(self._in_flight))
-
-    def wait_pushed(self, worker_id: str, step: int, peer: str, timeout_s: float) -> bool:
-        """Block until `peer` holds `worker_id`'s `step` (or newer) from us, up to timeout_s."""
-        with self._cond:
-            return self._cond.wait_for(
-                lambda: self._pushed.get((worker_id, peer), (0, -1))[1] >= step, timeout_s)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.maybe_push()
-            except Exception:
-                log.exception("replication round failed")
-            self._wake.wait(self.interval_s)
-            self._wake.clear()
-
-    def close(self) -> None:
-        """Stop: no new pushes; those in flight are cancelled (their channels closed)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        with self._cond:
-            channels, self._channels = list(self._channels.values()), {}
-        for channel in channels:
-            channel.close()
-        self._pool.shutdown(wait=True)
-
-
-# ---- placement ------------------------------------------------------------------------------
-
-def place_replicas(nodes: Sequence[str], k: int,
-                   domain_of: Mapping[str, str] | Callable[[str], str] | None = None,
-                   ) -> dict[str, list[str]]:
-    """Each node's k peers to hold its workers' replicas. Pure.
-
-    A node's peers are on other nodes and, whenever k nodes outside its failure domain
-    (`domain_of`: rack, zone; default: each node its own) exist, outside its domain.
-    Nodes are ordered round-robin over the domains (largest first) and each takes as peers
-    the nodes 1, 2, 3, ... places after it, skipping its own domain (a second pass takes
-    those only where too few others exist). Every shift is a bijection, so nodes that
-    accept the same shifts receive exactly k replicas each: always without domains, and
-    with domains of equal size; with unequal ones, about k. With fewer than k other
-    nodes, each gets all the others."""
-    if k < 0:
-        raise ValueError(f"replica count k must be >= 0, got {k}")
-    if len(set(nodes)) != len(nodes):
-        raise ValueError(f"duplicate node ids in {list(nodes)}")
-    if domain_of is None:
-        domain: Callable[[str], str] = lambda n: n  # noqa: E731
-    else:
-        domain = domain_of.__getitem__ if isinstance(domain_of, Mapping) else domain_of
-    by_domain: dict[str, list[str]] = {}
-    for node in sorted(nodes):
-        by_domain.setdefault(domain(node), []).append(node)
-    groups = sorted(by_domain.values(), key=lambda g: (-len(g), g[0]))
-    order = [g[i] for i in range(len(groups[0]) if groups else 0) for g in groups if i < len(g)]
-    n, want = len(order), min(k, len(order) - 1)
-    placement: dict[str, list[str]] = {node: [] for node in order}
-    for same_domain in (False, True):
-        for shift in range(1, n):
-            if all(len(peers) == want for peers in placement.values()):
-                break
-            for i, node in enumerate(order):
-                peers, target = placement[node], order[(i + shift) % n]
-                if len(peers) < want and (domain(target) == domain(node)) == same_domain:
-                    peers.append(target)
-    return placement

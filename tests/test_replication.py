@@ -1,4 +1,5 @@
-"""Snapshot replication between agents (agent/replication.py) over real gRPC on localhost:
+"""Snapshot replication between agents (agent/replication.py, replication_wire.py,
+replicator.py) over real gRPC on localhost:
 push/fetch round trips, every refusal leaving the store as it was, the budget, fetch
 falling back past corrupt or missing holders, backpressure, the Replicator, placement."""
 
@@ -27,7 +28,6 @@ from splice.agent.replication import (
     ReplicaBusy,
     ReplicaStore,
     ReplicationError,
-    Replicator,
     SnapshotCorrupt,
     SnapshotPeerServicer,
     StaleReplica,
@@ -39,12 +39,12 @@ from splice.agent.replication import (
     decode_chunk,
     encode_chunk,
     fetch,
-    place_replicas,
     push,
     push_chunks,
     serve,
     snapshot_chunks,
 )
+from splice.agent.replicator import Replicator, place_replicas
 from splice.proto import peer_pb2 as pb
 from splice.proto import peer_pb2_grpc as pb_grpc
 
