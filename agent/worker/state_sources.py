@@ -187,6 +187,7 @@ class StateSources:
         self._load(snap)
         self._snapshots.discard_after(step)
         self._pending_state = None
+        fetched = bool(self._state_source)  # a holder's snapshot, not a predecessor's
         source = self._state_source or f"{self._snapshots.adopted_from} shared memory"
         self._state_source = ""
         self.restored_from = f"{source}, step {step}"
@@ -194,7 +195,7 @@ class StateSources:
                  self.worker_id, tensor_bytes(snap) / 1e6, step, source,
                  time.perf_counter() - t0)
         if self._zero:
-            if not source.endswith("shared memory"):
+            if fetched:
                 self._zero_held = None  # a holder's shards are the holder's, not ours
             return self._zero_reshard()
         return True
