@@ -36,6 +36,7 @@ from splice.controller import telemetry_columns
 from splice.controller.membership import worker_id
 from splice.proto import controller_pb2 as pb
 from splice.proto import local_pb2 as lpb
+from splice.security import TLSConfig
 
 log = logging.getLogger("splice.agent")
 
@@ -80,6 +81,9 @@ class AgentConfig:
     # The link probe server (on gloo_host) answers each ping and each MiB this much later:
     # a simulated slow link to this node, for tests and demos (SPLICE_PROBE_DELAY_S).
     probe_delay_s: float = 0.0
+    # Mutual TLS (the agent's --tls-* files): to the controller, on the snapshot server,
+    # and for this node's workers fetching snapshots from other nodes' agents.
+    tls: TLSConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.probe_delay_s <= 10:
@@ -221,7 +225,8 @@ class Agent:
             self._snapshot_server = replication.serve(
                 replication.ReplicaStore(0, job_id=config.job_id),
                 f"{config.gloo_host}:0", self._serve_snapshot if self.metrics is None
-                else self.metrics.counting_served(self._serve_snapshot))
+                else self.metrics.counting_served(self._serve_snapshot),
+                credentials=self._snapshot_credentials())
             self.snapshot_address = f"{config.gloo_host}:{self._snapshot_server.port}"
         except OSError as e:  # joining workers then receive state over the group
             log.warning("agent %s: cannot serve snapshots on %s: %s", config.node_id,
@@ -230,6 +235,25 @@ class Agent:
         self._probe_requests: collections.deque[pb.ProbeLinks] = collections.deque()
         self._probes_closed = False
         self._prober: threading.Thread | None = None
+
+    def _snapshot_credentials(self) -> grpc.ServerCredentials | None:
+        """Mutual TLS for the snapshot server when the agent has certificates; OSError if
+        its certificate cannot serve this node's address (then no snapshot server runs:
+        a plaintext one would hand the model to anyone who asks)."""
+        from splice.security import server_credentials, server_problem
+
+        tls = self.config.tls
+        if tls is None:
+            return None
+        try:
+            problem = server_problem(tls, self.config.gloo_host)
+            credentials = server_credentials(tls)
+        except ValueError as e:
+            problem = str(e)
+        if problem:
+            raise OSError(f"mutual TLS is on but {problem} (joining workers receive state "
+                          "over the group instead)")
+        return credentials
 
     # ---- upstream -----------------------------------------------------------------------
     def _hello(self) -> pb.AgentHello:
@@ -492,6 +516,10 @@ class Agent:
         if self.config.persist_dir:
             env["SPLICE_PERSIST_DIR"] = self.config.persist_dir
             env["SPLICE_PERSIST_EVERY"] = str(self.config.persist_every)
+        if self.config.tls is not None:
+            env["SPLICE_TLS_CA"] = self.config.tls.ca_file
+            env["SPLICE_TLS_CERT"] = self.config.tls.cert_file
+            env["SPLICE_TLS_KEY"] = self.config.tls.key_file
         env.setdefault("OMP_NUM_THREADS", "1")
         with self._lock:
             self._expected.add(wid)

@@ -342,15 +342,17 @@ class PeerServer:
 
 
 def serve(store: ReplicaStore, address: str, provider: Provider | None = None, *,
-          max_workers: int = 8,
-          options: Sequence[tuple[str, int | str]] = ()) -> PeerServer:
+          max_workers: int = 8, options: Sequence[tuple[str, int | str]] = (),
+          credentials: grpc.ServerCredentials | None = None) -> PeerServer:
     """Start the SnapshotPeer service on `address` ("host:0" picks a free port). Each
-    stream holds one server thread while it runs. `options`: extra gRPC server options."""
+    stream holds one server thread while it runs. `options`: extra gRPC server options;
+    `credentials`: serve mutual TLS (security.server_credentials), plaintext without."""
     server = grpc.server(ThreadPoolExecutor(max_workers=max_workers,
                                             thread_name_prefix="splice-peer"),
                          options=[*GRPC_OPTIONS, *SERVER_OPTIONS, *options])
     add_to_server(SnapshotPeerServicer(store, provider), server)
-    port = server.add_insecure_port(address)
+    port = (server.add_insecure_port(address) if credentials is None
+            else server.add_secure_port(address, credentials))
     if port == 0:
         raise OSError(f"cannot listen on {address} for snapshot peers")
     server.start()
@@ -359,8 +361,13 @@ def serve(store: ReplicaStore, address: str, provider: Provider | None = None, *
 
 # ---- the client -----------------------------------------------------------------------------
 
-def channel_to(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+def channel_to(address: str, credentials: grpc.ChannelCredentials | None = None
+               ) -> grpc.Channel:
+    """A channel to a peer's SnapshotPeer service: mutual TLS with `credentials`
+    (security.channel_credentials), plaintext without."""
+    if credentials is None:
+        return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+    return grpc.secure_channel(address, credentials, options=GRPC_OPTIONS)
 
 
 def _error(e: grpc.RpcError) -> str:
@@ -369,12 +376,13 @@ def _error(e: grpc.RpcError) -> str:
 
 def push(target: str | grpc.Channel, job_id: str, worker_id: str, step: int, epoch: int,
          meta: bytes | memoryview, data: Buffer, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *,
-         timeout_s: float = 300.0) -> pb.PushAck:
+         timeout_s: float = 300.0,
+         credentials: grpc.ChannelCredentials | None = None) -> pb.PushAck:
     """Stream one snapshot to a peer, chunk by chunk as flow control admits (a slow peer
     stalls this call; memory stays at a few chunks). Raises the ReplicationError subclass
     of the peer's refusal (ReplicaBudgetExceeded, AlreadyHeld, ...), or a plain
     ReplicationError with the gRPC code (UNAVAILABLE, DEADLINE_EXCEEDED) otherwise."""
-    channel = channel_to(target) if isinstance(target, str) else target
+    channel = channel_to(target, credentials) if isinstance(target, str) else target
     header = pb.SnapshotHeader(job_id=job_id, worker_id=worker_id, step=step, epoch=epoch)
     try:
         return push_chunks(channel, snapshot_chunks(header, meta, data, chunk_bytes),
@@ -385,7 +393,8 @@ def push(target: str | grpc.Channel, job_id: str, worker_id: str, step: int, epo
 
 
 def push_chunks(channel: grpc.Channel, chunks: Iterator[bytes], *,
-                timeout_s: float = 300.0) -> pb.PushAck:
+                timeout_s: float = 300.0,
+         credentials: grpc.ChannelCredentials | None = None) -> pb.PushAck:
     """The Push call over already encoded chunks (`snapshot_chunks`); gRPC pulls the next
     one only when flow control lets it send."""
     call = channel.stream_unary("/splice.v1.SnapshotPeer/Push",
@@ -446,7 +455,8 @@ def _receive(stream: Iterator[Chunk], job_id: str, worker_id: str,
 
 def fetch(addresses: Sequence[str], job_id: str, worker_id: str, step: int = 0, *,
           timeout_s: float = 300.0, connect_timeout_s: float = 2.0,
-          chunk_bytes: int = 0) -> Fetched:
+          chunk_bytes: int = 0, credentials: grpc.ChannelCredentials | None = None
+          ) -> Fetched:
     """A worker's snapshot from the first holder that supplies it intact, trying
     `addresses` in order. A holder that lacks it, cannot be reached within
     `connect_timeout_s`, fails or breaks the stream, or sends bytes that fail a chunk CRC
@@ -455,7 +465,7 @@ def fetch(addresses: Sequence[str], job_id: str, worker_id: str, step: int = 0, 
     request = pb.FetchRequest(job_id=job_id, worker_id=worker_id, step=step,
                               chunk_bytes=chunk_bytes)
     for address in addresses:
-        channel = channel_to(address)
+        channel = channel_to(address, credentials)
         stub = pb_grpc.SnapshotPeerStub(channel)
         connected = False
         try:

@@ -31,7 +31,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -116,21 +116,31 @@ class PersistentStore:
     """Checkpoints of one job under `root/<job_id>/`, the newest `keep` of them kept."""
 
     def __init__(self, root: str | os.PathLike[str], *, job_id: str = "default",
-                 keep: int = 2) -> None:
+                 keep: int = 2, writer: bool = True,
+                 retain: Callable[[], int | None] | None = None) -> None:
+        """`writer=False` opens another process's directory to read: nothing is created or
+        removed there (its temporary files may belong to a writer on another host), and
+        saving is refused. `retain()`, asked at each prune, names a step from which on
+        nothing is pruned besides the newest `keep` (a sharded checkpoint's newest step
+        every rank committed: sharded.py); an error there skips that prune."""
         _validate_job_id(job_id)
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be an int >= 1 (how many checkpoints to retain), "
                              f"got {keep!r}")
         self.job_id = job_id
         self.keep = keep
+        self._retain = retain
         self.root = Path(root)
         self.dir = self.root / job_id
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(self.root)
-        except OSError as e:
-            raise PersistError(f"cannot create checkpoint directory {self.dir}: {e}") from e
-        self._remove_stale_tmp()
+        self.writer = writer
+        if writer:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(self.root)
+            except OSError as e:
+                raise PersistError(f"cannot create checkpoint directory {self.dir}: "
+                                   f"{e}") from e
+            self._remove_stale_tmp()
 
         self.skipped_corrupt = 0  # corrupt checkpoints load_latest skipped
         self.coalesced_saves = 0  # queued requests replaced by a newer one before starting
@@ -182,6 +192,9 @@ class PersistentStore:
         """Queue `tree` (a private copy the caller will not mutate) as the checkpoint of
         `step` and return; a queued, not yet started request is replaced."""
         _validate_step(step)
+        if not self.writer:
+            raise PersistError(f"checkpoint store {self.dir} was opened to read; cannot save "
+                               f"step {step}")
         with self._cond:
             if self._closed:
                 raise PersistError(f"checkpoint store {self.dir} is closed; cannot save "
@@ -228,6 +241,9 @@ class PersistentStore:
     def save(self, step: int, tree: Mapping[str, Any]) -> CheckpointInfo:
         """Encode and durably write the checkpoint of `step` now, then prune."""
         _validate_step(step)
+        if not self.writer:
+            raise PersistError(f"checkpoint store {self.dir} was opened to read; cannot save "
+                               f"step {step}")
         path = self._ckpt_path(step)
         with self._write_lock:
             try:
@@ -257,7 +273,17 @@ class PersistentStore:
         return info
 
     def _prune(self) -> None:
-        kept = {i.step for i in self.list()[-self.keep:]}
+        listed = [i.step for i in self.list()]
+        kept = set(listed[-self.keep:])
+        if self._retain is not None:
+            try:
+                floor = self._retain()
+            except Exception as e:  # keep everything rather than guess
+                log.warning("not pruning %s this time: cannot tell which steps to retain: "
+                            "%s", self.dir, e)
+                return
+            if floor is not None:
+                kept |= {step for step in listed if step >= floor}
         steps = set()
         for name in os.listdir(self.dir):
             m = _CKPT.match(name) or _MANIFEST.match(name)
@@ -294,7 +320,13 @@ class PersistentStore:
         """Committed checkpoints (a manifest beside a data file), oldest first. Whether the
         data is intact is checked by `load`."""
         out = []
-        for entry in self.dir.iterdir():
+        try:
+            entries = list(self.dir.iterdir())
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise PersistError(f"cannot list checkpoint directory {self.dir}: {e}") from e
+        for entry in entries:
             m = _MANIFEST.match(entry.name)
             if m is None:
                 continue

@@ -109,9 +109,8 @@ def _agent(args: argparse.Namespace) -> int:
                          metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                          spares=args.spares, replace=args.replace,
                          persist_dir=args.persist_dir, persist_every=args.persist_every,
-                         snapshot_budget_mb=args.snapshot_budget_mb)
-    tls = tls_from_args(args)
-    return run_agent(config, channel_credentials(tls) if tls else None)
+                         snapshot_budget_mb=args.snapshot_budget_mb, tls=tls_from_args(args))
+    return run_agent(config, channel_credentials(config.tls) if config.tls else None)
 
 
 def _status(args: argparse.Namespace) -> int:

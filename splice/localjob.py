@@ -28,6 +28,7 @@ from splice.controller.store import InMemoryStateStore
 from splice.controller.telemetry_hub import DetectionConfig
 from splice.proto import controller_pb2 as pb
 from splice.proto import controller_pb2_grpc as pb_grpc
+from splice.security import TLSConfig, make_dev_ca, open_channel, server_credentials
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +61,9 @@ class LocalJobConfig:
     # Persistent checkpoints (agents' --persist-dir / --persist-every).
     persist_dir: str = ""
     persist_every: int = 0
+    # Mutual TLS everywhere (controller, agents, the agents' snapshot servers): a
+    # development CA and certificates are written to this folder unless it has them.
+    tls_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.store not in ("memory", "etcd"):
@@ -87,6 +91,7 @@ def _free_port() -> int:
 class LocalJob:
     def __init__(self, config: LocalJobConfig) -> None:
         self.config = config
+        self.tls = _dev_certs(config.tls_dir) if config.tls_dir else None
         self.controller: Controller | None = None
         self.controller_procs: dict[str, subprocess.Popen[bytes]] = {}
         if config.store == "memory":
@@ -96,7 +101,9 @@ class LocalJob:
                     min_world_size=config.min_world_size),)),
                 InMemoryStateStore(),
                 detection=DetectionConfig(straggler_policy=config.straggler_policy,
-                                          hang=HangConfig(floor_s=config.hang_floor_s)))
+                                          hang=HangConfig(floor_s=config.hang_floor_s)),
+                server_credentials=(server_credentials(self.tls["controller"])
+                                    if self.tls else None))
         self.agent_metrics: list[str] = []
         self.controller_metrics: list[str] = []
         self.agents: list[subprocess.Popen[bytes]] = []
@@ -135,6 +142,8 @@ class LocalJob:
                 self.controller_metrics.append(f"127.0.0.1:{port}")
             else:
                 argv += ["--metrics-port", "-1"]
+            if self.tls:
+                argv += _tls_flags(self.tls["controller"])
             self.controller_procs[address] = subprocess.Popen(
                 argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -170,6 +179,8 @@ class LocalJob:
             self.agent_metrics.append(f"127.0.0.1:{port}")
         else:
             argv += ["--metrics-port", "-1"]
+        if self.tls:
+            argv += _tls_flags(self.tls["agent"])
         argv += ["--", *self.config.worker_command]
         env = {**self._env, **{k: v for n, k, v in self.config.node_env if n == i}}
         self.agents.append(subprocess.Popen(argv, env=env, stdout=log,
@@ -212,7 +223,8 @@ class LocalJob:
     def controller_status(self, address: str, timeout_s: float = 1.0) -> pb.JobStatus:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.insecure_channel(address)
+            channel = self._channels[address] = open_channel(
+                address, self.tls["admin"] if self.tls else None)
         return pb_grpc.ControllerStub(channel).GetJobStatus(
             pb.JobStatusRequest(job_id=self.config.job_id), timeout=timeout_s)
 
@@ -311,6 +323,21 @@ def timeline_time(status: pb.JobStatus, kind: str, epoch: int | None = None) -> 
 
 def member_losses(status: pb.JobStatus) -> list[float]:
     return [w.last_loss for w in status.workers if w.worker_id in set(status.members)]
+
+
+def _dev_certs(folder: str) -> dict[str, TLSConfig]:
+    """A development CA's certificates in `folder` (written first if it has none), as the
+    TLS configuration of the controller, the agents and the job's own status client."""
+    if not os.path.exists(os.path.join(folder, "ca.pem")):
+        make_dev_ca(folder, hosts=["127.0.0.1", "localhost"], identities=["agent", "admin"])
+    ca = os.path.join(folder, "ca.pem")
+    return {role: TLSConfig(ca_file=ca, cert_file=os.path.join(folder, f"{role}.pem"),
+                            key_file=os.path.join(folder, f"{role}-key.pem"))
+            for role in ("controller", "agent", "admin")}
+
+
+def _tls_flags(tls: TLSConfig) -> list[str]:
+    return ["--tls-ca", tls.ca_file, "--tls-cert", tls.cert_file, "--tls-key", tls.key_file]
 
 
 def worker_argv(module: str, args: Sequence[str]) -> tuple[str, ...]:

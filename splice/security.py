@@ -111,6 +111,33 @@ def channel_credentials(tls: TLSConfig) -> grpc.ChannelCredentials:
         certificate_chain=_read(tls.cert_file, "certificate file (--tls-cert)"))
 
 
+def server_problem(tls: TLSConfig, host: str) -> str:
+    """Why this end's certificate cannot serve peers that dial `host` (an agent's snapshot
+    server, dialled by workers on other nodes by its --gloo-host address), or "" if it
+    can: it must allow server authentication and name `host` in its SANs."""
+    leaf = _load_certs(tls.cert_file, "certificate file (--tls-cert)")[0]
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        if ExtendedKeyUsageOID.SERVER_AUTH not in usage:
+            return (f"{_subject(leaf)} in {tls.cert_file!r} is for client authentication "
+                    f"only; issue it with serverAuth as well (splice certs does)")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        sans = x509.SubjectAlternativeName([])
+    try:
+        want = _san(host)
+    except ValueError as e:
+        return str(e)
+    if want not in sans:
+        names = [str(getattr(n, "value", n)) for n in sans]
+        return (f"{_subject(leaf)} in {tls.cert_file!r} names {names or 'no host'}, not "
+                f"{host}; issue it for this node's address (splice certs --host {host})")
+    return ""
+
+
 def open_channel(target: str, tls: TLSConfig | None, *,
                  options: Sequence[tuple[str, int | str]] = ()) -> grpc.Channel:
     """A channel to `target`: mutual TLS with `tls`, plaintext without."""
@@ -184,7 +211,8 @@ def authorize(context: grpc.ServicerContext, policy: AdminPolicy,
 def make_dev_ca(out_dir: str, *, hosts: list[str], identities: list[str],
                 days: int = 30) -> dict[str, str]:
     """Write a new CA, a controller certificate valid for `hosts` (IP addresses and DNS
-    names) and one client certificate per identity (CN = identity) into `out_dir`.
+    names) and one certificate per identity (CN = identity) into `out_dir`: a client
+    certificate that also serves for `hosts` (agents serve snapshots to peers).
 
     Keys are EC P-256, written mode 0600. Returns the written paths by name: "ca",
     "ca_key", "controller_cert", "controller_key", "<identity>_cert", "<identity>_key".
@@ -238,7 +266,7 @@ def make_dev_ca(out_dir: str, *, hosts: list[str], identities: list[str],
     _write_key(paths["ca_key"], ca_key)
     _write_cert(paths["ca"], ca_cert)
 
-    def issue(cn: str, usage: x509.ObjectIdentifier, san: list[x509.GeneralName],
+    def issue(cn: str, usage: list[x509.ObjectIdentifier], san: list[x509.GeneralName],
               cert_path: str, key_path: str) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
@@ -252,7 +280,7 @@ def make_dev_ca(out_dir: str, *, hosts: list[str], identities: list[str],
                 digital_signature=True, content_commitment=False, key_encipherment=False,
                 data_encipherment=False, key_agreement=False, key_cert_sign=False,
                 crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                            critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
@@ -263,11 +291,12 @@ def make_dev_ca(out_dir: str, *, hosts: list[str], identities: list[str],
         _write_key(key_path, key)
         _write_cert(cert_path, builder.sign(ca_key, hashes.SHA256()))
 
-    issue(SERVER_COMMON_NAME, ExtendedKeyUsageOID.SERVER_AUTH, sans,
+    issue(SERVER_COMMON_NAME, [ExtendedKeyUsageOID.SERVER_AUTH], sans,
           paths["controller_cert"], paths["controller_key"])
     for ident in identities:
-        issue(ident, ExtendedKeyUsageOID.CLIENT_AUTH, [], paths[f"{ident}_cert"],
-              paths[f"{ident}_key"])
+        # Agents also serve: their snapshot servers, dialled by workers of other nodes.
+        issue(ident, [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH], sans,
+              paths[f"{ident}_cert"], paths[f"{ident}_key"])
     return paths
 
 

@@ -24,7 +24,7 @@ def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool 
                   at_step: int | None = None, action: Callable[[LocalJob], None] | None = None,
                   slow: str = "", straggler_policy: str = "alert", extra_args: tuple[str, ...] = (),
                   spares: int = 0, replace: bool = False, hang_floor_s: float = 1.0,
-                  persist_dir: str = "", persist_every: int = 0
+                  persist_dir: str = "", persist_every: int = 0, tls_dir: str = ""
                   ) -> tuple[dict, dict[str, dict]]:
     """Run the fault-injection worker as a local job to completion.
 
@@ -56,7 +56,7 @@ def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool 
                          controllers=2 if etcd_endpoint else 1, etcd_endpoint=etcd_endpoint,
                          straggler_policy=straggler_policy, spares=spares, replace=replace,
                          hang_floor_s=hang_floor_s, persist_dir=persist_dir,
-                         persist_every=persist_every)
+                         persist_every=persist_every, tls_dir=tls_dir)
     with LocalJob(cfg) as job:
         try:
             if action is not None:
@@ -92,6 +92,17 @@ def assert_losses_match(records: dict, reference: dict[int, float]) -> None:
         for step, loss in rec["losses"].items():
             assert math.isclose(loss, reference[step], rel_tol=1e-6, abs_tol=1e-9), (
                 f"{wid} step {step}: {loss} != reference {reference[step]}")
+
+
+@pytest.fixture(scope="session")
+def zero_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """The losses of an uninterrupted 40-step run with the sharded optimizer (--zero)."""
+    summary, records = run_fault_job(tmp_path_factory.mktemp("zero-reference"), steps=40,
+                                     extra_args=("--zero",))
+    assert summary["phase"] == "complete", summary["logs"]
+    curves = [r["losses"] for r in records.values()]
+    assert all(c == curves[0] for c in curves)
+    return curves[0]
 
 
 @pytest.fixture

@@ -150,16 +150,6 @@ def test_a_corrupted_snapshot_is_caught_and_a_peer_replica_used(
     assert_losses_match(records, reference)
 
 
-@pytest.fixture(scope="module")
-def zero_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
-    summary, records = run_fault_job(tmp_path_factory.mktemp("zero-reference"), steps=STEPS,
-                                     extra_args=("--zero",))
-    assert summary["phase"] == "complete", summary["logs"]
-    curves = [r["losses"] for r in records.values()]
-    assert all(c == curves[0] for c in curves)
-    return curves[0]
-
-
 def test_sharded_optimizer_state_survives_n_to_n_minus_1_to_n(
         tmp_path: Path, zero_reference: dict[int, float]) -> None:
     # ZeRO-1: each rank holds a quarter of the AdamW moments, plus a replica of the
@@ -222,4 +212,19 @@ def test_a_corruption_culprits_spare_gets_a_healthy_members_snapshot(
     new = records["node-1/2"]
     assert re.fullmatch(r"node-\d/\d memory, step \d+", new["restored_from"]), new
     assert not new["restored_from"].startswith("node-1/0")
+    assert_losses_match(records, reference)
+
+
+def test_under_mutual_tls_a_spare_fetches_a_peers_snapshot_over_tls(
+        tmp_path: Path, reference: dict[int, float]) -> None:
+    # Certificates everywhere (controller, agents, and the agents' snapshot servers): the
+    # spare whose adopted snapshots are corrupt fetches node-0/0's from node-0's agent.
+    summary, records = run_fault_job(
+        tmp_path, steps=STEPS, die=["node-1/0:12:before"], spares=1, replace=True,
+        extra_args=("--corrupt-snapshots", "node-1/0:12"), tls_dir=str(tmp_path / "tls"))
+    assert summary["phase"] == "complete", summary["message"] + summary["logs"]
+    assert re.search(r"worker node-1/2: fetched [0-9.]+ MB of step-\d+ state from "
+                     r"node-0/\d's agent", summary["logs"]), summary["logs"]
+    assert records["node-1/2"]["restored_from"].startswith("node-0/")
+    assert "cannot serve snapshots" not in summary["logs"]
     assert_losses_match(records, reference)

@@ -58,7 +58,7 @@ class HookConfig:
     # Interface address gloo binds to (the agent passes its node's address).
     gloo_host: str = "127.0.0.1"
     # Persistent checkpoints (off when empty): rank 0 saves the snapshot every
-    # `persist_every` steps in the background. A job started with checkpoints there resumes
+    # `persist_every` steps in the background (with ShardedAdamW every rank its shard). A job started with checkpoints there resumes
     # from the newest; when every in-memory copy is lost the job falls back to it.
     persist_dir: str = ""
     persist_every: int = 0
@@ -68,8 +68,15 @@ class HookConfig:
     # Where the snapshots live: a directory in shared memory the agent owns, so that they
     # outlive this process and the worker taking its place adopts them (empty: private).
     snapshot_dir: str = ""
+    # Mutual TLS to other nodes' agents when fetching their snapshots (the agent's files;
+    # all three or none).
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
 
     def __post_init__(self) -> None:
+        if len({bool(self.tls_ca), bool(self.tls_cert), bool(self.tls_key)}) != 1:
+            raise ValueError("tls_ca, tls_cert and tls_key go together (all or none)")
         if self.persist_every < 0:
             raise ValueError(f"persist_every must be >= 0, got {self.persist_every}")
         if self.persist_every and not self.persist_dir:
@@ -130,8 +137,10 @@ class Session(StateSources):
         self._persist = None
         if config.persist_dir:
             from splice.checkpoint.persist import PersistentStore
+            from splice.checkpoint.sharded import ShardedCheckpoints
 
             self._persist = PersistentStore(config.persist_dir, job_id=config.job_id)
+            self._sharded = ShardedCheckpoints(config.persist_dir, job_id=config.job_id)
         self._persisted_at = -1
         self._zero = False
         self._check_next = False  # every rank agreed (in a reduce) to check replicas next
@@ -331,9 +340,9 @@ class Session(StateSources):
         from splice.agent.worker.zero import ShardedAdamW
 
         self._zero = isinstance(optimizer, ShardedAdamW)
-        if self._zero and (ddp or self._persist is not None):
+        if self._zero and ddp:
             raise ValueError("the sharded optimizer (ShardedAdamW) does not work with "
-                             "ddp=True or persistent checkpoints yet")
+                             "ddp=True yet")
         if self._zero and optimizer.group is not self.group:  # type: ignore[attr-defined]
             raise ValueError("create ShardedAdamW over session.group")
         # A sharded optimizer's snapshot (the state before step k) also carries a replica
@@ -434,11 +443,16 @@ class Session(StateSources):
             self._snapshot_at_s = time.time()
             self._check_budget()
             if (self._persist is not None and self.config.persist_every
-                    and self.rank == 0 and self.step > 0
+                    and (self.rank == 0 or self._zero) and self.step > 0
                     and self.step % self.config.persist_every == 0
                     and self.step != self._persisted_at):
                 # A private copy for the writer thread; the training thread goes on.
-                self._persist.save_async(self.step, self._snapshots.restore(self.step))
+                tree = self._snapshots.restore(self.step)
+                if self._zero:  # every rank writes its own shard (checkpoint/sharded.py)
+                    tree["zero"]["replica"] = None
+                    self._sharded.save_async(self.step, self.world_size, self.rank, tree)
+                else:
+                    self._persist.save_async(self.step, tree)
                 self._persisted_at = self.step
             if (self.sdc_every and self.step % self.sdc_every == 0) or self._check_next:
                 self._check_next = False
@@ -640,6 +654,7 @@ class Session(StateSources):
         self.group.close()
         if self._persist is not None:
             self._persist.close()
+            self._sharded.close()
 
 
 def init(config: HookConfig | None = None) -> Session:
@@ -656,7 +671,10 @@ def init(config: HookConfig | None = None) -> Session:
                             job_id=env.get("SPLICE_JOB_ID", "default"),
                             snapshot_budget_bytes=int(float(
                                 env.get("SPLICE_SNAPSHOT_BUDGET_MB", "0") or 0) * 1e6),
-                            snapshot_dir=env.get("SPLICE_SNAPSHOT_DIR", ""))
+                            snapshot_dir=env.get("SPLICE_SNAPSHOT_DIR", ""),
+                            tls_ca=env.get("SPLICE_TLS_CA", ""),
+                            tls_cert=env.get("SPLICE_TLS_CERT", ""),
+                            tls_key=env.get("SPLICE_TLS_KEY", ""))
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")

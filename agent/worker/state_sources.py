@@ -137,13 +137,23 @@ class StateSources:
         from splice.checkpoint.snapshot import SnapshotCorrupt, SnapshotRing
 
         directory = self.config.snapshot_dir or tempfile.mkdtemp(prefix="splice-fetched-")
+        credentials = None
+        if self.config.tls_ca:
+            from splice.security import TLSConfig, channel_credentials
+
+            try:
+                credentials = channel_credentials(TLSConfig(
+                    ca_file=self.config.tls_ca, cert_file=self.config.tls_cert,
+                    key_file=self.config.tls_key))
+            except ValueError as e:
+                raise RecoveryFailed(f"cannot fetch the snapshot of step {step}: {e}") from e
         tried = []
         for h in holders:
             t0 = time.perf_counter()
             try:
                 got = replication.fetch([h.address], self.config.job_id, h.worker_id, step,
                                         timeout_s=self.config.recovery_timeout_s,
-                                        connect_timeout_s=5.0)
+                                        connect_timeout_s=5.0, credentials=credentials)
                 rec = slotmeta.parse(None, got.meta)
                 if rec is None or rec.step != step:
                     raise slotmeta.SlotUnreadable(f"it sent step {rec and rec.step}")
@@ -260,7 +270,8 @@ class StateSources:
                         "membership", e)
             return False
         except ShardStateLost as e:
-            raise RecoveryFailed(f"optimizer state lost with every copy: {e}") from e
+            self._zero_held = None
+            return self._zero_from_disk(str(e))
         self._zero_held = None
         log.info("worker %s: optimizer shard of rank %d/%d from the %d-rank layout (the "
                  "plan keeps %d elements in place, moves %d)", self.worker_id, self.rank,
@@ -290,10 +301,15 @@ class StateSources:
         return intact
 
     def _newest_persisted(self) -> int | None:
+        """The newest persistent checkpoint's step: the whole snapshot rank 0 writes, or a
+        sharded optimizer's, every rank's shard (checkpoint/sharded.py)."""
         if self._persist is None:
             return None
-        held = self._persist.list()
-        return held[-1].step if held else None
+        held = [i.step for i in self._persist.list()]
+        sharded = self._sharded.newest()
+        if sharded is not None:
+            held.append(sharded[0])
+        return max(held) if held else None
 
     def _load_persisted(self, step: int) -> bool:
         """Load the persistent checkpoint of `step` (verified), then check with one
@@ -303,23 +319,92 @@ class StateSources:
         assert self._persist is not None
         t0 = time.perf_counter()
         try:
-            snap = self._persist.load(step)
+            if self._zero:
+                self._load_sharded(step)
+            else:
+                self._load(self._persist.load(step))
         except PersistError as e:
             raise RecoveryFailed(f"cannot load the persistent checkpoint of step {step}: "
                                  f"{e}") from e
-        self._load(snap)
         self._snapshots.discard_after(-1)
-        self._snapshots.capture(step, self._state())
         self._pending_state = None
         self.restored_from = f"disk, step {step}"
         try:
             steps = self.group.all_reduce(torch.tensor([float(step), 1.0], dtype=torch.float64))
+            if steps[0].item() != step * steps[1].item():
+                raise RecoveryFailed(f"members loaded different persistent checkpoints (mean "
+                                     f"step {steps[0].item() / steps[1].item()}, mine {step})")
+            self._capture(step)  # a sharded optimizer exchanges its replicas here
         except CollectiveAborted:
             return False
-        if steps[0].item() != step * steps[1].item():
-            raise RecoveryFailed(f"members loaded different persistent checkpoints (mean "
-                                 f"step {steps[0].item() / steps[1].item()}, mine {step})")
         self._needs_sync = False
         log.info("worker %s: loaded the persistent checkpoint of step %d in %.3f s",
                  self.worker_id, step, time.perf_counter() - t0)
         return True
+
+    def _load_sharded(self, step: int) -> None:
+        """A sharded optimizer's checkpoint of `step`, saved by a world of any size: the
+        model and RNG from one rank's file, this rank's shard of the new layout from the
+        files of the old shards it overlaps (PersistError if any is missing or damaged)."""
+        from splice.agent.worker.zero import StateShard, read_range
+        from splice.checkpoint.persist import PersistError
+        from splice.controller.resharding import partition, plan_reshard
+
+        worlds = [w for s, w in self._sharded.complete() if s == step]
+        if not worlds:
+            raise PersistError(f"no sharded checkpoint of step {step} with every rank's "
+                               f"shard under {self._sharded.root} (complete: "
+                               f"{self._sharded.complete()}); a job without ShardedAdamW "
+                               "writes the unsharded kind")
+        world = worlds[-1]
+        snap = self._sharded.load(step, world, self.rank % world)
+        self._load(snap)
+        self._zero_held = None
+        opt: Any = self.optimizer
+        old = partition(opt.flat.numel(), world, opt.align)
+        plan = plan_reshard(old, {s: [] for s in range(world)},
+                            partition(opt.flat.numel(), self.world_size, opt.align))
+
+        def from_files(start: int, stop: int) -> StateShard:
+            shards = [StateShard(d["start"], d["stop"], d["step"], d["exp_avg"],
+                                 d["exp_avg_sq"])
+                      for d in self._sharded.shards_over(step, world, old, start, stop)]
+            if any(sh.step != snap["optimizer"]["step"] for sh in shards):
+                raise PersistError(f"the shards of step {step} disagree on the update count: "
+                                   f"{sorted({sh.step for sh in shards})}")
+            both = read_range(shards, start, stop)
+            return StateShard(start, stop, shards[0].step, both[0], both[1])
+
+        try:
+            opt.reshard(plan, lambda outgoing: {}, [], step=snap["optimizer"]["step"],
+                        fallback=from_files)
+        except ValueError as e:
+            raise PersistError(f"the sharded checkpoint of step {step} does not fit this "
+                               f"model: {e}") from e
+        log.info("worker %s: optimizer shard of rank %d/%d read from the %d-rank sharded "
+                 "checkpoint of step %d", self.worker_id, self.rank, self.world_size, world,
+                 step)
+
+    def _zero_from_disk(self, why: str) -> bool:
+        """Some optimizer shard has no copy left in any member's memory (every rank
+        concludes this alike, from the same agreed holdings): every member goes back to
+        the newest sharded checkpoint. False if the epoch broke meanwhile."""
+        if self._persist is None:
+            raise RecoveryFailed(f"optimizer state lost with every copy: {why}; no "
+                                 "persistent checkpoint to fall back to (--persist-dir, "
+                                 "--persist-every)")
+        self._sharded.flush(self.config.recovery_timeout_s)
+        try:  # every member's own queued saves are on disk before anyone looks
+            self.group.all_reduce(torch.zeros(1, dtype=torch.float64))
+        except CollectiveAborted:
+            return False
+        newest = self._sharded.newest()
+        if newest is None:
+            raise RecoveryFailed(f"optimizer state lost with every copy: {why}; and no "
+                                 f"complete sharded checkpoint under {self._sharded.root}")
+        step = newest[0]
+        log.error("worker %s: FALLBACK TO DISK: optimizer state lost with every in-memory "
+                  "copy (%s); every member goes back to the persistent checkpoint of step %d",
+                  self.worker_id, why, step)
+        self.step = step
+        return self._load_persisted(step)

@@ -209,17 +209,27 @@ class ShardedAdamW:
 
 def _read(held: Sequence[StateShard], m: Move) -> torch.Tensor:
     """Elements [m.start, m.stop) of the held shards as a [2, n] payload."""
-    out = torch.empty(2, m.num_elems)
+    try:
+        return read_range(held, m.start, m.stop)
+    except ValueError:
+        raise ValueError(f"plan has rank {m.src_rank} provide [{m.start}, {m.stop}) but it "
+                         f"holds only {[(h.start, h.stop) for h in held]}") from None
+
+
+def read_range(held: Sequence[StateShard], start: int, stop: int) -> torch.Tensor:
+    """Elements [start, stop) of disjoint shards as a [2, n] payload (exp_avg,
+    exp_avg_sq); ValueError unless they cover the range."""
+    out = torch.empty(2, stop - start)
     covered = 0
     for h in held:
-        lo, hi = max(m.start, h.start), min(m.stop, h.stop)
+        lo, hi = max(start, h.start), min(stop, h.stop)
         if lo < hi:
-            out[0, lo - m.start:hi - m.start] = h.exp_avg[lo - h.start:hi - h.start]
-            out[1, lo - m.start:hi - m.start] = h.exp_avg_sq[lo - h.start:hi - h.start]
+            out[0, lo - start:hi - start] = h.exp_avg[lo - h.start:hi - h.start]
+            out[1, lo - start:hi - start] = h.exp_avg_sq[lo - h.start:hi - h.start]
             covered += hi - lo
-    if covered != m.num_elems:
-        raise ValueError(f"plan has rank {m.src_rank} provide [{m.start}, {m.stop}) but it "
-                         f"holds only {[(h.start, h.stop) for h in held]}")
+    if covered != stop - start:
+        raise ValueError(f"shards {[(h.start, h.stop) for h in held]} do not cover "
+                         f"[{start}, {stop})")
     return out
 
 

@@ -1,0 +1,144 @@
+"""Mutual TLS on the agents' snapshot servers: a snapshot (the whole model) goes only to a
+caller with a certificate from the job's CA, over an encrypted channel, and only from an
+agent whose certificate is valid for the address it is dialled by."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from splice.agent.replication import FetchFailed, PeerServer, ReplicaStore, fetch, serve
+from splice.security import (
+    TLSConfig,
+    channel_credentials,
+    make_dev_ca,
+    server_credentials,
+    server_problem,
+)
+
+JOB = "job"
+
+
+def _tls(paths: dict[str, str], role: str) -> TLSConfig:
+    return TLSConfig(ca_file=paths["ca"], cert_file=paths[f"{role}_cert"],
+                     key_file=paths[f"{role}_key"])
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return make_dev_ca(str(tmp_path_factory.mktemp("pki")), hosts=["127.0.0.1", "localhost"],
+                       identities=["agent"])
+
+
+@pytest.fixture(scope="module")
+def other_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return make_dev_ca(str(tmp_path_factory.mktemp("other")), hosts=["127.0.0.1"],
+                       identities=["agent"])
+
+
+@pytest.fixture
+def server(pki: dict[str, str]) -> Iterator[PeerServer]:
+    data = bytes(range(256)) * 64
+
+    def provider(job: str, worker: str, step: int) -> tuple[int, bytes, Any] | None:
+        return (12, b"meta", data) if (job, worker) == (JOB, "node-0/0") else None
+
+    srv = serve(ReplicaStore(0, job_id=JOB), "127.0.0.1:0", provider,
+                credentials=server_credentials(_tls(pki, "agent")))
+    yield srv
+    srv.stop(0)
+
+
+def test_a_caller_with_the_jobs_certificates_fetches(pki: dict[str, str],
+                                                      server: PeerServer) -> None:
+    got = fetch([f"127.0.0.1:{server.port}"], JOB, "node-0/0", 12,
+                credentials=channel_credentials(_tls(pki, "agent")))
+    assert (got.step, got.meta) == (12, b"meta")
+    assert bytes(got.data.numpy()) == bytes(range(256)) * 64
+
+
+def test_a_plaintext_caller_gets_nothing(server: PeerServer) -> None:
+    with pytest.raises(FetchFailed):
+        fetch([f"127.0.0.1:{server.port}"], JOB, "node-0/0", 12, connect_timeout_s=2.0)
+
+
+def test_a_caller_from_another_ca_gets_nothing(other_pki: dict[str, str],
+                                               server: PeerServer) -> None:
+    with pytest.raises(FetchFailed):
+        fetch([f"127.0.0.1:{server.port}"], JOB, "node-0/0", 12, connect_timeout_s=2.0,
+              credentials=channel_credentials(_tls(other_pki, "agent")))
+
+
+def test_an_agent_of_another_ca_is_not_trusted(pki: dict[str, str],
+                                               other_pki: dict[str, str]) -> None:
+    # A rogue server: the fetching worker refuses it, so a forged snapshot never arrives.
+    srv = serve(ReplicaStore(0, job_id=JOB), "127.0.0.1:0",
+                lambda job, worker, step: (12, b"forged", b"\0" * 64),
+                credentials=server_credentials(_tls(other_pki, "agent")))
+    try:
+        with pytest.raises(FetchFailed):
+            fetch([f"127.0.0.1:{srv.port}"], JOB, "node-0/0", 12, connect_timeout_s=2.0,
+                  credentials=channel_credentials(_tls(pki, "agent")))
+    finally:
+        srv.stop(0)
+
+
+def test_the_dev_ca_issues_agent_certificates_that_serve_their_hosts(
+        pki: dict[str, str]) -> None:
+    tls = _tls(pki, "agent")
+    assert server_problem(tls, "127.0.0.1") == ""
+    assert server_problem(tls, "localhost") == ""
+    problem = server_problem(tls, "10.1.2.3")
+    assert "not 10.1.2.3" in problem and "--host 10.1.2.3" in problem
+
+
+def test_a_client_only_certificate_cannot_serve(pki: dict[str, str], tmp_path: Path) -> None:
+    ca_cert = x509.load_pem_x509_certificate(Path(pki["ca"]).read_bytes())
+    ca_key = serialization.load_pem_private_key(Path(pki["ca_key"]).read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old-agent")]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    cert_file, key_file = tmp_path / "old.pem", tmp_path / "old-key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    tls = TLSConfig(ca_file=pki["ca"], cert_file=str(cert_file), key_file=str(key_file))
+    assert "client authentication only" in server_problem(tls, "127.0.0.1")
+
+
+def test_an_agent_whose_certificate_cannot_serve_runs_no_snapshot_server(
+        pki: dict[str, str], tmp_path: Path) -> None:
+    # Dialled by an address its certificate does not name: a plaintext server would hand
+    # the model to anyone, so the agent serves none (state then goes over the group).
+    from splice.agent.agent import Agent, AgentConfig
+
+    agent = Agent(AgentConfig(controller="127.0.0.1:1", command=("true",), node_id="n0",
+                              gloo_host="127.0.0.2", tls=_tls(pki, "agent")))
+    try:
+        assert agent.snapshot_address == ""
+    finally:
+        agent._release()
+    agent = Agent(AgentConfig(controller="127.0.0.1:1", command=("true",), node_id="n0",
+                              tls=_tls(pki, "agent")))
+    try:
+        assert agent.snapshot_address.startswith("127.0.0.1:")
+        with pytest.raises(FetchFailed):  # and it speaks TLS only
+            fetch([agent.snapshot_address], JOB, "n0/0", 0, connect_timeout_s=2.0)
+    finally:
+        agent._release()
