@@ -72,8 +72,9 @@ class AgentConfig:
     # When a worker crashes: promote a spare (or, without one, start a fresh process) that
     # joins at the next step boundary with a peer's snapshot. Off: survivors shrink.
     replace: bool = False
-    # Persistent checkpoints: the hook's rank 0 saves every `persist_every` steps under
-    # `persist_dir` (storage every node can read); empty: off.
+    # Persistent checkpoints: the hook's rank 0 (with a sharded optimizer, every rank its
+    # shard) saves every `persist_every` steps under `persist_dir` (storage every node can
+    # read); empty: off.
     persist_dir: str = ""
     persist_every: int = 0
     # Host memory each worker's in-memory snapshots may take (MB); 0: unlimited.

@@ -48,6 +48,8 @@ class DemoConfig:
     straggler_policy: str = "alert"
     # Agents keep a warm spare and replace a crashed or evicted worker with it.
     replace: bool = False
+    # Mutual TLS everywhere, under a development CA written to the run's log folder.
+    tls: bool = False
 
     def __post_init__(self) -> None:
         if self.fault not in FAULTS:
@@ -134,7 +136,8 @@ def _run(cfg: DemoConfig, *, fault: str, label: str) -> dict[str, object]:
         etcd_endpoint=etcd.endpoint if etcd else "", metrics=True,
         straggler_policy=cfg.straggler_policy,
         spares=1 if cfg.replace and fault != "none" else 0,
-        replace=cfg.replace and fault != "none")
+        replace=cfg.replace and fault != "none",
+        tls_dir=os.path.join(log_dir, "certs") if cfg.tls else "")
     out: dict[str, object] = {"logs": job_cfg.log_dir}
     try:
         with LocalJob(job_cfg) as job:
@@ -284,7 +287,8 @@ def run_demo(cfg: DemoConfig) -> int:
     summary: dict[str, object] = {
         "command": "splice demo" + (" --json" if cfg.json_output else "")
                    + f" --fault {cfg.fault} --store {cfg.store}"
-                   + (" --replace" if cfg.replace else ""),
+                   + (" --replace" if cfg.replace else "") + (" --tls" if cfg.tls else ""),
+        "tls": cfg.tls,
         "fault": cfg.fault, "phase": status.phase,
         "world_before": cfg.nodes * cfg.nproc, "world_after": len(status.members),
         "final_epoch": status.epoch, "recoveries": status.recoveries,

@@ -172,7 +172,7 @@ def _demo(args: argparse.Namespace) -> int:
                                json_output=args.json,
                                kill_at_step=args.kill_at_step, nodes=args.nodes,
                                nproc=args.nproc, skip_reference=args.no_reference,
-                               replace=args.replace))
+                               replace=args.replace, tls=args.tls))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--kill-at-step", type=int, default=100)
     d.add_argument("--nodes", type=int, default=2)
     d.add_argument("--nproc", type=int, default=2)
+    d.add_argument("--tls", action="store_true",
+                   help="mutual TLS between controller, agents and the agents' snapshot "
+                        "servers (a development CA is written to the run's log folder)")
     d.add_argument("--no-reference", action="store_true",
                    help="skip the fault-free reference run")
     d.add_argument("--json", action="store_true", help="print one JSON summary object")
