@@ -28,6 +28,7 @@ shared machine, and it can come out below the snapshot's own time (the copy's re
 warm the caches for the step that follows).
 
     python -m bench.hook_overhead [--steps 400] [--round 25]    (~20-40 s)
+    python -m bench.hook_overhead --model gpt --steps 100 --round 10   (~3 min)
 """
 
 from __future__ import annotations
@@ -123,17 +124,34 @@ class _Off:
 MODES = ("off", "inline", "shm", "background")
 
 
-def snapshot_in_step_loop(steps: int = 400, round_steps: int = 25) -> dict[str, Any]:
+def _register(session: Any, model_kind: str) -> None:
+    """The job measured: the demo's MLP (SGD with momentum, 64 samples a step), or the
+    example GPT (examples/train_gpt.py with its defaults: 3 layers, width 128, AdamW,
+    32 sequences of 64 characters a step)."""
+    if model_kind == "mlp":
+        model = make_mlp(hidden=256, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        session.register(model=model, optimizer=opt, dataset=TeacherDataset(),
+                         loss_fn=mse_loss, global_batch_size=64, micro_batch_size=8)
+        return
+    from splice.examples.train_gpt import CharDataset, lm_loss, make_gpt
+
+    dataset = CharDataset(block_size=64)
+    gpt = make_gpt(dataset.vocab_size, seed=0)
+    opt = torch.optim.AdamW(gpt.parameters(), lr=3e-3, betas=(0.9, 0.95))
+    session.register(model=gpt, optimizer=opt, dataset=dataset, loss_fn=lm_loss,
+                     global_batch_size=32, micro_batch_size=8)
+
+
+def snapshot_in_step_loop(steps: int = 400, round_steps: int = 25,
+                          model_kind: str = "mlp") -> dict[str, Any]:
     """Per mode, from `steps` measured steps: the steps' times, the snapshot's time on the
     training thread (`_state()` + `capture`) and the checksum's CPU time, per step (s)."""
     import splice
 
     torch.set_num_threads(1)
     session = splice.init()
-    model = make_mlp(hidden=256, seed=0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    session.register(model=model, optimizer=opt, dataset=TeacherDataset(), loss_fn=mse_loss,
-                     global_batch_size=64, micro_batch_size=8)
+    _register(session, model_kind)
     shm = tempfile.mkdtemp(prefix="splice-bench-",
                            dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     rings: dict[str, Any] = {"off": _Off(), "inline": SnapshotRing(),
@@ -186,10 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=400, help="measured steps per mode")
     parser.add_argument("--round", type=int, default=25, help="steps per mode per round")
+    parser.add_argument("--model", choices=["mlp", "gpt"], default="mlp",
+                        help="mlp: the demo's job (a 15 ms step on 1.3 MB of state); gpt: "
+                             "the example GPT, a transformer's ratio of compute to state")
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
     tel = telemetry_us()
-    m = snapshot_in_step_loop(args.steps, args.round)
+    m = snapshot_in_step_loop(args.steps, args.round, args.model)
     med, mean = statistics.median, statistics.mean
     step_us = med(m["off"]["step_s"]) * 1e6
     inline_us = med(m["inline"]["snapshot_wall_s"]) * 1e6
@@ -208,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
         "load_avg_1m": round(os.getloadavg()[0], 2), "torch_threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": args.model,
         "steps_per_mode": len(m["off"]["step_s"]), "snapshot_bytes": m["snapshot_bytes"],
         "telemetry_us_per_step": round(tel, 2),
         "step_ms": round(step_us / 1e3, 3),

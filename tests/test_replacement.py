@@ -228,3 +228,21 @@ def test_under_mutual_tls_a_spare_fetches_a_peers_snapshot_over_tls(
     assert records["node-1/2"]["restored_from"].startswith("node-0/")
     assert "cannot serve snapshots" not in summary["logs"]
     assert_losses_match(records, reference)
+
+
+def test_sharded_optimizer_under_ddp_survives_a_crash(
+        tmp_path: Path, zero_reference: dict[int, float]) -> None:
+    # ZeRO-1 with the model in DistributedDataParallel: DDP's buckets are reduced through
+    # the resilient group, the sharded optimizer steps on the reduced gradients, and a
+    # lost rank's shard is rebuilt from its replica as without DDP.
+    summary, records = run_fault_job(tmp_path, steps=STEPS, die=["node-0/1:10:during"],
+                                     ddp=True, extra_args=("--zero",))
+    assert summary["phase"] == "complete", summary["message"] + summary["logs"]
+    assert len(summary["members"]) == 3
+    assert "from the 4-rank layout" in summary["logs"]
+    for wid, rec in records.items():
+        assert sorted(rec["losses"]) == list(range(STEPS))
+        for step, loss in rec["losses"].items():
+            # DDP reduces float32 buckets: equal up to float32 summation order.
+            assert math.isclose(loss, zero_reference[step], rel_tol=1e-3), (
+                f"{wid} step {step}: {loss} != reference {zero_reference[step]}")

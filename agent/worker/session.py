@@ -340,9 +340,6 @@ class Session(StateSources):
         from splice.agent.worker.zero import ShardedAdamW
 
         self._zero = isinstance(optimizer, ShardedAdamW)
-        if self._zero and ddp:
-            raise ValueError("the sharded optimizer (ShardedAdamW) does not work with "
-                             "ddp=True yet")
         if self._zero and optimizer.group is not self.group:  # type: ignore[attr-defined]
             raise ValueError("create ShardedAdamW over session.group")
         # A sharded optimizer's snapshot (the state before step k) also carries a replica
