@@ -1,5 +1,7 @@
 """Replacement benchmark: a worker is SIGKILLed, a warm spare takes its place, the job is
-back at full strength with a peer's in-memory snapshot.
+back at full strength with a peer's in-memory snapshot. With --fault node-loss a whole node
+(agent and workers) is SIGKILLed instead, and a standby node's ready workers take its
+ranks' places, fetching their state from a survivor's agent.
 
 The kill lands at a uniformly random point of a step (seeded by the run number).
 
@@ -20,7 +22,7 @@ momentum) is about --state-mb, waits for some steps, SIGKILLs a non-zero rank an
                    once the first step at full size completes
   state_mb         the snapshot bytes the newcomer received
 
-    python -m bench.replace [--state-mb 100] [--runs 3]
+    python -m bench.replace [--state-mb 100] [--runs 3] [--fault crash|node-loss]
 
 Prints one JSON object per run, then a summary object (the DESIGN target: full strength
 within 1 s with 100 MB of state per rank).
@@ -54,28 +56,38 @@ def hidden_for(state_mb: float) -> int:
     return max(64, int(math.sqrt(state_mb * 1e6 / 16)))
 
 
-def one_run(state_mb: float, run: int, timeout_s: float) -> dict[str, object]:
+def one_run(state_mb: float, run: int, timeout_s: float,
+            fault: str = "crash") -> dict[str, object]:
+    node_loss = fault == "node-loss"
     cfg = LocalJobConfig(
         worker_command=worker_argv("splice.examples.train_mlp",
                                    ["--steps", "1000000", "--log-every", "1000000",
                                     "--hidden", str(hidden_for(state_mb))]),
-        nodes=2, nproc=2, job_id=f"replace-{run}", spares=1, replace=True)
+        nodes=2, nproc=2, job_id=f"replace-{run}", spares=0 if node_loss else 1,
+        replace=not node_loss)
     with LocalJob(cfg) as job:
         status = job.wait_until(
             lambda s: s.epoch == 1 and min((w.last_step for w in s.workers), default=0)
             >= WARMUP_STEPS, timeout_s, f"{WARMUP_STEPS} warm-up steps")
-        # Both agents' spares must be warm (they log it) before the kill.
-        deadline = time.monotonic() + timeout_s
-        while job.logs().count("is warm") < 2:
-            if time.monotonic() > deadline:
-                raise TimeoutError("spares did not get warm")
-            time.sleep(0.2)  # polling log files, not synchronising processes
-        victim = status.members[1 + run % 3]
+        if node_loss:
+            # A standby node: its agent and 2 workers are ready beyond the job's size.
+            job.add_node()
+            status = job.wait_until(
+                lambda s: sum(e.kind == "standby" for e in s.timeline) >= 2, timeout_s,
+                "the standby node's workers")
+        else:
+            # Both agents' spares must be warm (they log it) before the kill.
+            deadline = time.monotonic() + timeout_s
+            while job.logs().count("is warm") < 2:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("spares did not get warm")
+                time.sleep(0.2)  # polling log files, not synchronising processes
+        victim = "node-1" if node_loss else status.members[1 + run % 3]
         step_s = max(w.last_step_time_s for w in status.workers)
         # A fault strikes at a random point of a step: the status shows a step just after
         # it ended, when the next step's snapshot is being taken.
         time.sleep(random.Random(run).uniform(0.0, step_s))
-        t_kill = job.kill_worker(victim)
+        t_kill = job.kill_node(1) if node_loss else job.kill_worker(victim)
         status = job.wait_until(lambda s: full_strength_at(s, 4, t_kill) is not None,
                                 timeout_s, "full strength")
         at = full_strength_at(status, 4, t_kill)
@@ -104,10 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-mb", type=float, default=100.0)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--timeout-s", type=float, default=300.0)
+    p.add_argument("--fault", choices=["crash", "node-loss"], default="crash",
+                   help="crash: SIGKILL a worker, a warm spare replaces it; node-loss: "
+                        "SIGKILL node-1's agent and workers, a standby node's workers "
+                        "take their places")
     args = p.parse_args(argv)
     runs = []
     for run in range(args.runs):
-        r = one_run(args.state_mb, run, args.timeout_s)
+        r = one_run(args.state_mb, run, args.timeout_s, args.fault)
         print(json.dumps(r), flush=True)
         runs.append(r)
     full = sorted(float(r["full_strength_s"]) for r in runs)  # type: ignore[arg-type]
@@ -120,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                                                           else sys.argv[1:]),
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "fault": args.fault,
         "world": 4, "state_mb_per_rank": runs[0]["state_mb"], "runs": len(runs),
         "full_strength_p50_s": percentile(full, 50), "full_strength_max_s": full[-1],
         "transfer_p50_s": percentile(transfer, 50) if transfer else None,

@@ -209,9 +209,10 @@ class Session(StateSources):
             if not self._registered and not self._snapshots.steps():
                 self._adopt_predecessor()
             persisted = self._newest_persisted()
+            intact = self._intact_steps()
             link.send(lpb.WorkerToAgent(recovery_ready=pb.RecoveryReady(
                 worker_id=self.worker_id, epoch=epoch,
-                snapshot_steps=self._intact_steps(), has_persisted=persisted is not None,
+                snapshot_steps=intact, has_persisted=persisted is not None,
                 persisted_step=persisted or 0)))
 
         def superseded() -> bool:
@@ -677,6 +678,12 @@ def init(config: HookConfig | None = None) -> Session:
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not path:
         return Session(worker_id="standalone/0", link=None, config=config)
+    # What a training script imports lazily on its first optimizer (torch's compiler stack,
+    # seconds to load) is loaded before the worker says hello, which tells the controller
+    # it is ready: a spare or a standby must not keep the running members waiting for it
+    # when it is called in (it was loaded after the hello, and a standby node's workers
+    # then joined a node loss's recovery 1.5 s late).
+    import torch._dynamo  # noqa: F401
     wid = env["SPLICE_WORKER_ID"]
     holder: list[Session] = []
     link = AgentLink(path, wid,
@@ -689,10 +696,6 @@ def init(config: HookConfig | None = None) -> Session:
     holder.append(session)
     # A warm spare waits as long as the job runs: its agent promotes it when a worker dies.
     spare = env.get("SPLICE_SPARE") == "1"
-    # What a training script imports lazily on its first optimizer (torch's compiler stack,
-    # seconds to load) is loaded before the worker says it is ready: a spare or a joining
-    # worker must not keep the running members waiting for it.
-    import torch._dynamo  # noqa: F401
     timeout_s = 1e8 if spare else config.join_timeout_s
     session._join("initial membership", time.monotonic() + timeout_s)
     return session
