@@ -30,6 +30,7 @@ from splice.agent.health import NodeHealthProbe
 from splice.agent.local_server import LocalServer
 from splice.agent.metrics import AgentMetrics
 from splice.agent.progress import ProgressReader
+from splice.agent.replicator import LocalSnapshot, Replicator, place_replicas
 from splice.agent.supervisor import Exit, Supervisor
 from splice.agent.upstream import AgentRefused, Attached, Upstream
 from splice.controller import telemetry_columns
@@ -82,6 +83,12 @@ class AgentConfig:
     # The link probe server (on gloo_host) answers each ping and each MiB this much later:
     # a simulated slow link to this node, for tests and demos (SPLICE_PROBE_DELAY_S).
     probe_delay_s: float = 0.0
+    # Replicas ahead of a fault: push each local worker's newest committed snapshot to this
+    # many peer agents on other nodes (0: off), at most every `replicate_interval_s`, and
+    # hold peers' replicas within `replica_budget_mb` (0: unlimited).
+    replicas: int = 0
+    replica_budget_mb: float = 0.0
+    replicate_interval_s: float = 1.0
     # Mutual TLS (the agent's --tls-* files): to the controller, on the snapshot server,
     # and for this node's workers fetching snapshots from other nodes' agents.
     tls: TLSConfig | None = None
@@ -93,6 +100,10 @@ class AgentConfig:
             raise ValueError(f"--snapshot-budget-mb must be >= 0, got {self.snapshot_budget_mb}")
         if self.persist_every < 0 or (self.persist_every and not self.persist_dir):
             raise ValueError("--persist-every must be >= 0 and needs --persist-dir")
+        if self.replicas < 0 or self.replica_budget_mb < 0 or self.replicate_interval_s <= 0:
+            raise ValueError(f"--replicas and --replica-budget-mb must be >= 0 and "
+                             f"--replicate-interval-s > 0, got {self.replicas}, "
+                             f"{self.replica_budget_mb}, {self.replicate_interval_s}")
         if self.nproc < 1:
             raise ValueError(f"--nproc must be >= 1, got {self.nproc}")
         if self.spares < 0:
@@ -222,9 +233,11 @@ class Agent:
         # Snapshots: served from the workers' shared memory to joining workers elsewhere.
         self._snapshot_server: replication.PeerServer | None = None
         self.snapshot_address = ""
+        self.replicas = replication.ReplicaStore(int(config.replica_budget_mb * 1e6),
+                                                 job_id=config.job_id)
         try:
             self._snapshot_server = replication.serve(
-                replication.ReplicaStore(0, job_id=config.job_id),
+                self.replicas,
                 f"{config.gloo_host}:0", self._serve_snapshot if self.metrics is None
                 else self.metrics.counting_served(self._serve_snapshot),
                 credentials=self._snapshot_credentials())
@@ -232,10 +245,88 @@ class Agent:
         except OSError as e:  # joining workers then receive state over the group
             log.warning("agent %s: cannot serve snapshots on %s: %s", config.node_id,
                         config.gloo_host, e)
+        # Pushing replicas to peer agents (the peers' addresses come with each membership).
+        self._peer_agents: list[tuple[str, str]] = []
+        self._replicator: Replicator | None = None
+        self._push_channels: dict[str, grpc.Channel] = {}
+        if config.replicas and self._snapshot_server is not None:
+            self._replicator = Replicator(config.job_id, self._local_snapshots,
+                                          self._replica_targets,
+                                          interval_s=config.replicate_interval_s,
+                                          push_fn=self._push_replica)
+        if self.metrics is not None:
+            self.metrics.watch_replicas(lambda: self.replicas.bytes_held)
         self._probe_cv = threading.Condition()
         self._probe_requests: collections.deque[pb.ProbeLinks] = collections.deque()
         self._probes_closed = False
         self._prober: threading.Thread | None = None
+
+    # ---- replicas ahead of a fault --------------------------------------------------------
+    def _replica_targets(self) -> list[str]:
+        """The snapshot servers of this node's `replicas` peers (place_replicas over the
+        members' nodes: other nodes, other failure domains first)."""
+        with self._lock:
+            peers = list(self._peer_agents)
+        address = {n: a for n, a in peers if a}
+        nodes = sorted(set(address) | {self.config.node_id})
+        mine = place_replicas(nodes, self.config.replicas).get(self.config.node_id, [])
+        return [address[n] for n in mine if n in address]
+
+    def _local_snapshots(self) -> list[LocalSnapshot]:
+        """Each local member's newest committed snapshot, mapped from shared memory."""
+        from splice.checkpoint import slotmeta
+
+        with self._lock:
+            workers = [w for w, st in self._state.items()
+                       if st.state == pb.WorkerResync.CONNECTED]
+            epoch = self._epoch
+        out: list[LocalSnapshot] = []
+        for wid in workers:
+            found = slotmeta.open_committed(self._snapshot_dir(wid), 0)
+            if found is not None:
+                step, meta, data = found
+                out.append((wid, step, epoch, meta, data))
+        return out
+
+    def _push_replica(self, peer: str, worker: str, step: int, epoch: int,
+                      meta: bytes | memoryview, data: replication.Buffer) -> None:
+        """One replica to one peer. The worker keeps training meanwhile and rewrites this
+        slot two steps later: the push is abandoned if the slot's commit record changed
+        while its bytes were read (chunk CRCs catch a change while they are sent)."""
+        from splice.checkpoint import slotmeta
+
+        directory, raw = self._snapshot_dir(worker), bytes(meta)
+
+        def intact() -> bool:
+            rec = slotmeta.parse(None, raw)
+            try:
+                now = rec and slotmeta.read(directory, rec.index)
+            except slotmeta.SlotUnreadable:
+                return False
+            return bool(now) and now.meta == raw  # type: ignore[union-attr]
+
+        with self._lock:
+            channel = self._push_channels.get(peer)
+            if channel is None:
+                channel = self._push_channels[peer] = replication.channel_to(
+                    peer, self._client_credentials())
+        size = len(raw) + len(memoryview(data).cast("B"))
+        try:
+            replication.push(channel, self.config.job_id, worker, step, epoch, raw, data,
+                             timeout_s=60.0, still_valid=intact)
+        except Exception:
+            if self.metrics is not None:
+                self.metrics.replica_pushed(False)
+            raise
+        if self.metrics is not None:
+            self.metrics.replica_pushed(True, size)
+
+    def _client_credentials(self) -> grpc.ChannelCredentials | None:
+        if self.config.tls is None:
+            return None
+        from splice.security import channel_credentials
+
+        return channel_credentials(self.config.tls)
 
     def _snapshot_credentials(self) -> grpc.ServerCredentials | None:
         """Mutual TLS for the snapshot server when the agent has certificates; OSError if
@@ -319,6 +410,8 @@ class Agent:
                 if kind == "membership":
                     with self._lock:
                         self._epoch = max(self._epoch, msg.membership.epoch)
+                        self._peer_agents = [(a.node_id, a.snapshot_address)
+                                             for a in msg.membership.agents]
                         self._pending_ready = {w: r for w, r in self._pending_ready.items()
                                                if r.epoch >= msg.membership.epoch}
                     down = lpb.AgentToWorker(membership=msg.membership)
@@ -460,6 +553,10 @@ class Agent:
             self._probe_cv.notify_all()
         if self._probe_server is not None:
             self._probe_server.close()
+        for channel in list(self._push_channels.values()):
+            channel.close()  # cancels a push in flight, so the replicator stops at once
+        if self._replicator is not None:
+            self._replicator.close()
         if self._snapshot_server is not None:
             self._snapshot_server.stop(grace_s=0)
         if self._prober is not None:
@@ -734,6 +831,8 @@ class Agent:
         self._prober = threading.Thread(target=self._run_probes, daemon=True,
                                         name="splice-link-probes")
         self._prober.start()
+        if self._replicator is not None:
+            self._replicator.start()
         for local_rank, wid in enumerate(self._workers):
             self._launch(wid, local_rank, spare=False)
         for _ in range(self.config.spares):

@@ -1,5 +1,5 @@
 """The agent's Prometheus metrics: step timing, collectives, worker exits, snapshots (in
-shared memory, handed over, served to peers), node health.
+shared memory, handed over, served to peers, replicas pushed and held), node health.
 
 One `AgentMetrics` per agent, with its own `CollectorRegistry` (several agents share a
 process in tests). Every series carries `job_name`; the node-level gauges also carry
@@ -88,8 +88,29 @@ class AgentMetrics(ServesMetrics):
         self._served_bytes = Counter("splice_agent_snapshot_served_bytes", "Bytes (meta and "
                                      "data) of the snapshots handed to peers' fetches.", job,
                                      registry=r).labels(job_id)
+        self._replica_bytes = Gauge("splice_agent_replica_bytes", "Bytes of replicas of "
+                                    "other nodes' snapshots this agent holds (within "
+                                    "--replica-budget-mb).", node,
+                                    registry=r).labels(job_id, node_id)
+        self._replica_pushes = Counter("splice_agent_replica_pushes", "Replicas of this "
+                                       "node's snapshots pushed to peer agents, by outcome "
+                                       "(ok, failed).", [*job, "outcome"], registry=r)
+        for outcome in ("ok", "failed"):
+            self._replica_pushes.labels(job_id, outcome)
+        self._replica_pushed_bytes = Counter("splice_agent_replica_pushed_bytes", "Bytes of "
+                                             "replicas pushed to peer agents.", job,
+                                             registry=r).labels(job_id)
         self.job_id = job_id
         self.node_id = node_id
+
+    def watch_replicas(self, held_bytes: Callable[[], int]) -> None:
+        """`splice_agent_replica_bytes` is read at each scrape."""
+        self._replica_bytes.set_function(held_bytes)
+
+    def replica_pushed(self, ok: bool, num_bytes: int = 0) -> None:
+        self._replica_pushes.labels(self.job_id, "ok" if ok else "failed").inc()
+        if ok:
+            self._replica_pushed_bytes.inc(num_bytes)
 
     def step(self, step_time_s: float, compute_s: float, wait_s: float,
              collective_bytes: int) -> None:

@@ -28,6 +28,7 @@ agent/replicator.py.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +51,7 @@ from splice.agent.replication_wire import (  # noqa: F401 (the errors are this m
     ReplicaBudgetExceeded,
     ReplicaBusy,
     ReplicationError,
+    SnapshotChanged,
     SnapshotCorrupt,
     SnapshotNotHeld,
     StaleReplica,
@@ -377,24 +379,30 @@ def _error(e: grpc.RpcError) -> str:
 def push(target: str | grpc.Channel, job_id: str, worker_id: str, step: int, epoch: int,
          meta: bytes | memoryview, data: Buffer, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *,
          timeout_s: float = 300.0,
-         credentials: grpc.ChannelCredentials | None = None) -> pb.PushAck:
+         credentials: grpc.ChannelCredentials | None = None,
+         still_valid: Callable[[], bool] | None = None) -> pb.PushAck:
     """Stream one snapshot to a peer, chunk by chunk as flow control admits (a slow peer
     stalls this call; memory stays at a few chunks). Raises the ReplicationError subclass
     of the peer's refusal (ReplicaBudgetExceeded, AlreadyHeld, ...), or a plain
-    ReplicationError with the gRPC code (UNAVAILABLE, DEADLINE_EXCEEDED) otherwise."""
+    ReplicationError with the gRPC code (UNAVAILABLE, DEADLINE_EXCEEDED) otherwise.
+    `still_valid()`, asked once every chunk's CRC is taken, says whether the bytes read
+    are still the snapshot's (SnapshotChanged if not, nothing sent)."""
     channel = channel_to(target, credentials) if isinstance(target, str) else target
     header = pb.SnapshotHeader(job_id=job_id, worker_id=worker_id, step=step, epoch=epoch)
     try:
-        return push_chunks(channel, snapshot_chunks(header, meta, data, chunk_bytes),
-                           timeout_s=timeout_s)
+        chunks = snapshot_chunks(header, meta, data, chunk_bytes)
+        first = next(chunks)  # every chunk's CRC is taken by now
+        if still_valid is not None and not still_valid():
+            raise SnapshotChanged(f"the snapshot of {worker_id} step {step} changed while "
+                                  "it was read (its slot is being rewritten); not pushed")
+        return push_chunks(channel, itertools.chain([first], chunks), timeout_s=timeout_s)
     finally:
         if isinstance(target, str):
             channel.close()
 
 
 def push_chunks(channel: grpc.Channel, chunks: Iterator[bytes], *,
-                timeout_s: float = 300.0,
-         credentials: grpc.ChannelCredentials | None = None) -> pb.PushAck:
+                timeout_s: float = 300.0) -> pb.PushAck:
     """The Push call over already encoded chunks (`snapshot_chunks`); gRPC pulls the next
     one only when flow control lets it send."""
     call = channel.stream_unary("/splice.v1.SnapshotPeer/Push",

@@ -50,6 +50,12 @@ class SnapshotCorrupt(ReplicationError):
     code = grpc.StatusCode.DATA_LOSS
 
 
+class SnapshotChanged(ReplicationError):
+    """The sender's snapshot was rewritten while it was being read: push a newer one."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class MalformedStream(ReplicationError):
     """The chunks do not form the announced snapshot (missing header, gap, overlap, size)."""
 

@@ -807,8 +807,14 @@ class Controller(Leadership):
                            for dst, src in message.transfers],
                 from_disk=message.from_disk))
         assert self.rendezvous is not None
+        with self._sessions_lock:
+            address = {n: s.snapshot_address for (j, n), s in self._sessions.items()
+                       if j == job_id}
+        nodes = sorted({node_of(w) for w in message.members})
         return pb.ControllerMessage(membership=pb.Membership(
             epoch=message.epoch, members=list(message.members), shares=list(message.shares),
             store_host=self.rendezvous.host, store_port=self.rendezvous.port,
             store_prefix=self.rendezvous.prefix(job_id, message.epoch),
-            reason=message.reason, initial=message.initial))
+            reason=message.reason, initial=message.initial,
+            agents=[pb.PeerAgent(node_id=n, snapshot_address=address.get(n, ""))
+                    for n in nodes]))

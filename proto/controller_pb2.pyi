@@ -383,7 +383,7 @@ class Welcome(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., node_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class Membership(_message.Message):
-    __slots__ = ("epoch", "members", "shares", "store_host", "store_port", "store_prefix", "reason", "initial")
+    __slots__ = ("epoch", "members", "shares", "store_host", "store_port", "store_prefix", "reason", "initial", "agents")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
@@ -392,6 +392,7 @@ class Membership(_message.Message):
     STORE_PREFIX_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     INITIAL_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     members: _containers.RepeatedScalarFieldContainer[str]
     shares: _containers.RepeatedScalarFieldContainer[float]
@@ -400,7 +401,16 @@ class Membership(_message.Message):
     store_prefix: str
     reason: str
     initial: bool
-    def __init__(self, epoch: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., shares: _Optional[_Iterable[float]] = ..., store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., store_prefix: _Optional[str] = ..., reason: _Optional[str] = ..., initial: _Optional[bool] = ...) -> None: ...
+    agents: _containers.RepeatedCompositeFieldContainer[PeerAgent]
+    def __init__(self, epoch: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., shares: _Optional[_Iterable[float]] = ..., store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., store_prefix: _Optional[str] = ..., reason: _Optional[str] = ..., initial: _Optional[bool] = ..., agents: _Optional[_Iterable[_Union[PeerAgent, _Mapping]]] = ...) -> None: ...
+
+class PeerAgent(_message.Message):
+    __slots__ = ("node_id", "snapshot_address")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    snapshot_address: str
+    def __init__(self, node_id: _Optional[str] = ..., snapshot_address: _Optional[str] = ...) -> None: ...
 
 class Resume(_message.Message):
     __slots__ = ("epoch", "step", "reason", "transfers", "from_disk")

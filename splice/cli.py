@@ -109,7 +109,9 @@ def _agent(args: argparse.Namespace) -> int:
                          metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                          spares=args.spares, replace=args.replace,
                          persist_dir=args.persist_dir, persist_every=args.persist_every,
-                         snapshot_budget_mb=args.snapshot_budget_mb, tls=tls_from_args(args))
+                         snapshot_budget_mb=args.snapshot_budget_mb, tls=tls_from_args(args),
+                         replicas=args.replicas, replica_budget_mb=args.replica_budget_mb,
+                         replicate_interval_s=args.replicate_interval_s)
     return run_agent(config, channel_credentials(config.tls) if config.tls else None)
 
 
@@ -243,8 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "steps' state); a worker over it stops with a clear error (0: no "
                         "limit)")
     a.add_argument("--persist-every", type=int, default=0,
-                   help="rank 0 saves a checkpoint every N steps, in the background (0: "
-                        "never; a cold start still resumes from --persist-dir)")
+                   help="rank 0 (with ShardedAdamW every rank, its shard) saves a checkpoint "
+                        "every N steps, in the background (0: never; a cold start still "
+                        "resumes from --persist-dir)")
+    a.add_argument("--replicas", type=int, default=0,
+                   help="push each worker's newest snapshot to this many peer agents on "
+                        "other nodes (other failure domains first), ahead of a fault: a "
+                        "joining worker falls back to them when no member's agent can "
+                        "provide the resume step (0: off)")
+    a.add_argument("--replica-budget-mb", type=float, default=0.0,
+                   help="memory for peers' replicas held here; a push over it is refused "
+                        "with a clear error (0: no limit)")
+    a.add_argument("--replicate-interval-s", type=float, default=1.0,
+                   help="push each worker's newest snapshot at most this often")
     add_tls_flags(a)
     a.add_argument("command", nargs=argparse.REMAINDER, help="-- worker command line")
     a.set_defaults(func=_agent)

@@ -64,6 +64,9 @@ class LocalJobConfig:
     # Mutual TLS everywhere (controller, agents, the agents' snapshot servers): a
     # development CA and certificates are written to this folder unless it has them.
     tls_dir: str = ""
+    # Agents push replicas of their workers' snapshots to this many peers (--replicas).
+    replicas: int = 0
+    replicate_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.store not in ("memory", "etcd"):
@@ -181,6 +184,9 @@ class LocalJob:
             argv += ["--metrics-port", "-1"]
         if self.tls:
             argv += _tls_flags(self.tls["agent"])
+        if self.config.replicas:
+            argv += ["--replicas", str(self.config.replicas),
+                     "--replicate-interval-s", str(self.config.replicate_interval_s)]
         argv += ["--", *self.config.worker_command]
         env = {**self._env, **{k: v for n, k, v in self.config.node_env if n == i}}
         self.agents.append(subprocess.Popen(argv, env=env, stdout=log,

@@ -56,6 +56,9 @@ AGENT_METRICS = {
     "splice_agent_snapshot_handovers_total": "counter",
     "splice_agent_snapshots_served_total": "counter",
     "splice_agent_snapshot_served_bytes_total": "counter",
+    "splice_agent_replica_bytes": "gauge",
+    "splice_agent_replica_pushes_total": "counter",
+    "splice_agent_replica_pushed_bytes_total": "counter",
 }
 # Per controller process, not per job: the scrape target says which replica it is.
 PROCESS_LEVEL = {"splice_controller_leader", "splice_telemetry_records_total",
@@ -91,6 +94,9 @@ def fed_agent() -> AgentMetrics:
     m.snapshot_handed_over()
     m.counting_served(lambda job, wid, step: (7, b"meta", memoryview(bytes(96))))(
         "mlp", "node-0/0", 0)
+    m.watch_replicas(lambda: 1 << 20)
+    m.replica_pushed(True, 1 << 20)
+    m.replica_pushed(False)
     return m
 
 

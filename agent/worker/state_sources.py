@@ -129,7 +129,8 @@ class StateSources:
     def _fetch_state(self, step: int, holders: Sequence[Any]) -> None:
         """Fetch the snapshot of `step` from the holders' agents, which serve it from
         their shared memory, trying each in turn (one unreachable, or whose bytes fail a
-        check in transit or against the snapshot's own checksums, is skipped). It becomes
+        check in transit or against the snapshot's own checksums, is skipped), then the
+        other agents' replicas of it. It becomes
         this worker's own snapshot, adopted like a predecessor's. RecoveryFailed when no
         holder could provide it."""
         from splice.agent import replication
@@ -148,7 +149,7 @@ class StateSources:
             except ValueError as e:
                 raise RecoveryFailed(f"cannot fetch the snapshot of step {step}: {e}") from e
         tried = []
-        for h in holders:
+        for h in self._with_replicas(holders):
             t0 = time.perf_counter()
             try:
                 got = replication.fetch([h.address], self.config.job_id, h.worker_id, step,
@@ -176,13 +177,29 @@ class StateSources:
                 continue
             self._snapshots.close()
             self._snapshots = ring
-            self._state_source = f"{h.worker_id} memory"
-            log.info("worker %s: fetched %.1f MB of step-%d state from %s's agent (%s) in "
-                     "%.3f s", self.worker_id, got.data.numel() / 1e6, step, h.worker_id,
-                     h.address, time.perf_counter() - t0)
+            replica = getattr(h, "replica", False)
+            self._state_source = (f"{h.worker_id}'s replica at {h.address}" if replica
+                                  else f"{h.worker_id} memory")
+            where = (f"a replica of {h.worker_id}'s on the agent at {h.address}" if replica
+                     else f"{h.worker_id}'s agent ({h.address})")
+            log.info("worker %s: fetched %.1f MB of step-%d state from %s in %.3f s",
+                     self.worker_id, got.data.numel() / 1e6, step, where,
+                     time.perf_counter() - t0)
             return
         raise RecoveryFailed(f"no holder could provide the snapshot of step {step}: "
                              + "; ".join(tried))
+
+    def _with_replicas(self, holders: Sequence[Any]) -> list[Any]:
+        """The holders' agents, then every other member agent, which may hold a replica of
+        a holder's snapshot (agent --replicas): asked for the same worker and step."""
+        from types import SimpleNamespace
+
+        m = self._link.latest_membership() if self._link is not None else None
+        own = {h.address for h in holders}
+        others = [a.snapshot_address for a in (m.agents if m is not None else ())
+                  if a.snapshot_address and a.snapshot_address not in own]
+        return list(holders) + [SimpleNamespace(worker_id=h.worker_id, address=a, replica=True)
+                                for h in holders for a in others]
 
     def _load_adopted(self, step: int) -> bool:
         """Load the adopted snapshot of `step` (checked against its checksums)."""

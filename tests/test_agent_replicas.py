@@ -1,0 +1,260 @@
+"""Replicas ahead of a fault (agent --replicas): each agent pushes its workers' newest
+committed snapshots to its peer agents on other nodes, which hold them within a budget; a
+joining worker that no holder's agent can serve falls back to those replicas."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from splice.agent import replication
+from splice.agent.agent import Agent, AgentConfig
+from splice.agent.replication import (
+    FetchFailed,
+    ReplicaBudgetExceeded,
+    ReplicaStore,
+    SnapshotChanged,
+    fetch,
+    push,
+    serve,
+)
+from splice.agent.worker.session import HookConfig, Session
+from splice.checkpoint.slotmeta import open_committed
+from splice.checkpoint.snapshot import Frozen, SnapshotRing
+from splice.proto import controller_pb2 as pb
+
+JOB = "replicas-test"
+
+
+def _state(step: int) -> dict[str, Any]:
+    torch.manual_seed(step)
+    model = torch.nn.Linear(64, 32)
+    return {"model": model.state_dict(), "rng": {"torch": torch.get_rng_state(),
+                                                 "python": Frozen(random.getstate())},
+            "step": step}
+
+
+def _commit(directory: str, owner: str, *steps: int) -> None:
+    ring = SnapshotRing(directory=directory, owner=owner)
+    for step in steps:
+        ring.capture(step, _state(step))
+    ring.close()
+
+
+class _Link:
+    """What `_fetch_state` asks of the agent link: the newest membership."""
+
+    def __init__(self, membership: pb.Membership) -> None:
+        self.membership = membership
+
+    def latest_membership(self) -> pb.Membership:
+        return self.membership
+
+
+@pytest.fixture
+def agents() -> Iterator[list[Agent]]:
+    made: list[Agent] = []
+
+    def make(node: str, **kw: Any) -> Agent:
+        agent = Agent(AgentConfig(controller="127.0.0.1:1", command=("true",), node_id=node,
+                                  job_id=JOB, replicas=1, metrics_port=0,
+                                  metrics_host="127.0.0.1", **kw))
+        made.append(agent)
+        return agent
+
+    yield make  # type: ignore[misc]
+    for agent in made:
+        agent._close_probes()
+        agent._release()
+
+
+def _connect(agent: Agent, wid: str) -> None:
+    agent._state[wid].state = pb.WorkerResync.CONNECTED
+
+
+def test_an_agent_pushes_its_workers_newest_snapshot_to_its_peer(agents: Any) -> None:
+    a, b = agents("n0"), agents("n1")
+    _commit(a._snapshot_dir("n0/0"), "n0/0", 4, 5)
+    _connect(a, "n0/0")
+    a._peer_agents = [("n0", a.snapshot_address), ("n1", b.snapshot_address)]
+    assert a._replica_targets() == [b.snapshot_address]
+    assert a._replicator is not None
+    for f in a._replicator.maybe_push():
+        f.result(timeout=30)
+    held = fetch([b.snapshot_address], JOB, "n0/0", 5)
+    own = open_committed(a._snapshot_dir("n0/0"), 5)
+    assert own is not None
+    assert held.meta == own[1] and bytes(held.data.numpy()) == bytes(own[2])
+    assert b.replicas.bytes_held == len(own[1]) + len(own[2])
+    # Pushed once: the next round has nothing newer to send.
+    assert a._replicator.maybe_push() == []
+    assert a._replicator.stats().pushes_ok == 1
+    scraped = a.metrics.registry.get_sample_value(  # type: ignore[union-attr]
+        "splice_agent_replica_pushes_total", {"job_name": JOB, "outcome": "ok"})
+    assert scraped == 1.0
+    assert b.metrics.registry.get_sample_value(  # type: ignore[union-attr]
+        "splice_agent_replica_bytes", {"job_name": JOB, "node": "n1"}) == b.replicas.bytes_held
+
+
+def test_a_peer_over_its_replica_budget_refuses_clearly(agents: Any,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    a, b = agents("n0"), agents("n1", replica_budget_mb=0.01)
+    _commit(a._snapshot_dir("n0/0"), "n0/0", 5)
+    _connect(a, "n0/0")
+    a._peer_agents = [("n0", a.snapshot_address), ("n1", b.snapshot_address)]
+    assert a._replicator is not None
+    with caplog.at_level(logging.WARNING):
+        for f in a._replicator.maybe_push():
+            f.result(timeout=30)
+    assert b.replicas.bytes_held == 0
+    refused = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert refused and "--replica-budget-mb" in refused[0], refused
+    assert a.metrics.registry.get_sample_value(  # type: ignore[union-attr]
+        "splice_agent_replica_pushes_total", {"job_name": JOB, "outcome": "failed"}) == 1.0
+
+
+def test_replicas_go_to_other_nodes_only(agents: Any) -> None:
+    a = agents("n0")
+    assert a._replica_targets() == []  # no membership yet
+    a._peer_agents = [("n0", a.snapshot_address)]
+    assert a._replica_targets() == []  # alone: nowhere to push
+    a._peer_agents = [("n0", a.snapshot_address), ("n1", ""), ("n2", "127.0.0.1:9")]
+    assert a._replica_targets() == ["127.0.0.1:9"]  # n1 serves no snapshots
+
+
+def test_a_snapshot_rewritten_while_read_is_not_pushed(tmp_path: Path) -> None:
+    d = tmp_path / "w"
+    _commit(str(d), "n0/0", 5)
+    got = open_committed(str(d), 5)
+    assert got is not None
+    store = ReplicaStore(0, job_id=JOB)
+    server = serve(store, "127.0.0.1:0")
+    try:
+        with pytest.raises(SnapshotChanged):
+            push(server.address, JOB, "n0/0", 5, 1, got[1], got[2], still_valid=lambda: False)
+        assert store.bytes_held == 0
+        push(server.address, JOB, "n0/0", 5, 1, got[1], got[2], still_valid=lambda: True)
+        assert store.bytes_held > 0
+    finally:
+        server.stop(0)
+
+
+def test_a_joining_worker_falls_back_to_a_replica_on_another_agent(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    holder = tmp_path / "holder"
+    _commit(str(holder), "node-0/0", 6, 7)
+    got = open_committed(str(holder), 7)
+    assert got is not None
+
+    def damaged(job: str, wid: str, step: int) -> Any:
+        data = bytearray(got[2])
+        data[100] ^= 0x10  # the holder's memory went bad after the replica was pushed
+        return got[0], got[1], memoryview(data)
+
+    holder_agent = serve(ReplicaStore(0, job_id=JOB), "127.0.0.1:0", damaged)
+    other_agent = serve(ReplicaStore(0, job_id=JOB), "127.0.0.1:0")
+    try:
+        push(other_agent.address, JOB, "node-0/0", 7, 1, got[1], got[2])
+        session = Session(worker_id="node-2/0", link=None,
+                          config=HookConfig(job_id=JOB, snapshot_dir=str(tmp_path / "new"),
+                                            recovery_timeout_s=20.0))
+        session._link = _Link(pb.Membership(epoch=2, agents=[  # type: ignore[assignment]
+            pb.PeerAgent(node_id="node-0", snapshot_address=holder_agent.address),
+            pb.PeerAgent(node_id="node-1", snapshot_address=other_agent.address),
+            pb.PeerAgent(node_id="node-2", snapshot_address="")]))
+        with caplog.at_level(logging.INFO):
+            session._fetch_state(7, [pb.SnapshotHolder(worker_id="node-0/0",
+                                                       address=holder_agent.address)])
+    finally:
+        holder_agent.stop(0)
+        other_agent.stop(0)
+    messages = [r.getMessage() for r in caplog.records if r.name == "splice.worker"]
+    assert any("failed" in m and "corrupt" in m for m in messages), messages
+    assert any(f"from a replica of node-0/0's on the agent at {other_agent.address}" in m
+               for m in messages), messages
+    assert session._snapshots.steps() == [7]
+    want, mine = _state(7), session._snapshots.restore(7)
+    assert torch.equal(mine["model"]["weight"], want["model"]["weight"])
+    assert session._state_source == f"node-0/0's replica at {other_agent.address}"
+
+
+def test_with_no_replica_of_the_step_the_error_names_every_agent_asked(tmp_path: Path) -> None:
+    empty = serve(ReplicaStore(0, job_id=JOB), "127.0.0.1:0")
+    other = serve(ReplicaStore(0, job_id=JOB), "127.0.0.1:0")
+    try:
+        session = Session(worker_id="node-2/0", link=None,
+                          config=HookConfig(job_id=JOB, snapshot_dir=str(tmp_path / "new"),
+                                            recovery_timeout_s=20.0))
+        session._link = _Link(pb.Membership(epoch=2, agents=[  # type: ignore[assignment]
+            pb.PeerAgent(node_id="node-0", snapshot_address=empty.address),
+            pb.PeerAgent(node_id="node-1", snapshot_address=other.address)]))
+        from splice.agent.worker.state_sources import RecoveryFailed
+
+        with pytest.raises(RecoveryFailed) as e:
+            session._fetch_state(7, [pb.SnapshotHolder(worker_id="node-0/0",
+                                                       address=empty.address)])
+    finally:
+        empty.stop(0)
+        other.stop(0)
+    assert empty.address in str(e.value) and other.address in str(e.value)
+    assert session._snapshots.steps() == []
+
+
+def test_fetch_of_a_missing_replica_fails_fast() -> None:
+    server = serve(ReplicaStore(0, job_id=JOB), "127.0.0.1:0")
+    try:
+        with pytest.raises(FetchFailed):
+            fetch([server.address], JOB, "node-0/0", 7, connect_timeout_s=2.0)
+    finally:
+        server.stop(0)
+    assert replication.ReplicaBudgetExceeded is ReplicaBudgetExceeded
+
+
+def _scraped(address: str, name: str) -> float:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:  # the agent is still starting
+        return 0.0
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name)
+
+
+@pytest.mark.integration
+def test_in_a_running_job_each_agent_holds_its_peers_replicas(tmp_path: Path) -> None:
+    # The controller tells agents where their peers' snapshot servers are (with each
+    # membership); every agent pushes its workers' snapshots to the other node's agent.
+    from splice.localjob import LocalJob, LocalJobConfig, worker_argv
+
+    cfg = LocalJobConfig(
+        worker_command=worker_argv("tests.workers.fault_worker",
+                                   ["--steps", "400", "--out", str(tmp_path / "out")]),
+        nodes=2, nproc=2, log_dir=str(tmp_path), metrics=True, replicas=1,
+        replicate_interval_s=0.05,
+        extra_env=(("PYTHONPATH", str(Path(__file__).parent.parent)),))
+    (tmp_path / "out").mkdir()
+    with LocalJob(cfg) as job:
+        def replicated(_: pb.JobStatus) -> bool:
+            return all(_scraped(a, "splice_agent_replica_bytes") > 0
+                       and _scraped(a, "splice_agent_replica_pushes_total") > 0
+                       for a in job.agent_metrics)
+
+        try:
+            job.wait_until(replicated, 60.0, "both agents to hold replicas")
+            status = job.wait_until(lambda s: s.phase in ("complete", "failed"), 120.0,
+                                    "the job to end")
+        except BaseException:
+            print(job.logs())
+            raise
+        assert status.phase == "complete", job.logs()
+        assert len(job.agent_metrics) == 2
