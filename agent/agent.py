@@ -87,6 +87,9 @@ class AgentConfig:
     # many peer agents on other nodes (0: off), at most every `replicate_interval_s`, and
     # hold peers' replicas within `replica_budget_mb` (0: unlimited).
     replicas: int = 0
+    # The failure domain this node shares with others (rack, zone): peers' replicas of its
+    # snapshots go to other domains first ("": the node is its own).
+    failure_domain: str = ""
     replica_budget_mb: float = 0.0
     replicate_interval_s: float = 1.0
     # Mutual TLS (the agent's --tls-* files): to the controller, on the snapshot server,
@@ -246,7 +249,7 @@ class Agent:
             log.warning("agent %s: cannot serve snapshots on %s: %s", config.node_id,
                         config.gloo_host, e)
         # Pushing replicas to peer agents (the peers' addresses come with each membership).
-        self._peer_agents: list[tuple[str, str]] = []
+        self._peer_agents: list[tuple[str, str, str]] = []  # node, address, domain
         self._replicator: Replicator | None = None
         self._push_channels: dict[str, grpc.Channel] = {}
         if config.replicas and self._snapshot_server is not None:
@@ -267,9 +270,12 @@ class Agent:
         members' nodes: other nodes, other failure domains first)."""
         with self._lock:
             peers = list(self._peer_agents)
-        address = {n: a for n, a in peers if a}
+        address = {n: a for n, a, _ in peers if a}
+        domain = {n: d for n, _, d in peers}
+        domain.setdefault(self.config.node_id, self.config.failure_domain or self.config.node_id)
         nodes = sorted(set(address) | {self.config.node_id})
-        mine = place_replicas(nodes, self.config.replicas).get(self.config.node_id, [])
+        mine = place_replicas(nodes, self.config.replicas,
+                              lambda n: domain.get(n, n)).get(self.config.node_id, [])
         return [address[n] for n in mine if n in address]
 
     def _local_snapshots(self) -> list[LocalSnapshot]:
@@ -353,7 +359,7 @@ class Agent:
             protocol_version=pb.PROTOCOL_VERSION_1, job_id=self.config.job_id,
             node_id=self.config.node_id, num_workers=self.config.nproc,
             hostname=socket.gethostname(), probe_address=self.probe_address,
-            snapshot_address=self.snapshot_address)
+            snapshot_address=self.snapshot_address, failure_domain=self.config.failure_domain)
         with self._lock:
             if self._attached_once:  # a re-attach: tell the controller what it missed
                 hello.epoch = self._epoch
@@ -410,7 +416,8 @@ class Agent:
                 if kind == "membership":
                     with self._lock:
                         self._epoch = max(self._epoch, msg.membership.epoch)
-                        self._peer_agents = [(a.node_id, a.snapshot_address)
+                        self._peer_agents = [(a.node_id, a.snapshot_address,
+                                              a.failure_domain or a.node_id)
                                              for a in msg.membership.agents]
                         self._pending_ready = {w: r for w, r in self._pending_ready.items()
                                                if r.epoch >= msg.membership.epoch}

@@ -117,6 +117,7 @@ class AgentSession:
     replacements_ready: int = 0  # warm spares the agent would promote (its telemetry)
     probe_address: str = ""      # its link probe server (HOST:PORT), "" if none
     snapshot_address: str = ""   # its snapshot server (HOST:PORT), "" if none
+    failure_domain: str = ""     # rack, zone...; "" : the node is its own
     worker_table: tuple[str, ...] = ()  # what its telemetry columns index (its last table)
 
 
@@ -427,6 +428,9 @@ class Controller(Leadership):
                             or not 0 < int(port) < 65536):
                 return refusal("MALFORMED", f"{what} address must be HOST:PORT, got "
                                             f"{address!r}")
+        if len(hello.failure_domain) > 253 or not hello.failure_domain.isprintable():
+            return refusal("MALFORMED", f"failure domain must be a printable name of at most "
+                                        f"253 characters, got {hello.failure_domain[:80]!r}")
         for w in hello.workers:
             problem = self._check_worker_id_of(hello.node_id, w.worker_id)
             if problem:
@@ -438,7 +442,8 @@ class Controller(Leadership):
                                             f"job {hello.job_id!r}")
             session = AgentSession(hello.job_id, hello.node_id, last_seen_s=self._clock(),
                                    probe_address=hello.probe_address,
-                                   snapshot_address=hello.snapshot_address)
+                                   snapshot_address=hello.snapshot_address,
+                                   failure_domain=hello.failure_domain)
             self._sessions[key] = session
         log.info("agent %s attached to job %s with %d workers", hello.node_id, hello.job_id,
                  hello.num_workers)
@@ -808,13 +813,13 @@ class Controller(Leadership):
                 from_disk=message.from_disk))
         assert self.rendezvous is not None
         with self._sessions_lock:
-            address = {n: s.snapshot_address for (j, n), s in self._sessions.items()
-                       if j == job_id}
+            agent = {n: s for (j, n), s in self._sessions.items() if j == job_id}
         nodes = sorted({node_of(w) for w in message.members})
         return pb.ControllerMessage(membership=pb.Membership(
             epoch=message.epoch, members=list(message.members), shares=list(message.shares),
             store_host=self.rendezvous.host, store_port=self.rendezvous.port,
             store_prefix=self.rendezvous.prefix(job_id, message.epoch),
             reason=message.reason, initial=message.initial,
-            agents=[pb.PeerAgent(node_id=n, snapshot_address=address.get(n, ""))
-                    for n in nodes]))
+            agents=[pb.PeerAgent(node_id=n, snapshot_address=agent[n].snapshot_address,
+                                 failure_domain=agent[n].failure_domain)
+                    if n in agent else pb.PeerAgent(node_id=n) for n in nodes]))

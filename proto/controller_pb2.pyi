@@ -193,7 +193,7 @@ class NodeHealth(_message.Message):
     def __init__(self, memory_used_ratio: _Optional[float] = ..., cpu_throttled_ratio: _Optional[float] = ..., gpus: _Optional[int] = ..., notes: _Optional[str] = ...) -> None: ...
 
 class AgentHello(_message.Message):
-    __slots__ = ("protocol_version", "job_id", "node_id", "num_workers", "hostname", "epoch", "workers", "probe_address", "snapshot_address")
+    __slots__ = ("protocol_version", "job_id", "node_id", "num_workers", "hostname", "epoch", "workers", "probe_address", "snapshot_address", "failure_domain")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +203,7 @@ class AgentHello(_message.Message):
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     PROBE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     protocol_version: ProtocolVersion
     job_id: str
     node_id: str
@@ -212,7 +213,8 @@ class AgentHello(_message.Message):
     workers: _containers.RepeatedCompositeFieldContainer[WorkerResync]
     probe_address: str
     snapshot_address: str
-    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., job_id: _Optional[str] = ..., node_id: _Optional[str] = ..., num_workers: _Optional[int] = ..., hostname: _Optional[str] = ..., epoch: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerResync, _Mapping]]] = ..., probe_address: _Optional[str] = ..., snapshot_address: _Optional[str] = ...) -> None: ...
+    failure_domain: str
+    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., job_id: _Optional[str] = ..., node_id: _Optional[str] = ..., num_workers: _Optional[int] = ..., hostname: _Optional[str] = ..., epoch: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerResync, _Mapping]]] = ..., probe_address: _Optional[str] = ..., snapshot_address: _Optional[str] = ..., failure_domain: _Optional[str] = ...) -> None: ...
 
 class WorkerResync(_message.Message):
     __slots__ = ("worker_id", "state", "pid", "exit_code", "signal")
@@ -405,12 +407,14 @@ class Membership(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., shares: _Optional[_Iterable[float]] = ..., store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., store_prefix: _Optional[str] = ..., reason: _Optional[str] = ..., initial: _Optional[bool] = ..., agents: _Optional[_Iterable[_Union[PeerAgent, _Mapping]]] = ...) -> None: ...
 
 class PeerAgent(_message.Message):
-    __slots__ = ("node_id", "snapshot_address")
+    __slots__ = ("node_id", "snapshot_address", "failure_domain")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     snapshot_address: str
-    def __init__(self, node_id: _Optional[str] = ..., snapshot_address: _Optional[str] = ...) -> None: ...
+    failure_domain: str
+    def __init__(self, node_id: _Optional[str] = ..., snapshot_address: _Optional[str] = ..., failure_domain: _Optional[str] = ...) -> None: ...
 
 class Resume(_message.Message):
     __slots__ = ("epoch", "step", "reason", "transfers", "from_disk")

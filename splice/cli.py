@@ -111,6 +111,7 @@ def _agent(args: argparse.Namespace) -> int:
                          persist_dir=args.persist_dir, persist_every=args.persist_every,
                          snapshot_budget_mb=args.snapshot_budget_mb, tls=tls_from_args(args),
                          replicas=args.replicas, replica_budget_mb=args.replica_budget_mb,
+                         failure_domain=args.failure_domain,
                          replicate_interval_s=args.replicate_interval_s)
     return run_agent(config, channel_credentials(config.tls) if config.tls else None)
 
@@ -253,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "other nodes (other failure domains first), ahead of a fault: a "
                         "joining worker falls back to them when no member's agent can "
                         "provide the resume step (0: off)")
+    a.add_argument("--failure-domain", default="",
+                   help="the rack or zone this node shares with others: replicas of its "
+                        "snapshots go to nodes in other domains first (default: the node "
+                        "is its own)")
     a.add_argument("--replica-budget-mb", type=float, default=0.0,
                    help="memory for peers' replicas held here; a push over it is refused "
                         "with a clear error (0: no limit)")

@@ -82,7 +82,7 @@ def test_an_agent_pushes_its_workers_newest_snapshot_to_its_peer(agents: Any) ->
     a, b = agents("n0"), agents("n1")
     _commit(a._snapshot_dir("n0/0"), "n0/0", 4, 5)
     _connect(a, "n0/0")
-    a._peer_agents = [("n0", a.snapshot_address), ("n1", b.snapshot_address)]
+    a._peer_agents = [("n0", a.snapshot_address, "n0"), ("n1", b.snapshot_address, "n1")]
     assert a._replica_targets() == [b.snapshot_address]
     assert a._replicator is not None
     for f in a._replicator.maybe_push():
@@ -107,7 +107,7 @@ def test_a_peer_over_its_replica_budget_refuses_clearly(agents: Any,
     a, b = agents("n0"), agents("n1", replica_budget_mb=0.01)
     _commit(a._snapshot_dir("n0/0"), "n0/0", 5)
     _connect(a, "n0/0")
-    a._peer_agents = [("n0", a.snapshot_address), ("n1", b.snapshot_address)]
+    a._peer_agents = [("n0", a.snapshot_address, "n0"), ("n1", b.snapshot_address, "n1")]
     assert a._replicator is not None
     with caplog.at_level(logging.WARNING):
         for f in a._replicator.maybe_push():
@@ -122,10 +122,19 @@ def test_a_peer_over_its_replica_budget_refuses_clearly(agents: Any,
 def test_replicas_go_to_other_nodes_only(agents: Any) -> None:
     a = agents("n0")
     assert a._replica_targets() == []  # no membership yet
-    a._peer_agents = [("n0", a.snapshot_address)]
+    a._peer_agents = [("n0", a.snapshot_address, "n0")]
     assert a._replica_targets() == []  # alone: nowhere to push
-    a._peer_agents = [("n0", a.snapshot_address), ("n1", ""), ("n2", "127.0.0.1:9")]
+    a._peer_agents = [("n0", a.snapshot_address, "n0"), ("n1", "", "n1"),
+                      ("n2", "127.0.0.1:9", "n2")]
     assert a._replica_targets() == ["127.0.0.1:9"]  # n1 serves no snapshots
+
+
+def test_replicas_go_to_another_failure_domain_first(agents: Any) -> None:
+    a = agents("n0", failure_domain="rack-a")
+    a._peer_agents = [("n0", a.snapshot_address, "rack-a"), ("n1", "127.0.0.1:11", "rack-a"),
+                      ("n2", "127.0.0.1:12", "rack-b"), ("n3", "127.0.0.1:13", "rack-b")]
+    (target,) = a._replica_targets()
+    assert target in ("127.0.0.1:12", "127.0.0.1:13")  # not n1, in n0's own rack
 
 
 def test_a_snapshot_rewritten_while_read_is_not_pushed(tmp_path: Path) -> None:

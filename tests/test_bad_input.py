@@ -483,3 +483,34 @@ def test_telemetry_for_another_nodes_worker_is_refused_after_accepted_batches(
     assert first.WhichOneof("kind") == "refusal" and first.refusal.code == Code.MALFORMED
     b.expect_refusal(Code.STALE_EPOCH)
     assert {w.worker_id: w.last_step for w in h.controller.job_status(JOB).workers} == steps
+
+
+# ---- peers' snapshot servers ----------------------------------------------------------------
+
+def test_memberships_name_each_member_nodes_snapshot_server_and_domain(h: Harness) -> None:
+    a, b = h.agent(), h.agent()
+    for stream, node, domain in ((a, "a", "rack-1"), (b, "b", "")):
+        stream.send(pb.AgentMessage(hello=pb.AgentHello(
+            protocol_version=PROTOCOL_VERSION, job_id=JOB, node_id=node, num_workers=1,
+            hostname="test", snapshot_address=f"10.0.0.{len(node)}:7{len(domain)}",
+            failure_domain=domain)))
+        stream.expect("welcome")
+    a.event("a/0", K.READY, pid=10)
+    a.barrier("a")
+    b.event("b/0", K.READY, pid=20)
+    m = a.expect("membership")
+    assert [(p.node_id, p.snapshot_address, p.failure_domain) for p in m.agents] == [
+        ("a", "10.0.0.1:76", "rack-1"), ("b", "10.0.0.1:70", "")]
+
+
+@pytest.mark.parametrize("domain", ["x" * 254, "rack\n1", "\x00"])
+def test_a_malformed_failure_domain_is_refused(h: Harness, domain: str) -> None:
+    before = h.snapshot()
+    a = h.agent()
+    a.send(pb.AgentMessage(hello=pb.AgentHello(
+        protocol_version=PROTOCOL_VERSION, job_id=JOB, node_id="a", num_workers=1,
+        hostname="test", failure_domain=domain)))
+    r = a.expect_refusal(Code.MALFORMED)
+    assert "failure domain" in r.message
+    assert a.expect_end() is None
+    assert h.snapshot() == before
