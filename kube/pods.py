@@ -20,6 +20,7 @@ from splice.kube.spec import (
     LABEL_JOB,
     LABEL_ROLE,
     WORKER_CONTAINER,
+    SnapshotPolicy,
     SpliceJobSpec,
     worker_container,
 )
@@ -117,6 +118,15 @@ def controller_service(job: JobRef, spec: SpliceJobSpec) -> dict[str, Any]:
                      "ports": ports}}
 
 
+def _snapshot_flags(sn: SnapshotPolicy) -> list[str]:
+    """spec.snapshot as agent flags: replicas pushed to peer pods, persistent checkpoints."""
+    flags = ["--replicas", str(sn.replicas)] if sn.replicas else []
+    if sn.persistent:
+        flags += ["--persist-dir", sn.persistent_path,
+                  "--persist-every", str(sn.persistent_every_steps)]
+    return flags
+
+
 def worker_pod(job: JobRef, spec: SpliceJobSpec, index: int) -> dict[str, Any]:
     name = pod_name(job.name, "worker", index)
     template = copy.deepcopy(dict(spec.template))
@@ -132,7 +142,8 @@ def worker_pod(job: JobRef, spec: SpliceJobSpec, index: int) -> dict[str, Any]:
         argv = list(c.get("command", [])) + list(c.get("args", []))
         c["command"] = ["splice", "agent", "--controller", controller_address(job),
                         "--nproc", str(spec.processes_per_node), "--node-id", name,
-                        "--job", job.name, "--gloo-host", "$(POD_IP)", "--", *argv]
+                        "--job", job.name, "--gloo-host", "$(POD_IP)",
+                        *_snapshot_flags(spec.snapshot), "--", *argv]
         c.pop("args", None)
         c["env"] = [e for e in c.get("env", []) if e.get("name") != "POD_IP"] + [_POD_IP_ENV]
         c["ports"] = [p for p in c.get("ports", []) if p.get("name") != "metrics"]

@@ -85,3 +85,21 @@ def test_every_problem_is_reported_at_once() -> None:
 def test_spec_error_is_a_value_error() -> None:
     # The CLI turns ValueError into a clear message without a traceback.
     assert issubclass(SpecError, ValueError)
+
+
+@pytest.mark.parametrize("snapshot, flags", [
+    ({"replicas": 0}, []),
+    ({"replicas": 2}, ["--replicas", "2"]),
+    ({"replicas": 1, "persistence": {"enabled": True, "path": "/ckpt", "everySteps": 500}},
+     ["--replicas", "1", "--persist-dir", "/ckpt", "--persist-every", "500"]),
+])
+def test_the_snapshot_policy_reaches_the_agents(snapshot: dict[str, Any],
+                                                flags: list[str]) -> None:
+    from splice.kube.pods import JobRef, worker_pod
+
+    pod = worker_pod(JobRef(name="j", namespace="ns", uid="u-1"),
+                     parse_spec(spec_with(snapshot=snapshot)), 0)
+    command = pod["spec"]["containers"][0]["command"]
+    cut = command.index("--")
+    assert command[command.index("$(POD_IP)") + 1:cut] == flags
+    assert command[cut + 1:] == ["python", "train.py"]
