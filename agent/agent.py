@@ -255,7 +255,8 @@ class Agent:
         if config.replicas and self._snapshot_server is not None:
             self._replicator = Replicator(config.job_id, self._local_snapshots,
                                           self._replica_targets,
-                                          interval_s=config.replicate_interval_s,
+                                          interval_s=min(0.25, config.replicate_interval_s),
+                                          min_gap_s=config.replicate_interval_s,
                                           push_fn=self._push_replica)
         if self.metrics is not None:
             self.metrics.watch_replicas(lambda: self.replicas.bytes_held)

@@ -49,13 +49,19 @@ class Replicator:
     Each round reads `snapshots()` (the newest committed snapshot of each local worker)
     and `peers()`; a worker whose snapshot is newer than what a peer holds from us gets one
     push task, unless one is in flight already: steps committed meanwhile are skipped, the
-    next round sends the newest. Rounds run every `interval_s` and on `poke()`."""
+    next round sends the newest. Rounds run every `interval_s` and on `poke()`; a worker's
+    pushes start at least `min_gap_s` apart."""
 
     def __init__(self, job_id: str, snapshots: Callable[[], list[LocalSnapshot]],
                  peers: Callable[[], list[str]], *, interval_s: float = 0.5,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, timeout_s: float = 300.0,
-                 max_concurrent_pushes: int = 2, push_fn: PushFn | None = None) -> None:
+                 max_concurrent_pushes: int = 2, push_fn: PushFn | None = None,
+                 min_gap_s: float = 0.0) -> None:
         self.job_id, self.interval_s = job_id, interval_s
+        # A worker's next push starts at least this long after its previous one started,
+        # so replication takes a bounded share of the node's CPU and network.
+        self.min_gap_s = min_gap_s
+        self._started: dict[str, float] = {}  # worker -> time.monotonic() of its last push
         self._snapshots, self._peers = snapshots, peers
         self._chunk_bytes, self._timeout_s = chunk_bytes, timeout_s
         self._push_fn = push_fn or self._push_grpc
@@ -90,15 +96,19 @@ class Replicator:
         with self._cond:
             self._peers_seen = list(peers)
         started = []
+        now = time.monotonic()
         for worker, step, epoch, meta, data in self._snapshots():
             with self._cond:
                 self._newest[worker] = (epoch, step)
                 if worker in self._in_flight or self._stop.is_set():
                     continue
+                if now - self._started.get(worker, -1e18) < self.min_gap_s:
+                    continue
                 due = [p for p in peers if self._pushed.get((worker, p), (-1, -1)) < (epoch, step)]
                 if not due:
                     continue
                 self._in_flight.add(worker)
+                self._started[worker] = now
             started.append(self._pool.submit(self._push_one, worker, step, epoch, meta, data,
                                              due))
         return started

@@ -267,3 +267,30 @@ def test_in_a_running_job_each_agent_holds_its_peers_replicas(tmp_path: Path) ->
             raise
         assert status.phase == "complete", job.logs()
         assert len(job.agent_metrics) == 2
+
+
+def test_a_workers_pushes_start_at_least_the_gap_apart() -> None:
+    from splice.agent.replicator import Replicator
+
+    step = [5]
+    sent: list[int] = []
+
+    def snapshots() -> list[Any]:
+        return [("n0/0", step[0], 1, b"meta", b"data")]
+
+    def push_fn(peer: str, worker: str, s: int, epoch: int, meta: Any, data: Any) -> None:
+        sent.append(s)
+
+    for gap, expected in ((3600.0, [5]), (0.0, [5, 6])):
+        sent.clear()
+        step[0] = 5
+        r = Replicator(JOB, snapshots, lambda: ["peer:1"], push_fn=push_fn, min_gap_s=gap)
+        try:
+            for f in r.maybe_push():
+                f.result(timeout=10)
+            step[0] = 6  # a newer step is committed right after the push
+            for f in r.maybe_push():
+                f.result(timeout=10)
+        finally:
+            r.close()
+        assert sent == expected, (gap, sent)
