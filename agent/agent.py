@@ -25,12 +25,12 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 
-from splice.agent import linkprobe, progress, replication
+from splice.agent import linkprobe, progress
 from splice.agent.health import NodeHealthProbe
 from splice.agent.local_server import LocalServer
 from splice.agent.metrics import AgentMetrics
 from splice.agent.progress import ProgressReader
-from splice.agent.replicator import LocalSnapshot, Replicator, place_replicas
+from splice.agent.snapshots import NodeSnapshots
 from splice.agent.supervisor import Exit, Supervisor
 from splice.agent.upstream import AgentRefused, Attached, Upstream
 from splice.controller import telemetry_columns
@@ -212,7 +212,6 @@ class Agent:
         self.metrics_address = ""
         if config.metrics_port >= 0:
             metrics = AgentMetrics(config.job_id, config.node_id)
-            metrics.watch_snapshot_shm(os.path.join(self._shm_dir, "snapshots"))
             try:
                 port = metrics.serve(config.metrics_host, config.metrics_port)
                 self.metrics = metrics
@@ -233,126 +232,19 @@ class Agent:
         except OSError as e:  # links go unmeasured; the node's workers matter more
             log.warning("agent %s: cannot serve link probes on %s: %s", config.node_id,
                         config.gloo_host, e)
-        # Snapshots: served from the workers' shared memory to joining workers elsewhere.
-        self._snapshot_server: replication.PeerServer | None = None
-        self.snapshot_address = ""
-        self.replicas = replication.ReplicaStore(int(config.replica_budget_mb * 1e6),
-                                                 job_id=config.job_id)
-        try:
-            self._snapshot_server = replication.serve(
-                self.replicas,
-                f"{config.gloo_host}:0", self._serve_snapshot if self.metrics is None
-                else self.metrics.counting_served(self._serve_snapshot),
-                credentials=self._snapshot_credentials())
-            self.snapshot_address = f"{config.gloo_host}:{self._snapshot_server.port}"
-        except OSError as e:  # joining workers then receive state over the group
-            log.warning("agent %s: cannot serve snapshots on %s: %s", config.node_id,
-                        config.gloo_host, e)
-        # Pushing replicas to peer agents (the peers' addresses come with each membership).
-        self._peer_agents: list[tuple[str, str, str]] = []  # node, address, domain
-        self._replicator: Replicator | None = None
-        self._push_channels: dict[str, grpc.Channel] = {}
-        if config.replicas and self._snapshot_server is not None:
-            self._replicator = Replicator(config.job_id, self._local_snapshots,
-                                          self._replica_targets,
-                                          interval_s=min(0.25, config.replicate_interval_s),
-                                          min_gap_s=config.replicate_interval_s,
-                                          push_fn=self._push_replica)
-        if self.metrics is not None:
-            self.metrics.watch_replicas(lambda: self.replicas.bytes_held)
+        # Snapshots: served to joining workers elsewhere, handed over, replicated to peers.
+        self.snapshots = NodeSnapshots(config, self._shm_dir, self.metrics, self._members_now)
+        self.snapshot_address = self.snapshots.address
         self._probe_cv = threading.Condition()
         self._probe_requests: collections.deque[pb.ProbeLinks] = collections.deque()
         self._probes_closed = False
         self._prober: threading.Thread | None = None
 
-    # ---- replicas ahead of a fault --------------------------------------------------------
-    def _replica_targets(self) -> list[str]:
-        """The snapshot servers of this node's `replicas` peers (place_replicas over the
-        members' nodes: other nodes, other failure domains first)."""
+    def _members_now(self) -> tuple[list[str], int]:
+        """The local workers connected now (whose snapshots are replicated) and the epoch."""
         with self._lock:
-            peers = list(self._peer_agents)
-        address = {n: a for n, a, _ in peers if a}
-        domain = {n: d for n, _, d in peers}
-        domain.setdefault(self.config.node_id, self.config.failure_domain or self.config.node_id)
-        nodes = sorted(set(address) | {self.config.node_id})
-        mine = place_replicas(nodes, self.config.replicas,
-                              lambda n: domain.get(n, n)).get(self.config.node_id, [])
-        return [address[n] for n in mine if n in address]
-
-    def _local_snapshots(self) -> list[LocalSnapshot]:
-        """Each local member's newest committed snapshot, mapped from shared memory."""
-        from splice.checkpoint import slotmeta
-
-        with self._lock:
-            workers = [w for w, st in self._state.items()
-                       if st.state == pb.WorkerResync.CONNECTED]
-            epoch = self._epoch
-        out: list[LocalSnapshot] = []
-        for wid in workers:
-            found = slotmeta.open_committed(self._snapshot_dir(wid), 0)
-            if found is not None:
-                step, meta, data = found
-                out.append((wid, step, epoch, meta, data))
-        return out
-
-    def _push_replica(self, peer: str, worker: str, step: int, epoch: int,
-                      meta: bytes | memoryview, data: replication.Buffer) -> None:
-        """One replica to one peer. The worker keeps training meanwhile and rewrites this
-        slot two steps later: the push is abandoned if the slot's commit record changed
-        while its bytes were read (chunk CRCs catch a change while they are sent)."""
-        from splice.checkpoint import slotmeta
-
-        directory, raw = self._snapshot_dir(worker), bytes(meta)
-
-        def intact() -> bool:
-            rec = slotmeta.parse(None, raw)
-            try:
-                now = rec and slotmeta.read(directory, rec.index)
-            except slotmeta.SlotUnreadable:
-                return False
-            return bool(now) and now.meta == raw  # type: ignore[union-attr]
-
-        with self._lock:
-            channel = self._push_channels.get(peer)
-            if channel is None:
-                channel = self._push_channels[peer] = replication.channel_to(
-                    peer, self._client_credentials())
-        size = len(raw) + len(memoryview(data).cast("B"))
-        try:
-            replication.push(channel, self.config.job_id, worker, step, epoch, raw, data,
-                             timeout_s=60.0, still_valid=intact)
-        except Exception:
-            if self.metrics is not None:
-                self.metrics.replica_pushed(False)
-            raise
-        if self.metrics is not None:
-            self.metrics.replica_pushed(True, size)
-
-    def _client_credentials(self) -> grpc.ChannelCredentials | None:
-        if self.config.tls is None:
-            return None
-        from splice.security import channel_credentials
-
-        return channel_credentials(self.config.tls)
-
-    def _snapshot_credentials(self) -> grpc.ServerCredentials | None:
-        """Mutual TLS for the snapshot server when the agent has certificates; OSError if
-        its certificate cannot serve this node's address (then no snapshot server runs:
-        a plaintext one would hand the model to anyone who asks)."""
-        from splice.security import server_credentials, server_problem
-
-        tls = self.config.tls
-        if tls is None:
-            return None
-        try:
-            problem = server_problem(tls, self.config.gloo_host)
-            credentials = server_credentials(tls)
-        except ValueError as e:
-            problem = str(e)
-        if problem:
-            raise OSError(f"mutual TLS is on but {problem} (joining workers receive state "
-                          "over the group instead)")
-        return credentials
+            return ([w for w, st in self._state.items()
+                     if st.state == pb.WorkerResync.CONNECTED], self._epoch)
 
     # ---- upstream -----------------------------------------------------------------------
     def _hello(self) -> pb.AgentHello:
@@ -417,11 +309,10 @@ class Agent:
                 if kind == "membership":
                     with self._lock:
                         self._epoch = max(self._epoch, msg.membership.epoch)
-                        self._peer_agents = [(a.node_id, a.snapshot_address,
-                                              a.failure_domain or a.node_id)
-                                             for a in msg.membership.agents]
+
                         self._pending_ready = {w: r for w, r in self._pending_ready.items()
                                                if r.epoch >= msg.membership.epoch}
+                    self.snapshots.set_peers(msg.membership.agents)
                     down = lpb.AgentToWorker(membership=msg.membership)
                 elif kind == "resume":
                     with self._lock:
@@ -561,12 +452,7 @@ class Agent:
             self._probe_cv.notify_all()
         if self._probe_server is not None:
             self._probe_server.close()
-        for channel in list(self._push_channels.values()):
-            channel.close()  # cancels a push in flight, so the replicator stops at once
-        if self._replicator is not None:
-            self._replicator.close()
-        if self._snapshot_server is not None:
-            self._snapshot_server.stop(grace_s=0)
+        self.snapshots.close()
         if self._prober is not None:
             # A probe in flight ends within its timeout (the peer's server may be gone).
             self._prober.join(timeout=1.0)
@@ -590,7 +476,7 @@ class Agent:
             # in the lost worker's place in the same epoch.
             self._replace(ex.worker_id)
         else:  # nobody takes its place here: its snapshots' memory goes back
-            shutil.rmtree(self._snapshot_dir(ex.worker_id), ignore_errors=True)
+            shutil.rmtree(self.snapshots.directory(ex.worker_id), ignore_errors=True)
         log.log(logging.INFO if clean else logging.WARNING,
                 "worker %s (pid %d) exited: %s", ex.worker_id, ex.pid, how)
         if self.metrics is not None:
@@ -615,7 +501,7 @@ class Agent:
             "SPLICE_JOB_ID": self.config.job_id, "SPLICE_NODE_ID": self.config.node_id,
             "SPLICE_LOCAL_RANK": str(local_rank), "SPLICE_GLOO_HOST": self.config.gloo_host,
             "SPLICE_PROGRESS_PATH": progress_path, "SPLICE_SPARE": "1" if spare else "0",
-            "SPLICE_SNAPSHOT_DIR": self._snapshot_dir(wid),
+            "SPLICE_SNAPSHOT_DIR": self.snapshots.directory(wid),
         })
         if self.config.snapshot_budget_mb:
             env["SPLICE_SNAPSHOT_BUDGET_MB"] = str(self.config.snapshot_budget_mb)
@@ -636,40 +522,10 @@ class Agent:
             self._announce(wid, pid)
         return pid
 
-    def _snapshot_dir(self, wid: str) -> str:
-        """The worker's snapshot directory in this agent's shared memory (checkpoint/shm.py):
-        node-0/1 -> <shm>/snapshots/node-0_1."""
-        return os.path.join(self._shm_dir, "snapshots", wid.replace("/", "_"))
-
-    def _serve_snapshot(self, job_id: str, wid: str, step: int
-                        ) -> tuple[int, bytes, memoryview] | None:
-        """A local worker's committed snapshot of `step` (0: its newest), straight from
-        shared memory, for a peer's Fetch: (step, meta, data). The worker does not touch
-        that slot while the joining worker fetches it (the members wait for it in the
-        resume step, and a slot is rewritten two steps later at the earliest)."""
-        from splice.checkpoint import slotmeta
-
-        if job_id != self.config.job_id or "/" not in wid:
-            return None
-        return slotmeta.open_committed(self._snapshot_dir(wid), step)
-
     def _hand_over_snapshots(self, lost: str, to: str) -> None:
-        """The snapshots `lost` left in shared memory become `to`'s (one rename): the
-        newcomer adopts them instead of receiving a peer's over the network."""
-        src, dst = self._snapshot_dir(lost), self._snapshot_dir(to)
         with self._lock:
             tainted = lost in self._tainted
-        if tainted:  # its state was corrupt: the newcomer gets a healthy member's
-            log.warning("agent %s: not handing %s's snapshots to %s (killed for corrupted "
-                        "state)", self.config.node_id, lost, to)
-            shutil.rmtree(src, ignore_errors=True)
-            return
-        if not os.path.isdir(src):
-            return
-        shutil.rmtree(dst, ignore_errors=True)  # a spare has written nothing there yet
-        os.rename(src, dst)
-        if self.metrics is not None:
-            self.metrics.snapshot_handed_over()
+        self.snapshots.hand_over(lost, to, tainted=tainted)
 
     def _announce(self, wid: str, pid: int) -> None:
         with self._lock:
@@ -839,8 +695,7 @@ class Agent:
         self._prober = threading.Thread(target=self._run_probes, daemon=True,
                                         name="splice-link-probes")
         self._prober.start()
-        if self._replicator is not None:
-            self._replicator.start()
+        self.snapshots.start()
         for local_rank, wid in enumerate(self._workers):
             self._launch(wid, local_rank, spare=False)
         for _ in range(self.config.spares):

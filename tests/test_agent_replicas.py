@@ -80,39 +80,39 @@ def _connect(agent: Agent, wid: str) -> None:
 
 def test_an_agent_pushes_its_workers_newest_snapshot_to_its_peer(agents: Any) -> None:
     a, b = agents("n0"), agents("n1")
-    _commit(a._snapshot_dir("n0/0"), "n0/0", 4, 5)
+    _commit(a.snapshots.directory("n0/0"), "n0/0", 4, 5)
     _connect(a, "n0/0")
-    a._peer_agents = [("n0", a.snapshot_address, "n0"), ("n1", b.snapshot_address, "n1")]
-    assert a._replica_targets() == [b.snapshot_address]
-    assert a._replicator is not None
-    for f in a._replicator.maybe_push():
+    a.snapshots.peers = [("n0", a.snapshot_address, "n0"), ("n1", b.snapshot_address, "n1")]
+    assert a.snapshots.targets() == [b.snapshot_address]
+    assert a.snapshots.replicator is not None
+    for f in a.snapshots.replicator.maybe_push():
         f.result(timeout=30)
     held = fetch([b.snapshot_address], JOB, "n0/0", 5)
-    own = open_committed(a._snapshot_dir("n0/0"), 5)
+    own = open_committed(a.snapshots.directory("n0/0"), 5)
     assert own is not None
     assert held.meta == own[1] and bytes(held.data.numpy()) == bytes(own[2])
-    assert b.replicas.bytes_held == len(own[1]) + len(own[2])
+    assert b.snapshots.replicas.bytes_held == len(own[1]) + len(own[2])
     # Pushed once: the next round has nothing newer to send.
-    assert a._replicator.maybe_push() == []
-    assert a._replicator.stats().pushes_ok == 1
+    assert a.snapshots.replicator.maybe_push() == []
+    assert a.snapshots.replicator.stats().pushes_ok == 1
     scraped = a.metrics.registry.get_sample_value(  # type: ignore[union-attr]
         "splice_agent_replica_pushes_total", {"job_name": JOB, "outcome": "ok"})
     assert scraped == 1.0
     assert b.metrics.registry.get_sample_value(  # type: ignore[union-attr]
-        "splice_agent_replica_bytes", {"job_name": JOB, "node": "n1"}) == b.replicas.bytes_held
+        "splice_agent_replica_bytes", {"job_name": JOB, "node": "n1"}) == b.snapshots.replicas.bytes_held
 
 
 def test_a_peer_over_its_replica_budget_refuses_clearly(agents: Any,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     a, b = agents("n0"), agents("n1", replica_budget_mb=0.01)
-    _commit(a._snapshot_dir("n0/0"), "n0/0", 5)
+    _commit(a.snapshots.directory("n0/0"), "n0/0", 5)
     _connect(a, "n0/0")
-    a._peer_agents = [("n0", a.snapshot_address, "n0"), ("n1", b.snapshot_address, "n1")]
-    assert a._replicator is not None
+    a.snapshots.peers = [("n0", a.snapshot_address, "n0"), ("n1", b.snapshot_address, "n1")]
+    assert a.snapshots.replicator is not None
     with caplog.at_level(logging.WARNING):
-        for f in a._replicator.maybe_push():
+        for f in a.snapshots.replicator.maybe_push():
             f.result(timeout=30)
-    assert b.replicas.bytes_held == 0
+    assert b.snapshots.replicas.bytes_held == 0
     refused = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
     assert refused and "--replica-budget-mb" in refused[0], refused
     assert a.metrics.registry.get_sample_value(  # type: ignore[union-attr]
@@ -121,19 +121,19 @@ def test_a_peer_over_its_replica_budget_refuses_clearly(agents: Any,
 
 def test_replicas_go_to_other_nodes_only(agents: Any) -> None:
     a = agents("n0")
-    assert a._replica_targets() == []  # no membership yet
-    a._peer_agents = [("n0", a.snapshot_address, "n0")]
-    assert a._replica_targets() == []  # alone: nowhere to push
-    a._peer_agents = [("n0", a.snapshot_address, "n0"), ("n1", "", "n1"),
+    assert a.snapshots.targets() == []  # no membership yet
+    a.snapshots.peers = [("n0", a.snapshot_address, "n0")]
+    assert a.snapshots.targets() == []  # alone: nowhere to push
+    a.snapshots.peers = [("n0", a.snapshot_address, "n0"), ("n1", "", "n1"),
                       ("n2", "127.0.0.1:9", "n2")]
-    assert a._replica_targets() == ["127.0.0.1:9"]  # n1 serves no snapshots
+    assert a.snapshots.targets() == ["127.0.0.1:9"]  # n1 serves no snapshots
 
 
 def test_replicas_go_to_another_failure_domain_first(agents: Any) -> None:
     a = agents("n0", failure_domain="rack-a")
-    a._peer_agents = [("n0", a.snapshot_address, "rack-a"), ("n1", "127.0.0.1:11", "rack-a"),
+    a.snapshots.peers = [("n0", a.snapshot_address, "rack-a"), ("n1", "127.0.0.1:11", "rack-a"),
                       ("n2", "127.0.0.1:12", "rack-b"), ("n3", "127.0.0.1:13", "rack-b")]
-    (target,) = a._replica_targets()
+    (target,) = a.snapshots.targets()
     assert target in ("127.0.0.1:12", "127.0.0.1:13")  # not n1, in n0's own rack
 
 
