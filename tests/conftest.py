@@ -24,7 +24,8 @@ def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool 
                   at_step: int | None = None, action: Callable[[LocalJob], None] | None = None,
                   slow: str = "", straggler_policy: str = "alert", extra_args: tuple[str, ...] = (),
                   spares: int = 0, replace: bool = False, hang_floor_s: float = 1.0,
-                  persist_dir: str = "", persist_every: int = 0, tls_dir: str = ""
+                  persist_dir: str = "", persist_every: int = 0, tls_dir: str = "",
+                  replicas: int = 0, replicate_interval_s: float = 1.0
                   ) -> tuple[dict, dict[str, dict]]:
     """Run the fault-injection worker as a local job to completion.
 
@@ -56,7 +57,8 @@ def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool 
                          controllers=2 if etcd_endpoint else 1, etcd_endpoint=etcd_endpoint,
                          straggler_policy=straggler_policy, spares=spares, replace=replace,
                          hang_floor_s=hang_floor_s, persist_dir=persist_dir,
-                         persist_every=persist_every, tls_dir=tls_dir)
+                         persist_every=persist_every, tls_dir=tls_dir, replicas=replicas,
+                         replicate_interval_s=replicate_interval_s)
     with LocalJob(cfg) as job:
         try:
             if action is not None:

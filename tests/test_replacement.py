@@ -10,7 +10,9 @@ survivors and newcomers alike.
 from __future__ import annotations
 
 import math
+import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -246,3 +248,25 @@ def test_sharded_optimizer_under_ddp_survives_a_crash(
             # DDP reduces float32 buckets: equal up to float32 summation order.
             assert math.isclose(loss, zero_reference[step], rel_tol=1e-3), (
                 f"{wid} step {step}: {loss} != reference {zero_reference[step]}")
+
+
+def test_a_shard_lost_with_its_in_step_replica_comes_from_an_agents_replica(
+        tmp_path: Path, zero_reference: dict[int, float]) -> None:
+    # 3 nodes of one rank each: rank r's shard is replicated in step on rank r + 1 only,
+    # so losing nodes 1 and 2 at once leaves rank 1's shard in no member's memory. But
+    # node-0's agent (--replicas 2) holds replicas of both lost workers' snapshots.
+    def lose_two_nodes(job: LocalJob) -> None:
+        for agent in job.agents[1:]:
+            os.killpg(agent.pid, signal.SIGKILL)
+
+    summary, records = run_fault_job(
+        tmp_path, steps=STEPS, nodes=3, nproc=1, at_step=12, action=lose_two_nodes,
+        replicas=2, replicate_interval_s=0.05, step_sleep_s=0.2, extra_args=("--zero",))
+    assert summary["phase"] == "complete", summary["message"] + summary["logs"]
+    assert summary["members"] == ["node-0/0"]
+    assert "FALLBACK TO DISK" not in summary["logs"]
+    assert re.search(r"optimizer shard of old rank 1 \(node-1/0\) from an agent's replica "
+                     r"of step \d+", summary["logs"]), summary["logs"]
+    (rec,) = records.values()
+    assert sorted(rec["losses"]) == list(range(STEPS))
+    assert_losses_match(records, zero_reference)

@@ -372,7 +372,7 @@ class Session(StateSources):
         }
         if self._zero:
             state["zero"] = {"world": self.world_size, "rank": self.rank,
-                             "replica": self._zero_replica}
+                             "replica": self._zero_replica, "members": list(self._members)}
         return state
 
     def _capture(self, step: int) -> None:

@@ -138,16 +138,7 @@ class StateSources:
         from splice.checkpoint.snapshot import SnapshotCorrupt, SnapshotRing
 
         directory = self.config.snapshot_dir or tempfile.mkdtemp(prefix="splice-fetched-")
-        credentials = None
-        if self.config.tls_ca:
-            from splice.security import TLSConfig, channel_credentials
-
-            try:
-                credentials = channel_credentials(TLSConfig(
-                    ca_file=self.config.tls_ca, cert_file=self.config.tls_cert,
-                    key_file=self.config.tls_key))
-            except ValueError as e:
-                raise RecoveryFailed(f"cannot fetch the snapshot of step {step}: {e}") from e
+        credentials = self._peer_credentials()
         tried = []
         for h in self._with_replicas(holders):
             t0 = time.perf_counter()
@@ -250,15 +241,22 @@ class StateSources:
         """After a membership change: every rank takes its shard of the new layout from
         what the members hold (their own old shard and the replica of the previous rank's),
         exchanging exactly the ranges that move. False if the epoch broke meanwhile."""
-        from splice.agent.worker.zero import ShardStateLost, StateShard, exchange_over
+        from splice.agent.worker.zero import (
+            ShardStateLost,
+            StateShard,
+            exchange_over,
+            read_range,
+        )
         from splice.controller.resharding import partition, plan_reshard
 
         opt: Any = self.optimizer
         held: list[StateShard] = []
         old_world = 0
+        old_members: list[str] | None = None
         if self._zero_held is not None:
             own, zinfo = self._zero_held
             old_world = int(zinfo["world"])
+            old_members = zinfo.get("members")
             held.append(StateShard(own["start"], own["stop"], own["step"], own["exp_avg"],
                                    own["exp_avg_sq"]))
             if zinfo.get("replica") is not None:
@@ -281,7 +279,17 @@ class StateSources:
                        for s in range(old_world)}
             plan = plan_reshard(partition(opt.flat.numel(), old_world, opt.align), holders,
                                 partition(opt.flat.numel(), self.world_size, opt.align))
-            opt.reshard(plan, exchange_over(self.group, plan), held, step=self.step)
+            fallback = None
+            if plan.missing:  # a shard lost with its in-step replica: an agent's replica?
+                found = self._zero_replica_shards(plan, old_members)
+                if isinstance(found, int):  # every member rolled back to that step
+                    return self._zero_reshard()
+                if found is not None:
+                    step = self.step
+                    fallback = lambda a, b: StateShard(  # noqa: E731
+                        a, b, step, *read_range(found, a, b))
+            opt.reshard(plan, exchange_over(self.group, plan), held, step=self.step,
+                        fallback=fallback)
         except CollectiveAborted as e:
             log.warning("resharding the optimizer state failed (%s); waiting for the next "
                         "membership", e)
@@ -300,6 +308,81 @@ class StateSources:
         except CollectiveAborted:
             return False
         return True
+
+    def _zero_replica_shards(self, plan: Any, old_members: Sequence[str] | None
+                             ) -> list[Any] | int | None:
+        """The lost old ranks' optimizer shards from the replicas the members' agents hold
+        (agent --replicas), at a step every member agrees on: the resume step, or the one
+        before it, which every member still holds (then they all roll back to it and this
+        returns that step, to be resharded again). For the shards this rank needs, fetched
+        and checked; None (every member alike) when the replicas cannot cover the loss."""
+        from splice.agent import replication
+        from splice.agent.worker.zero import StateShard
+        from splice.agent.worker.zero_replicas import fetch_shard, replica_steps
+
+        lost = sorted({g.old_rank for g in plan.missing})
+        candidates = [self.step, self.step - 1]
+        ok = [0.0, 0.0]
+        where: dict[str, dict[int, list[str]]] = {}
+        credentials = self._peer_credentials()
+        if old_members is not None and len(old_members) == len(plan.old):
+            workers = [old_members[s] for s in lost]
+            m = self._link.latest_membership() if self._link is not None else None
+            where = replica_steps([a.snapshot_address for a in (m.agents if m else ())
+                                   if a.snapshot_address], self.config.job_id, workers,
+                                  credentials=credentials)
+            ring = set(self._snapshots.steps())
+            ok = [1.0 if c >= 0 and c in ring and all(c in where[w] for w in workers)
+                  else 0.0 for c in candidates]
+        flags = torch.tensor(ok, dtype=torch.float64)
+        self.group.all_reduce(flags)
+        agreed = [c for c, f in zip(candidates, flags.tolist(), strict=True)
+                  if f == self.world_size]
+        if not agreed:
+            return None
+        step = agreed[0]
+        if step != self.step:
+            log.warning("worker %s: optimizer shards of old ranks %s are in no member's "
+                        "memory; agents hold replicas of step %d: every member goes back "
+                        "to it", self.worker_id, lost, step)
+            self._restore(step)
+            return step
+        assert old_members is not None
+        shards, failed = [], 0.0
+        for s in sorted({g.old_rank for g in plan.missing if g.dst_rank == self.rank}):
+            w = old_members[s]
+            try:
+                d = fetch_shard(where[w][step], self.config.job_id, w, step,
+                                credentials=credentials)
+                if (d["start"], d["stop"]) != (plan.old[s].start, plan.old[s].stop):
+                    raise ValueError(f"it holds elements [{d['start']}, {d['stop']}), old "
+                                     f"rank {s} held [{plan.old[s].start}, "
+                                     f"{plan.old[s].stop})")
+            except (replication.ReplicationError, ValueError) as e:
+                log.error("worker %s: the replica of %s's optimizer shard is not usable: %s",
+                          self.worker_id, w, e)
+                failed = 1.0
+                continue
+            shards.append(StateShard(d["start"], d["stop"], d["step"], d["exp_avg"],
+                                     d["exp_avg_sq"]))
+            log.info("worker %s: optimizer shard of old rank %d (%s) from an agent's replica "
+                     "of step %d", self.worker_id, s, w, step)
+        verdict = torch.tensor([failed], dtype=torch.float64)
+        self.group.all_reduce(verdict)
+        return shards if verdict.item() == 0 else None
+
+    def _peer_credentials(self) -> Any:
+        """Mutual TLS to other nodes' agents (the agent's certificates), None without."""
+        if not self.config.tls_ca:
+            return None
+        from splice.security import TLSConfig, channel_credentials
+
+        try:
+            return channel_credentials(TLSConfig(ca_file=self.config.tls_ca,
+                                                 cert_file=self.config.tls_cert,
+                                                 key_file=self.config.tls_key))
+        except ValueError as e:
+            raise RecoveryFailed(f"cannot reach other nodes' agents: {e}") from e
 
     def _intact_steps(self) -> list[int]:
         """Snapshot steps whose checksums still verify. A corrupted one is dropped (the
