@@ -294,3 +294,54 @@ def test_a_workers_pushes_start_at_least_the_gap_apart() -> None:
         finally:
             r.close()
         assert sent == expected, (gap, sent)
+
+
+def test_lost_shards_come_from_replicas_of_the_step_before_when_none_has_the_resume_step(
+        tmp_path: Path) -> None:
+    # One surviving rank of a 2-rank ZeRO layout resumes at step 3; old rank 1's shard is
+    # in no member's memory, and the only agent replica of node-1/0 is of step 2. Every
+    # member (here: one) goes back to step 2, which its ring still holds, and reads the
+    # lost shard from that replica.
+    from splice.agent.worker.zero import ShardedAdamW
+    from splice.controller.resharding import partition, plan_reshard
+    from splice.examples.toy import TeacherDataset, make_mlp, mse_loss
+
+    session = Session(worker_id="node-0/0", link=None,
+                      config=HookConfig(job_id=JOB, snapshot_dir=str(tmp_path / "ring")))
+    model = make_mlp(hidden=16, seed=0)
+    opt = ShardedAdamW(model.parameters(), session.group)
+    session.register(model=model, optimizer=opt, dataset=TeacherDataset(), loss_fn=mse_loss,
+                     global_batch_size=4, micro_batch_size=2)
+    for _ in range(4):
+        assert session.run_step() is not None
+    session._restore(3)
+    assert session._snapshots.steps() == [2, 3]
+    n = opt.flat.numel()
+    old = partition(n, 2)
+    lost = {"start": old[1].start, "stop": old[1].stop, "step": 2,
+            "exp_avg": torch.arange(len(old[1]), dtype=torch.float32),
+            "exp_avg_sq": torch.full((len(old[1]),), 0.5)}
+    replica_dir = tmp_path / "node-1_0"
+    ring = SnapshotRing(directory=str(replica_dir), owner="node-1/0")
+    ring.capture(2, {"model": {}, "optimizer": lost, "step": 2,
+                     "zero": {"world": 2, "rank": 1, "replica": None}})
+    ring.close()
+    got = open_committed(str(replica_dir), 2)
+    assert got is not None
+    agent = serve(ReplicaStore(0, job_id=JOB), "127.0.0.1:0")
+    try:
+        push(agent.address, JOB, "node-1/0", 2, 1, got[1], got[2])
+        session._link = _Link(pb.Membership(epoch=3, agents=[  # type: ignore[assignment]
+            pb.PeerAgent(node_id="node-1", snapshot_address=agent.address)]))
+        plan = plan_reshard(old, {0: [0]}, partition(n, 1))
+        assert [g.old_rank for g in plan.missing] == [1]
+        members = ["node-0/0", "node-1/0"]
+        assert session._zero_replica_shards(plan, members) == 2
+        assert session.step == 2 and session._snapshots.steps() == [2]
+        (shard,) = session._zero_replica_shards(plan, members)  # type: ignore[misc]
+    finally:
+        agent.stop(0)
+        session._link = None
+    assert (shard.start, shard.stop) == (old[1].start, old[1].stop)
+    assert torch.equal(shard.exp_avg, lost["exp_avg"])
+    assert torch.equal(shard.exp_avg_sq, lost["exp_avg_sq"])
