@@ -5,7 +5,6 @@ joining worker that no holder's agent can serve falls back to those replicas."""
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,18 +25,11 @@ from splice.agent.replication import (
 )
 from splice.agent.worker.session import HookConfig, Session
 from splice.checkpoint.slotmeta import open_committed
-from splice.checkpoint.snapshot import Frozen, SnapshotRing
+from splice.checkpoint.snapshot import SnapshotRing
 from splice.proto import controller_pb2 as pb
+from tests.test_fetch_state import _state
 
 JOB = "replicas-test"
-
-
-def _state(step: int) -> dict[str, Any]:
-    torch.manual_seed(step)
-    model = torch.nn.Linear(64, 32)
-    return {"model": model.state_dict(), "rng": {"torch": torch.get_rng_state(),
-                                                 "python": Frozen(random.getstate())},
-            "step": step}
 
 
 def _commit(directory: str, owner: str, *steps: int) -> None:
