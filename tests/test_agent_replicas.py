@@ -232,16 +232,19 @@ def _scraped(address: str, name: str) -> float:
 
 
 @pytest.mark.integration
-def test_in_a_running_job_each_agent_holds_its_peers_replicas(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "mutual-tls"])
+def test_in_a_running_job_each_agent_holds_its_peers_replicas(tmp_path: Path,
+                                                              tls: bool) -> None:
     # The controller tells agents where their peers' snapshot servers are (with each
-    # membership); every agent pushes its workers' snapshots to the other node's agent.
+    # membership); every agent pushes its workers' snapshots to the other node's agent
+    # (under mutual TLS with its certificate, to a server that requires one).
     from splice.localjob import LocalJob, LocalJobConfig, worker_argv
 
     cfg = LocalJobConfig(
         worker_command=worker_argv("tests.workers.fault_worker",
                                    ["--steps", "400", "--out", str(tmp_path / "out")]),
         nodes=2, nproc=2, log_dir=str(tmp_path), metrics=True, replicas=1,
-        replicate_interval_s=0.05,
+        replicate_interval_s=0.05, tls_dir=str(tmp_path / "certs") if tls else "",
         extra_env=(("PYTHONPATH", str(Path(__file__).parent.parent)),))
     (tmp_path / "out").mkdir()
     with LocalJob(cfg) as job:
