@@ -366,10 +366,14 @@ def serve(store: ReplicaStore, address: str, provider: Provider | None = None, *
 def channel_to(address: str, credentials: grpc.ChannelCredentials | None = None
                ) -> grpc.Channel:
     """A channel to a peer's SnapshotPeer service: mutual TLS with `credentials`
-    (security.channel_credentials), plaintext without."""
+    (security.channel_credentials; the peer's certificate must name AGENT_SERVER_NAME),
+    plaintext without."""
     if credentials is None:
         return grpc.insecure_channel(address, options=GRPC_OPTIONS)
-    return grpc.secure_channel(address, credentials, options=GRPC_OPTIONS)
+    from splice.security import peer_channel_options
+
+    return grpc.secure_channel(address, credentials,
+                               options=[*GRPC_OPTIONS, *peer_channel_options(credentials)])
 
 
 def _error(e: grpc.RpcError) -> str:

@@ -187,15 +187,15 @@ class NodeSnapshots:
 
     def _server_credentials(self) -> grpc.ServerCredentials | None:
         """Mutual TLS for the snapshot server when the agent has certificates; OSError if
-        its certificate cannot serve this node's address (then no snapshot server runs:
-        a plaintext one would hand the model to anyone who asks)."""
+        its certificate cannot serve snapshots (then no snapshot server runs: a plaintext
+        one would hand the model to anyone who asks)."""
         from splice.security import server_credentials, server_problem
 
         tls = self.config.tls
         if tls is None:
             return None
         try:
-            problem = server_problem(tls, self.config.gloo_host)
+            problem = server_problem(tls)
             credentials = server_credentials(tls)
         except ValueError as e:
             problem = str(e)

@@ -34,6 +34,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 # The subject CN of the controller's certificate. Clients check the SANs, not this name.
 SERVER_COMMON_NAME = "splice-controller"
+# The name an agent's certificate carries (a DNS SAN) to serve snapshots to its peers.
+# Workers and agents dialling a peer's snapshot server check this name instead of the
+# address they dialled: any agent may serve snapshots, and only agents can, while an
+# agent's certificate, naming no host, can never pass for the controller's.
+AGENT_SERVER_NAME = "splice-agent"
+# Identities that are people's or tools', not nodes': their certificates do not serve.
+CLIENT_ONLY_IDENTITIES = frozenset({"admin"})
 # Certificates become valid this long before they are issued, so a node whose clock lags
 # the issuer's by a few minutes does not reject a fresh certificate as "not yet valid".
 _CLOCK_SKEW = datetime.timedelta(minutes=5)
@@ -111,10 +118,9 @@ def channel_credentials(tls: TLSConfig) -> grpc.ChannelCredentials:
         certificate_chain=_read(tls.cert_file, "certificate file (--tls-cert)"))
 
 
-def server_problem(tls: TLSConfig, host: str) -> str:
-    """Why this end's certificate cannot serve peers that dial `host` (an agent's snapshot
-    server, dialled by workers on other nodes by its --gloo-host address), or "" if it
-    can: it must allow server authentication and name `host` in its SANs."""
+def server_problem(tls: TLSConfig) -> str:
+    """Why this agent's certificate cannot serve snapshots to its peers, or "" if it can:
+    it must allow server authentication and carry the DNS name AGENT_SERVER_NAME."""
     leaf = _load_certs(tls.cert_file, "certificate file (--tls-cert)")[0]
     try:
         usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -127,15 +133,20 @@ def server_problem(tls: TLSConfig, host: str) -> str:
         sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         sans = x509.SubjectAlternativeName([])
-    try:
-        want = _san(host)
-    except ValueError as e:
-        return str(e)
-    if want not in sans:
+    if x509.DNSName(AGENT_SERVER_NAME) not in sans:
         names = [str(getattr(n, "value", n)) for n in sans]
-        return (f"{_subject(leaf)} in {tls.cert_file!r} names {names or 'no host'}, not "
-                f"{host}; issue it for this node's address (splice certs --host {host})")
+        return (f"{_subject(leaf)} in {tls.cert_file!r} names {names or 'nothing'}, not "
+                f"{AGENT_SERVER_NAME!r}; agents' certificates carry that DNS name to serve "
+                f"snapshots to their peers (splice certs issues them so)")
     return ""
+
+
+def peer_channel_options(credentials: grpc.ChannelCredentials | None
+                         ) -> list[tuple[str, str]]:
+    """Channel options for dialling a peer agent's snapshot server: with TLS, its
+    certificate is checked for AGENT_SERVER_NAME, not for the address dialled."""
+    return [] if credentials is None else [("grpc.ssl_target_name_override",
+                                            AGENT_SERVER_NAME)]
 
 
 def open_channel(target: str, tls: TLSConfig | None, *,
@@ -211,8 +222,9 @@ def authorize(context: grpc.ServicerContext, policy: AdminPolicy,
 def make_dev_ca(out_dir: str, *, hosts: list[str], identities: list[str],
                 days: int = 30) -> dict[str, str]:
     """Write a new CA, a controller certificate valid for `hosts` (IP addresses and DNS
-    names) and one certificate per identity (CN = identity) into `out_dir`: a client
-    certificate that also serves for `hosts` (agents serve snapshots to peers).
+    names) and one client certificate per identity (CN = identity) into `out_dir`. An
+    identity's certificate also serves snapshots to peer agents (serverAuth, DNS name
+    AGENT_SERVER_NAME, no host), except for CLIENT_ONLY_IDENTITIES ("admin").
 
     Keys are EC P-256, written mode 0600. Returns the written paths by name: "ca",
     "ca_key", "controller_cert", "controller_key", "<identity>_cert", "<identity>_key".
@@ -294,9 +306,14 @@ def make_dev_ca(out_dir: str, *, hosts: list[str], identities: list[str],
     issue(SERVER_COMMON_NAME, [ExtendedKeyUsageOID.SERVER_AUTH], sans,
           paths["controller_cert"], paths["controller_key"])
     for ident in identities:
+        if ident in CLIENT_ONLY_IDENTITIES:
+            issue(ident, [ExtendedKeyUsageOID.CLIENT_AUTH], [], paths[f"{ident}_cert"],
+                  paths[f"{ident}_key"])
+            continue
         # Agents also serve: their snapshot servers, dialled by workers of other nodes.
-        issue(ident, [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH], sans,
-              paths[f"{ident}_cert"], paths[f"{ident}_key"])
+        issue(ident, [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH],
+              [x509.DNSName(AGENT_SERVER_NAME)], paths[f"{ident}_cert"],
+              paths[f"{ident}_key"])
     return paths
 
 

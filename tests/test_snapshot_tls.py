@@ -1,6 +1,7 @@
 """Mutual TLS on the agents' snapshot servers: a snapshot (the whole model) goes only to a
 caller with a certificate from the job's CA, over an encrypted channel, and only from an
-agent whose certificate is valid for the address it is dialled by."""
+agent's certificate (DNS name splice-agent), which in turn can never pass for the
+controller's."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _tls(paths: dict[str, str], role: str) -> TLSConfig:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return make_dev_ca(str(tmp_path_factory.mktemp("pki")), hosts=["127.0.0.1", "localhost"],
-                       identities=["agent"])
+                       identities=["agent", "admin"])
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +92,45 @@ def test_an_agent_of_another_ca_is_not_trusted(pki: dict[str, str],
         srv.stop(0)
 
 
-def test_the_dev_ca_issues_agent_certificates_that_serve_their_hosts(
+def test_the_dev_ca_issues_agent_certificates_that_serve_snapshots_only(
         pki: dict[str, str]) -> None:
-    tls = _tls(pki, "agent")
-    assert server_problem(tls, "127.0.0.1") == ""
-    assert server_problem(tls, "localhost") == ""
-    problem = server_problem(tls, "10.1.2.3")
-    assert "not 10.1.2.3" in problem and "--host 10.1.2.3" in problem
+    assert server_problem(_tls(pki, "agent")) == ""
+    assert "client authentication only" in server_problem(_tls(pki, "admin"))
+    assert "'splice-agent'" in server_problem(_tls(pki, "controller"))
+
+
+def test_an_agent_certificate_cannot_pass_for_the_controller(pki: dict[str, str]) -> None:
+    # A node's key serves its snapshots, but a client of the controller (an agent, the
+    # CLI) refuses it: it names no host, only splice-agent.
+    import grpc
+
+    from splice.proto import controller_pb2 as cpb
+    from splice.proto import controller_pb2_grpc as cpb_grpc
+    from splice.security import add_port, open_channel
+
+    rogue = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(2))
+    port = add_port(rogue, "127.0.0.1:0", _tls(pki, "agent"))
+    rogue.start()
+    try:
+        with open_channel(f"127.0.0.1:{port}", _tls(pki, "admin")) as channel:
+            with pytest.raises(grpc.RpcError) as e:
+                cpb_grpc.ControllerStub(channel).GetJobStatus(
+                    cpb.JobStatusRequest(job_id="j"), timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # the handshake failed
+    finally:
+        rogue.stop(0)
+
+
+def test_the_controller_certificate_cannot_serve_snapshots(pki: dict[str, str]) -> None:
+    srv = serve(ReplicaStore(0, job_id=JOB), "127.0.0.1:0",
+                lambda job, worker, step: (12, b"meta", b"\0" * 64),
+                credentials=server_credentials(_tls(pki, "controller")))
+    try:
+        with pytest.raises(FetchFailed):
+            fetch([f"127.0.0.1:{srv.port}"], JOB, "node-0/0", 12, connect_timeout_s=2.0,
+                  credentials=channel_credentials(_tls(pki, "agent")))
+    finally:
+        srv.stop(0)
 
 
 def test_a_client_only_certificate_cannot_serve(pki: dict[str, str], tmp_path: Path) -> None:
@@ -119,26 +152,27 @@ def test_a_client_only_certificate_cannot_serve(pki: dict[str, str], tmp_path: P
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     tls = TLSConfig(ca_file=pki["ca"], cert_file=str(cert_file), key_file=str(key_file))
-    assert "client authentication only" in server_problem(tls, "127.0.0.1")
+    assert "client authentication only" in server_problem(tls)
 
 
 def test_an_agent_whose_certificate_cannot_serve_runs_no_snapshot_server(
-        pki: dict[str, str], tmp_path: Path) -> None:
-    # Dialled by an address its certificate does not name: a plaintext server would hand
-    # the model to anyone, so the agent serves none (state then goes over the group).
+        pki: dict[str, str]) -> None:
+    # A client-only certificate: a plaintext server would hand the model to anyone, so
+    # the agent serves none (state then goes over the group).
     from splice.agent.agent import Agent, AgentConfig
 
     agent = Agent(AgentConfig(controller="127.0.0.1:1", command=("true",), node_id="n0",
-                              gloo_host="127.0.0.2", tls=_tls(pki, "agent")))
+                              tls=_tls(pki, "admin")))
     try:
         assert agent.snapshot_address == ""
     finally:
         agent._release()
     agent = Agent(AgentConfig(controller="127.0.0.1:1", command=("true",), node_id="n0",
-                              tls=_tls(pki, "agent")))
-    try:
-        assert agent.snapshot_address.startswith("127.0.0.1:")
+                              gloo_host="127.0.0.2", tls=_tls(pki, "agent")))
+    try:  # any address: peers check the certificate's splice-agent name
+        assert agent.snapshot_address.startswith("127.0.0.2:")
         with pytest.raises(FetchFailed):  # and it speaks TLS only
             fetch([agent.snapshot_address], JOB, "n0/0", 0, connect_timeout_s=2.0)
     finally:
+        agent._close_probes()
         agent._release()
