@@ -240,11 +240,11 @@ class Agent:
         self._probes_closed = False
         self._prober: threading.Thread | None = None
 
-    def _members_now(self) -> tuple[list[str], int]:
-        """The local workers connected now (whose snapshots are replicated) and the epoch."""
+    def _members_now(self) -> list[str]:
+        """The local workers connected now (whose snapshots are replicated)."""
         with self._lock:
-            return ([w for w, st in self._state.items()
-                     if st.state == pb.WorkerResync.CONNECTED], self._epoch)
+            return [w for w, st in self._state.items()
+                    if st.state == pb.WorkerResync.CONNECTED]
 
     # ---- upstream -----------------------------------------------------------------------
     def _hello(self) -> pb.AgentHello:

@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("splice.agent")
 
-# The local workers whose snapshots are pushed (the members connected now) and the epoch.
-Members = Callable[[], "tuple[list[str], int]"]
+# The local workers whose snapshots are pushed: the members connected now.
+Members = Callable[[], "list[str]"]
 
 
 class NodeSnapshots:
@@ -136,13 +136,22 @@ class NodeSnapshots:
         """Each local member's newest committed snapshot, mapped from shared memory."""
         from splice.checkpoint import slotmeta
 
-        workers, epoch = self._members()
+        workers = self._members()
         out: list[LocalSnapshot] = []
         for wid in workers:
             found = slotmeta.open_committed(self.directory(wid), 0)
-            if found is not None:
-                step, meta, data = found
-                out.append((wid, step, epoch, meta, data))
+            if found is None:
+                continue
+            step, meta, data = found
+            try:
+                rec = slotmeta.parse(None, meta)
+            except slotmeta.SlotUnreadable:
+                continue
+            # Ordered by the epoch it was taken in: after a rollback the older step of the
+            # newer epoch supersedes what peers hold, and an unchanged snapshot is not
+            # pushed again because a new epoch began.
+            epoch = rec.info.get("epoch", 0) if rec is not None else 0
+            out.append((wid, step, epoch if isinstance(epoch, int) else 0, meta, data))
         return out
 
     def push(self, peer: str, worker: str, step: int, epoch: int, meta: bytes | memoryview,

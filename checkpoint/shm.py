@@ -241,7 +241,7 @@ class SlotFiles:
         self._data: list[str | None] = [None, None]
         self._stale: list[list[str]] = [[], []]  # data files found but not adopted
         # Per slot: (the layout's views, the encoded slot record, id(view) -> index).
-        self._cached: list[tuple[Any, bytes, dict[int, int]] | None] = [None, None]
+        self._cached: list[tuple[Any, bytes, dict[int, int], int] | None] = [None, None]
 
     # ---- writer -------------------------------------------------------------------------
     def allocate(self, index: int, num_words: int) -> torch.Tensor:
@@ -290,18 +290,19 @@ class SlotFiles:
 
     def commit(self, index: int, step: int,
                signature: list[tuple[torch.Size, torch.dtype] | None],
-               views: list[torch.Tensor | None], tree: Any) -> None:
-        """Record slot `index` as the complete snapshot of `step`: `tree` (the slot's, its
-        tensors among `views`, the layout of `signature`)."""
+               views: list[torch.Tensor | None], tree: Any, epoch: int = 0) -> None:
+        """Record slot `index` as the complete snapshot of `step`, taken in `epoch`: `tree`
+        (the slot's, its tensors among `views`, the layout of `signature`)."""
         name = self._data[index]
         if name is None:
             return
         cached = self._cached[index]
-        if cached is None or cached[0] is not views:
-            info = pickle.dumps({"data": name, "owner": self.owner,
+        if cached is None or cached[0] is not views or cached[3] != epoch:
+            info = pickle.dumps({"data": name, "owner": self.owner, "epoch": epoch,
                                  "signature": _encode_signature(signature)}, protocol=5)
             ids = {id(v): i for i, v in enumerate(views) if v is not None}
-            cached = self._cached[index] = (views, struct.pack("<I", len(info)) + info, ids)
+            cached = self._cached[index] = (views, struct.pack("<I", len(info)) + info, ids,
+                                            epoch)
         payload = cached[1] + dumps_tree(tree, cached[2])
         fd = self._fd(index)
         os.pwrite(fd, payload, _HEADER.size)

@@ -404,6 +404,7 @@ class SnapshotRing:
                 raise ValueError("a ring in shared memory takes its checksums inline")
             self._files = SlotFiles(directory, owner)
         self.adopted_from = ""  # the worker whose snapshots `adopt` took over
+        self.epoch = 0  # recorded with each commit in shared memory (what replicas order by)
 
     def adopt(self) -> list[int]:
         """Take over the committed snapshots in this ring's directory (a dead worker's,
@@ -486,7 +487,7 @@ class SnapshotRing:
         slot.step = step
         if self._files is not None and slot.shared and not cap.others:  # off-CPU: private
             self._files.commit(self._slots.index(slot), step, layout.signature, layout.views,
-                               tree)
+                               tree, self.epoch)
 
     def steps(self) -> list[int]:
         return sorted(s.step for s in self._slots if s.step >= 0)

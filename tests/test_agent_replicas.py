@@ -32,8 +32,9 @@ from tests.test_fetch_state import _state
 JOB = "replicas-test"
 
 
-def _commit(directory: str, owner: str, *steps: int) -> None:
+def _commit(directory: str, owner: str, *steps: int, epoch: int = 1) -> None:
     ring = SnapshotRing(directory=directory, owner=owner)
+    ring.epoch = epoch
     for step in steps:
         ring.capture(step, _state(step))
     ring.close()
@@ -340,3 +341,28 @@ def test_lost_shards_come_from_replicas_of_the_step_before_when_none_has_the_res
     assert (shard.start, shard.stop) == (old[1].start, old[1].stop)
     assert torch.equal(shard.exp_avg, lost["exp_avg"])
     assert torch.equal(shard.exp_avg_sq, lost["exp_avg_sq"])
+
+
+def test_replicas_are_ordered_by_the_epoch_a_snapshot_was_taken_in(agents: Any) -> None:
+    # A new epoch alone re-sends nothing; after a rollback, the older step of the newer
+    # epoch replaces what the peer holds.
+    a, b = agents("n0"), agents("n1")
+    directory = a.snapshots.directory("n0/0")
+    _commit(directory, "n0/0", 9, 10, epoch=1)
+    _connect(a, "n0/0")
+    a.snapshots.peers = [("n0", a.snapshot_address, "n0"), ("n1", b.snapshot_address, "n1")]
+    replicator = a.snapshots.replicator
+    assert replicator is not None
+    replicator.min_gap_s = 0.0
+    for f in replicator.maybe_push():
+        f.result(timeout=30)
+    a._epoch = 2  # a recovery: the agent relays epoch 2, the snapshot is unchanged
+    assert replicator.maybe_push() == []
+    import shutil
+
+    shutil.rmtree(directory)
+    _commit(directory, "n0/0", 8, epoch=2)  # rolled back to step 8 in epoch 2
+    for f in replicator.maybe_push():
+        f.result(timeout=30)
+    (held,) = [(h.step, h.epoch) for h in b.snapshots.replicas.holdings()]
+    assert held == (8, 2)

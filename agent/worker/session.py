@@ -378,6 +378,7 @@ class Session(StateSources):
     def _capture(self, step: int) -> None:
         if self._zero and step not in self._snapshots.steps():
             self._zero_replica = self._ring_replica()
+        self._snapshots.epoch = self.epoch
         self._snapshots.capture(step, self._state())
 
     def _check_budget(self) -> None:

@@ -108,7 +108,7 @@ class StateSources:
             if not self._zero_reshard():
                 return False
         else:
-            self._snapshots.capture(step, self._state())
+            self._capture(step)
         log.info("worker %s: loaded %.1f MB of step-%d state from %s in %.3f s",
                  self.worker_id, flat.numel() / 1e6, step, src_worker,
                  time.perf_counter() - t0)
