@@ -312,7 +312,7 @@ class Agent:
 
                         self._pending_ready = {w: r for w, r in self._pending_ready.items()
                                                if r.epoch >= msg.membership.epoch}
-                    self.snapshots.set_peers(msg.membership.agents)
+                    self.snapshots.on_membership(msg.membership)
                     down = lpb.AgentToWorker(membership=msg.membership)
                 elif kind == "resume":
                     with self._lock:
@@ -620,6 +620,7 @@ class Agent:
         elif kind == "step_report":  # batched into the next telemetry message
             if msg.step_report.worker_id == wid:
                 r = msg.step_report
+                self.snapshots.trained(r.epoch)
                 if self.metrics is not None:
                     self.metrics.step(r.step_time_s, r.compute_s, r.wait_s, r.collective_bytes)
                     if r.snapshot_at_s:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -56,6 +57,9 @@ class NodeSnapshots:
                         config.gloo_host, e)
         # Pushing replicas to peer agents (the peers' addresses come with each membership).
         self.peers: list[tuple[str, str, str]] = []  # node id, snapshot address, domain
+        self._lock = threading.Lock()  # the peers, the memberships seen, the channels
+        self._members_of: dict[int, frozenset[str]] = {}  # epoch -> its members
+        self._settled_epoch = 0  # the newest epoch a local worker trained a step in
         self.replicator: Replicator | None = None
         self._channels: dict[str, grpc.Channel] = {}
         if config.replicas and self.server is not None:
@@ -72,7 +76,9 @@ class NodeSnapshots:
             self.replicator.start()
 
     def close(self) -> None:
-        for channel in list(self._channels.values()):
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
             channel.close()  # cancels a push in flight, so the replicator stops at once
         if self.replicator is not None:
             self.replicator.close()
@@ -115,15 +121,46 @@ class NodeSnapshots:
             self._metrics.snapshot_handed_over()
 
     # ---- replicas ahead of a fault -------------------------------------------------------
-    def set_peers(self, agents: Sequence[pb.PeerAgent]) -> None:
-        """The members' agents, as the newest membership names them."""
-        self.peers = [(a.node_id, a.snapshot_address, a.failure_domain or a.node_id)
-                      for a in agents]
+    def on_membership(self, m: pb.Membership) -> None:
+        """A new membership: its agents are the peers now. Replicas of workers that are in
+        neither it nor the last membership that trained a step are dropped (a worker lost
+        since keeps its replica: the snapshots being resharded are of that layout), and
+        channels to former peers closed."""
+        with self._lock:
+            self.peers = [(a.node_id, a.snapshot_address, a.failure_domain or a.node_id)
+                          for a in m.agents]
+            self._members_of = {e: w for e, w in self._members_of.items()
+                                if e >= self._settled_epoch}
+            self._members_of[m.epoch] = frozenset(m.members)
+            self._drop_departed()
+            current = {a for _, a, _ in self.peers}
+            gone = [self._channels.pop(a) for a in list(self._channels) if a not in current]
+        for channel in gone:
+            channel.close()
+
+    def trained(self, epoch: int) -> None:
+        """A local worker completed a step in `epoch`: its layout is the settled one."""
+        with self._lock:
+            if epoch > self._settled_epoch and epoch in self._members_of:
+                self._settled_epoch = epoch
+                self._drop_departed()
+
+    def _drop_departed(self) -> None:
+        """(Under the lock.)"""
+        newest = max(self._members_of, default=0)
+        keep = (self._members_of.get(newest, frozenset())
+                | self._members_of.get(self._settled_epoch, frozenset()))
+        for r in self.replicas.holdings():
+            if r.job_id == self.config.job_id and r.worker_id not in keep:
+                log.info("agent %s: dropping the replica of %s (step %d): no longer in the "
+                         "job", self.config.node_id, r.worker_id, r.step)
+                self.replicas.drop(r.job_id, r.worker_id)
 
     def targets(self) -> list[str]:
         """The snapshot servers of this node's `replicas` peers (place_replicas over the
         members' nodes: other nodes, other failure domains first)."""
-        peers = list(self.peers)
+        with self._lock:
+            peers = list(self.peers)
         address = {n: a for n, a, _ in peers if a}
         domain = {n: d for n, _, d in peers}
         domain.setdefault(self.config.node_id, self.config.failure_domain or self.config.node_id)
@@ -171,10 +208,11 @@ class NodeSnapshots:
                 return False
             return bool(now) and now.meta == raw  # type: ignore[union-attr]
 
-        channel = self._channels.get(peer)
-        if channel is None:
-            channel = self._channels[peer] = replication.channel_to(
-                peer, self._client_credentials())
+        with self._lock:
+            channel = self._channels.get(peer)
+            if channel is None:
+                channel = self._channels[peer] = replication.channel_to(
+                    peer, self._client_credentials())
         size = len(raw) + len(memoryview(data).cast("B"))
         try:
             replication.push(channel, self.config.job_id, worker, step, epoch, raw, data,

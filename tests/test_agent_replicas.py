@@ -366,3 +366,33 @@ def test_replicas_are_ordered_by_the_epoch_a_snapshot_was_taken_in(agents: Any) 
         f.result(timeout=30)
     (held,) = [(h.step, h.epoch) for h in b.snapshots.replicas.holdings()]
     assert held == (8, 2)
+
+
+def test_replicas_of_workers_gone_from_the_job_are_dropped_once_a_new_layout_trains(
+        agents: Any) -> None:
+    b = agents("n1")
+    for wid in ("n0/0", "n2/0"):
+        d = b.snapshots.directory("src-" + wid)
+        _commit(d, wid, 5)
+        got = open_committed(d, 5)
+        assert got is not None
+        push(b.snapshot_address, JOB, wid, 5, 1, got[1], got[2])
+
+    def membership(epoch: int, members: list[str]) -> pb.Membership:
+        return pb.Membership(epoch=epoch, members=members, agents=[
+            pb.PeerAgent(node_id=w.split("/")[0], snapshot_address="127.0.0.1:9")
+            for w in members])
+
+    def held() -> list[str]:
+        return [r.worker_id for r in b.snapshots.replicas.holdings()]
+
+    b.snapshots.on_membership(membership(1, ["n0/0", "n1/0", "n2/0"]))
+    b.snapshots.trained(1)
+    assert held() == ["n0/0", "n2/0"]
+    # n2 lost, then n0 while that recovery was under way: the snapshots to reshard are
+    # still of epoch 1's layout, which needs both replicas.
+    b.snapshots.on_membership(membership(2, ["n0/0", "n1/0"]))
+    b.snapshots.on_membership(membership(3, ["n1/0"]))
+    assert held() == ["n0/0", "n2/0"]
+    b.snapshots.trained(3)  # epoch 3 trains: its layout is settled
+    assert held() == []
