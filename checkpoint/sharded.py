@@ -5,7 +5,10 @@ checkpoint of a step is the set of every rank's snapshot of it: the model (the s
 every rank), the RNG state, and the rank's shard of the AdamW moments. Rank r of a W-rank
 world writes through its own PersistentStore (persist.py: atomic, newest `keep` kept):
 
-    root/<job_id>.zero-w<W>-r<r>/step-<step:012d>.ckpt|.json
+    root/<job_id>/zero/w<W>-r<r>/step-<step:012d>.ckpt|.json
+
+(beside the unsharded checkpoints' files in root/<job_id>/; job ids cannot hold a "/", so
+no job's directory is another's).
 
 The directory names the layout, so a step's checkpoint is complete when all W ranks of
 one world committed it, which is decided from the manifests alone (`complete`), without
@@ -25,11 +28,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from splice.checkpoint.persist import PersistentStore, PersistError
+from splice.checkpoint.persist import PersistentStore, PersistError, _validate_job_id
 
 log = logging.getLogger("splice.persist")
 
 __all__ = ["ShardedCheckpoints"]
+
+_STORE = re.compile(r"^w(\d+)-r(\d+)$")
 
 
 class ShardedCheckpoints:
@@ -37,14 +42,19 @@ class ShardedCheckpoints:
 
     def __init__(self, root: str | os.PathLike[str], *, job_id: str = "default",
                  keep: int = 2) -> None:
+        _validate_job_id(job_id)
         self.root = Path(root)
         self.job_id = job_id
         self.keep = keep
-        self._pattern = re.compile(rf"^{re.escape(job_id)}\.zero-w(\d+)-r(\d+)$")
+        self._base = self.root / job_id / "zero"
         self._writers: dict[tuple[int, int], PersistentStore] = {}
 
+    @staticmethod
+    def _store_name(world: int, rank: int) -> str:
+        return f"w{world}-r{rank}"
+
     def _name(self, world: int, rank: int) -> str:
-        return f"{self.job_id}.zero-w{world}-r{rank}"
+        return f"{self.job_id}/zero/{self._store_name(world, rank)}"
 
     def save_async(self, step: int, world: int, rank: int, tree: Any) -> None:
         """Queue rank `rank` of `world`'s snapshot of `step` (a private copy) and return."""
@@ -54,8 +64,8 @@ class ShardedCheckpoints:
         if store is None:
             # A rank prunes nothing from its world's newest complete step on: a rank that
             # lags behind must not leave the job without any complete checkpoint.
-            store = PersistentStore(self.root, job_id=self._name(world, rank), keep=self.keep,
-                                    retain=lambda: self._newest_of(world))
+            store = PersistentStore(self._base, job_id=self._store_name(world, rank),
+                                    keep=self.keep, retain=lambda: self._newest_of(world))
             self._writers[(world, rank)] = store
         store.save_async(step, tree)
 
@@ -70,7 +80,7 @@ class ShardedCheckpoints:
     def _reader(self, world: int, rank: int) -> PersistentStore:
         store = self._writers.get((world, rank))
         return store if store is not None else PersistentStore(
-            self.root, job_id=self._name(world, rank), keep=self.keep, writer=False)
+            self._base, job_id=self._store_name(world, rank), keep=self.keep, writer=False)
 
     def _newest_of(self, world: int) -> int | None:
         """The newest step all ranks of `world` committed, or None."""
@@ -85,11 +95,11 @@ class ShardedCheckpoints:
         first (by their manifests; the data is checked when loaded)."""
         ranks: dict[int, set[int]] = {}
         try:
-            names = [e.name for e in self.root.iterdir()] if self.root.is_dir() else []
+            names = [e.name for e in self._base.iterdir()] if self._base.is_dir() else []
         except OSError as e:
-            raise PersistError(f"cannot list checkpoint root {self.root}: {e}") from e
+            raise PersistError(f"cannot list checkpoint directory {self._base}: {e}") from e
         for name in names:
-            m = self._pattern.match(name)
+            m = _STORE.match(name)
             if m is not None:
                 ranks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
         out = []

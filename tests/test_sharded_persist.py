@@ -1,7 +1,7 @@
 """Persistent checkpoints of a sharded optimizer (checkpoint/sharded.py), and the read-only
 PersistentStore (checkpoint/persist.py, `writer=False`) it reads other ranks' files with.
 
-Every rank writes its own snapshot tree into `root/<job_id>.zero-w<W>-r<r>/`; a step is
+Every rank writes its own snapshot tree into `root/<job_id>/zero/w<W>-r<r>/`; a step is
 complete when all W ranks of one world committed it. The trees here are what a ZeRO-1
 worker saves: the model (the same on every rank), the rank's slice of a known flat AdamW
 state, and the layout it was saved in. Saves are made durable with `flush`, never waited
@@ -119,8 +119,7 @@ def test_round_trip_every_rank_of_every_step(tmp_path: Path,
 
     assert ckpts.complete() == [(5, 3), (10, 3)]
     assert ckpts.newest() == (10, 3)
-    assert entries(tmp_path) == [f"{JOB}.zero-w3-r0", f"{JOB}.zero-w3-r1",
-                                 f"{JOB}.zero-w3-r2"]
+    assert entries(tmp_path / JOB / "zero") == ["w3-r0", "w3-r1", "w3-r2"]
     loaded = ckpts.load(10, 3, 1)
     assert_trees_equal(loaded, shard_tree(10, 3, 1))
     assert loaded["optimizer"]["start"] == 334 and loaded["optimizer"]["stop"] == 667
@@ -153,10 +152,10 @@ def test_a_world_with_a_rank_directory_absent_is_not_listed(
         save(other, 10, 1)
     finally:
         other.close()
-    (tmp_path / f"{JOB}.zero-w1-r1").mkdir()
-    (tmp_path / f"{JOB}.unrelated").mkdir()
+    (tmp_path / JOB / "zero" / "w1-r1").mkdir()
+    (tmp_path / JOB / "zero" / "unrelated").mkdir()
 
-    assert not (tmp_path / f"{JOB}.zero-w3-r1").exists()
+    assert not (tmp_path / JOB / "zero" / "w3-r1").exists()
     assert ckpts.complete() == [(5, 2)]
     assert ShardedCheckpoints(tmp_path, job_id="other").complete() == [(10, 1)]
 
@@ -172,7 +171,7 @@ def test_each_rank_keeps_its_newest_keep_steps(tmp_path: Path) -> None:
     assert ckpts.complete() == [(10, 3), (15, 3)]
     assert ShardedCheckpoints(tmp_path, job_id=JOB).complete() == [(10, 3), (15, 3)]
     for rank in range(3):
-        assert entries(tmp_path / f"{JOB}.zero-w3-r{rank}") == [
+        assert entries(tmp_path / JOB / "zero" / f"w3-r{rank}") == [
             "step-000000000010.ckpt", "step-000000000010.json",
             "step-000000000015.ckpt", "step-000000000015.json"]
 
@@ -246,8 +245,8 @@ def test_a_rank_that_lags_behind_does_not_cost_the_only_complete_checkpoint(
 
         assert reader.newest() == (5, 2), (
             f"no complete checkpoint while rank 1's save of step 10 is in flight: "
-            f"rank 0 holds {entries(tmp_path / f'{JOB}.zero-w2-r0')}, "
-            f"rank 1 holds {entries(tmp_path / f'{JOB}.zero-w2-r1')}")
+            f"rank 0 holds {entries(tmp_path / JOB / 'zero' / 'w2-r0')}, "
+            f"rank 1 holds {entries(tmp_path / JOB / 'zero' / 'w2-r1')}")
     finally:
         held.gate.set()
         assert rank1.flush(FLUSH_TIMEOUT_S)
@@ -272,7 +271,7 @@ def test_load_refuses_a_tree_that_is_not_what_its_name_says(
     ckpts.save_async(10, 3, 1, tree)
     assert ckpts.flush(FLUSH_TIMEOUT_S)
 
-    with pytest.raises(PersistError, match=rf"{JOB}\.zero-w3-r1/step-000000000010 is not "
+    with pytest.raises(PersistError, match=rf"{JOB}/zero/w3-r1/step-000000000010 is not "
                                            r"rank 1 of 3's"):
         ckpts.load(10, 3, 1)
     with pytest.raises(PersistError):
@@ -282,7 +281,7 @@ def test_load_refuses_a_tree_that_is_not_what_its_name_says(
 def test_a_damaged_shard_is_listed_but_refused_when_loaded(
         tmp_path: Path, ckpts: ShardedCheckpoints) -> None:
     save(ckpts, 10, 3)
-    data = tmp_path / f"{JOB}.zero-w3-r1" / "step-000000000010.ckpt"
+    data = tmp_path / JOB / "zero" / "w3-r1" / "step-000000000010.ckpt"
     flip_byte(data, data.stat().st_size // 2)
 
     assert ckpts.complete() == [(10, 3)]  # decided from the manifests, without the data
@@ -322,7 +321,7 @@ def test_shards_over_reads_only_the_shards_it_needs(
         tmp_path: Path, ckpts: ShardedCheckpoints) -> None:
     save(ckpts, 7, 4)
     for rank in (0, 3):
-        data = tmp_path / f"{JOB}.zero-w4-r{rank}" / "step-000000000007.ckpt"
+        data = tmp_path / JOB / "zero" / f"w4-r{rank}" / "step-000000000007.ckpt"
         flip_byte(data, data.stat().st_size // 2)
 
     shards = ckpts.shards_over(7, 4, partition(TOTAL, 4), 250, 750)

@@ -449,6 +449,8 @@ class Session(StateSources):
                 tree = self._snapshots.restore(self.step)
                 if self._zero:  # every rank writes its own shard (checkpoint/sharded.py)
                     tree["zero"]["replica"] = None
+                    if self.rank:  # the model, the same on every rank, goes in rank 0's
+                        tree["model"] = {}
                     self._sharded.save_async(self.step, self.world_size, self.rank, tree)
                 else:
                     self._persist.save_async(self.step, tree)

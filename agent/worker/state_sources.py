@@ -405,8 +405,11 @@ class StateSources:
         sharded optimizer's, every rank's shard (checkpoint/sharded.py)."""
         if self._persist is None:
             return None
-        held = [i.step for i in self._persist.list()]
-        sharded = self._sharded.newest()
+        # A registered session reads its own kind; before register() (a cold start) it
+        # cannot tell, and a job has only one kind unless its optimizer changed.
+        zero = self._zero if self._registered else None
+        held = [] if zero else [i.step for i in self._persist.list()]
+        sharded = None if zero is False else self._sharded.newest()
         if sharded is not None:
             held.append(sharded[0])
         return max(held) if held else None
@@ -418,22 +421,32 @@ class StateSources:
 
         assert self._persist is not None
         t0 = time.perf_counter()
+        error: PersistError | None = None
         try:
             if self._zero:
                 self._load_sharded(step)
             else:
                 self._load(self._persist.load(step))
         except PersistError as e:
-            raise RecoveryFailed(f"cannot load the persistent checkpoint of step {step}: "
-                                 f"{e}") from e
-        self._snapshots.discard_after(-1)
-        self._pending_state = None
-        self.restored_from = f"disk, step {step}"
+            error = e
         try:
-            steps = self.group.all_reduce(torch.tensor([float(step), 1.0], dtype=torch.float64))
-            if steps[0].item() != step * steps[1].item():
+            # Every member says whether it loaded, and which step: all of them go on or
+            # all fail alike, so none is left waiting in a collective for one that gave up.
+            v = torch.tensor([float(error is not None), float(step), float(step) ** 2, 1.0],
+                             dtype=torch.float64)
+            self.group.all_reduce(v)
+            failed, s1, s2, n = v.tolist()
+            if failed:
+                raise RecoveryFailed(
+                    f"cannot load the persistent checkpoint of step {step}: "
+                    + (str(error) if error is not None else
+                       f"{int(failed)} other member(s) could not (see their logs)"))
+            if s1 != step * n or s2 != float(step) ** 2 * n:
                 raise RecoveryFailed(f"members loaded different persistent checkpoints (mean "
-                                     f"step {steps[0].item() / steps[1].item()}, mine {step})")
+                                     f"step {s1 / n}, mine {step})")
+            self._snapshots.discard_after(-1)
+            self._pending_state = None
+            self.restored_from = f"disk, step {step}"
             self._capture(step)  # a sharded optimizer exchanges its replicas here
         except CollectiveAborted:
             return False
@@ -457,7 +470,11 @@ class StateSources:
                                f"{self._sharded.complete()}); a job without ShardedAdamW "
                                "writes the unsharded kind")
         world = worlds[-1]
+        # Rank 0's file alone holds the model (the same on every rank); each rank's holds
+        # its RNG state and shard.
         snap = self._sharded.load(step, world, self.rank % world)
+        if self.rank % world:
+            snap["model"] = self._sharded.load(step, world, 0)["model"]
         self._load(snap)
         self._zero_held = None
         opt: Any = self.optimizer
