@@ -74,8 +74,10 @@ class StragglerPolicy:
 
 @dataclass(frozen=True, kw_only=True)
 class SnapshotPolicy:
-    # Copies of each rank's in-memory snapshot held by peers (0: local only).
-    replicas: int = 1
+    # Copies of each rank's in-memory snapshot pushed to peers' agents (0: none). Off by
+    # default: with data-parallel state every survivor holds the resume step already, and
+    # each replica costs host memory on the peer and CPU and network all along.
+    replicas: int = 0
     every_steps: int = 1
     # Persistent checkpoints: the fall-back when every in-memory copy of a shard is lost.
     persistent: bool = False
@@ -164,7 +166,7 @@ def parse_spec(spec: Mapping[str, Any]) -> SpliceJobSpec:
             window_steps=_get(st, "windowSteps", int, 30, "spec.stragglers"),
             action=_get(st, "action", str, "Report", "spec.stragglers")),
         snapshot=SnapshotPolicy(
-            replicas=_get(sn, "replicas", int, 1, "spec.snapshot"),
+            replicas=_get(sn, "replicas", int, 0, "spec.snapshot"),
             every_steps=_get(sn, "everySteps", int, 1, "spec.snapshot"),
             persistent=_get(pe, "enabled", bool, False, "spec.snapshot.persistence"),
             persistent_path=_get(pe, "path", str, "", "spec.snapshot.persistence"),

@@ -326,8 +326,7 @@ def test_worker_pods_wrap_the_user_command_in_the_agent() -> None:
     c = pod["spec"]["containers"][0]
     assert c["command"] == ["splice", "agent", "--controller", "j-controller.ns.svc:29400",
                             "--nproc", "2", "--node-id", "j-worker-1", "--job", "j",
-                            "--gloo-host", "$(POD_IP)", "--replicas", "1",
-                            "--", "python", "train.py"]
+                            "--gloo-host", "$(POD_IP)", "--", "python", "train.py"]
     assert pod["spec"]["restartPolicy"] == "Never"
     assert pod["metadata"]["ownerReferences"][0]["uid"] == "u-1"
     # The snapshots' shared memory: a memory-backed /dev/shm, not the 64 MiB default.

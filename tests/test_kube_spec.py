@@ -34,7 +34,7 @@ def test_defaults_fill_every_policy() -> None:
     assert (s.nodes.min, s.nodes.desired, s.nodes.max) == (1, 2, 4)
     assert s.fault_tolerance.recovery_strategy == "Replace"
     assert s.fault_tolerance.node_timeout_s > s.fault_tolerance.heartbeat_interval_s
-    assert s.snapshot.replicas == 1 and not s.snapshot.persistent
+    assert s.snapshot.replicas == 0 and not s.snapshot.persistent
     assert s.monitoring.port == 9400 and s.controller_image == "splice:dev"
 
 
