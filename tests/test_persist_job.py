@@ -64,25 +64,32 @@ def test_losing_every_in_memory_copy_falls_back_to_disk(
     assert_losses_match(records, reference)
 
 
-def test_a_sharded_optimizer_cold_starts_from_every_ranks_shard_at_another_world_size(
+def test_a_sharded_optimizer_cold_starts_at_another_world_size_past_a_damaged_shard(
         tmp_path: Path, zero_reference: dict[int, float]) -> None:
     # ZeRO-1: each of the 4 ranks writes its own shard; the job then starts again with 3
-    # ranks, each reading the old shards its new range overlaps.
+    # ranks, each reading the old shards its new range overlaps. Old rank 3's shard of the
+    # newest step is damaged: only new rank 2 reads it, and every member goes back to the
+    # older checkpoint with it.
     ckpt = tmp_path / "ckpt"
     summary, _ = run_fault_job(tmp_path / "first", steps=22, persist_dir=str(ckpt),
                                persist_every=5, extra_args=("--zero",))
     assert summary["phase"] == "complete", summary["logs"]
     assert ShardedCheckpoints(ckpt, job_id="local").complete() == [(15, 4), (20, 4)]
     assert PersistentStore(ckpt, job_id="local").list() == []  # no unsharded checkpoint
+    damaged = ckpt / "local" / "zero" / "w4-r3" / "step-000000000020.ckpt"
+    raw = bytearray(damaged.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    damaged.write_bytes(bytes(raw))
     summary, records = run_fault_job(tmp_path / "second", steps=STEPS, nodes=1, nproc=3,
                                      persist_dir=str(ckpt), persist_every=5,
                                      extra_args=("--zero",))
     assert summary["phase"] == "complete", summary["logs"]
     assert len(records) == 3
-    assert "read from the 4-rank sharded checkpoint of step 20" in summary["logs"]
+    assert "every member tries the older one of step 15" in summary["logs"]
+    assert "read from the 4-rank sharded checkpoint of step 15" in summary["logs"]
     for rec in records.values():
-        assert sorted(rec["losses"]) == list(range(20, STEPS))
-        assert rec["restored_from"] == "disk, step 20"
+        assert sorted(rec["losses"]) == list(range(15, STEPS))
+        assert rec["restored_from"] == "disk, step 15"
     assert_losses_match(records, zero_reference)
 
 

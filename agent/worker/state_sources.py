@@ -400,6 +400,14 @@ class StateSources:
             intact.append(step)
         return intact
 
+    def _persisted_steps(self) -> list[int]:
+        """The steps of this optimizer's kind of persistent checkpoint, oldest first."""
+        if self._persist is None:
+            return []
+        if self._zero:
+            return sorted({s for s, _ in self._sharded.complete()})
+        return [i.step for i in self._persist.list()]
+
     def _newest_persisted(self) -> int | None:
         """The newest persistent checkpoint's step: the whole snapshot rank 0 writes, or a
         sharded optimizer's, every rank's shard (checkpoint/sharded.py)."""
@@ -415,35 +423,46 @@ class StateSources:
         return max(held) if held else None
 
     def _load_persisted(self, step: int) -> bool:
-        """Load the persistent checkpoint of `step` (verified), then check with one
-        collective that every member loaded the same step."""
+        """Load the persistent checkpoint of `step` (verified), agreeing with every member
+        on the outcome and the step. If any member cannot read its files, all of them try
+        the next older checkpoint, loudly; with none left, all fail alike (none is left
+        waiting in a collective for one that gave up)."""
         from splice.checkpoint.persist import PersistError
 
         assert self._persist is not None
         t0 = time.perf_counter()
-        error: PersistError | None = None
+        tried: list[str] = []
         try:
-            if self._zero:
-                self._load_sharded(step)
-            else:
-                self._load(self._persist.load(step))
-        except PersistError as e:
-            error = e
-        try:
-            # Every member says whether it loaded, and which step: all of them go on or
-            # all fail alike, so none is left waiting in a collective for one that gave up.
-            v = torch.tensor([float(error is not None), float(step), float(step) ** 2, 1.0],
-                             dtype=torch.float64)
-            self.group.all_reduce(v)
-            failed, s1, s2, n = v.tolist()
-            if failed:
-                raise RecoveryFailed(
-                    f"cannot load the persistent checkpoint of step {step}: "
-                    + (str(error) if error is not None else
-                       f"{int(failed)} other member(s) could not (see their logs)"))
-            if s1 != step * n or s2 != float(step) ** 2 * n:
-                raise RecoveryFailed(f"members loaded different persistent checkpoints (mean "
-                                     f"step {s1 / n}, mine {step})")
+            while True:
+                error: PersistError | None = None
+                try:
+                    if self._zero:
+                        self._load_sharded(step)
+                    else:
+                        self._load(self._persist.load(step))
+                except PersistError as e:
+                    error = e
+                v = torch.tensor([float(error is not None), float(step), float(step) ** 2,
+                                  1.0], dtype=torch.float64)
+                self.group.all_reduce(v)
+                failed, s1, s2, n = v.tolist()
+                if s1 != step * n or s2 != float(step) ** 2 * n:
+                    raise RecoveryFailed(f"members loaded different persistent checkpoints "
+                                         f"(mean step {s1 / n}, mine {step})")
+                if not failed:
+                    break
+                why = (str(error) if error is not None else
+                       f"{int(failed)} other member(s) could not (see their logs)")
+                tried.append(f"step {step}: {why}")
+                older = [s for s in self._persisted_steps() if s < step]
+                if not older:
+                    raise RecoveryFailed("cannot load any persistent checkpoint: "
+                                         + "; ".join(tried))
+                log.error("worker %s: cannot load the persistent checkpoint of step %d (%s); "
+                          "every member tries the older one of step %d", self.worker_id,
+                          step, why, older[-1])
+                step = older[-1]
+                self.step = step
             self._snapshots.discard_after(-1)
             self._pending_state = None
             self.restored_from = f"disk, step {step}"
