@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from splice.localjob import LocalJob, LocalJobConfig, worker_argv
+from splice.security import TLSConfig, make_dev_ca
 from tests.etcd_server import etcd, etcd_shared  # noqa: F401  (fixtures for every module)
 
 JOB_TIMEOUT_S = 120.0
@@ -107,6 +108,24 @@ def zero_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]
     return curves[0]
 
 
+def role(paths: dict[str, str], name: str) -> TLSConfig:
+    return TLSConfig(ca_file=paths["ca"], cert_file=paths[f"{name}_cert"],
+                     key_file=paths[f"{name}_key"])
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return make_dev_ca(str(tmp_path_factory.mktemp("pki")), hosts=["127.0.0.1", "localhost"],
+                       identities=["agent", "admin"])
+
+
+@pytest.fixture(scope="session")
+def other_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A second, unrelated CA with the same names: trusted by nobody above."""
+    return make_dev_ca(str(tmp_path_factory.mktemp("other")), hosts=["127.0.0.1", "localhost"],
+                       identities=["agent", "admin"])
+
+
 @pytest.fixture
 def job_dir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
@@ -117,4 +136,4 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda it: 1 if it.get_closest_marker("integration") else 0)
 
 
-__all__ = ["JOB_TIMEOUT_S", "assert_losses_match", "os", "run_fault_job"]
+__all__ = ["JOB_TIMEOUT_S", "assert_losses_match", "os", "role", "run_fault_job"]

@@ -36,6 +36,7 @@ from splice.security import (
     peer_identity,
 )
 from splice.security_cli import add_certs_parser, add_tls_flags, tls_from_args
+from tests.conftest import role
 
 TIMEOUT_S = 10.0
 NO_IDENTITY = "<none>"
@@ -81,24 +82,6 @@ def assert_refused(channel: grpc.Channel) -> grpc.RpcError:
         ask(channel)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
     return e.value
-
-
-def role(paths: dict[str, str], name: str) -> TLSConfig:
-    return TLSConfig(ca_file=paths["ca"], cert_file=paths[f"{name}_cert"],
-                     key_file=paths[f"{name}_key"])
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return make_dev_ca(str(tmp_path_factory.mktemp("pki")), hosts=["127.0.0.1", "localhost"],
-                       identities=["agent", "admin"])
-
-
-@pytest.fixture(scope="module")
-def other_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A second, unrelated CA with the same names: trusted by nobody above."""
-    return make_dev_ca(str(tmp_path_factory.mktemp("other")), hosts=["127.0.0.1", "localhost"],
-                       identities=["agent", "admin"])
 
 
 @pytest.fixture(scope="module")

@@ -20,29 +20,12 @@ from splice.agent.replication import FetchFailed, PeerServer, ReplicaStore, fetc
 from splice.security import (
     TLSConfig,
     channel_credentials,
-    make_dev_ca,
     server_credentials,
     server_problem,
 )
+from tests.conftest import role
 
 JOB = "job"
-
-
-def _tls(paths: dict[str, str], role: str) -> TLSConfig:
-    return TLSConfig(ca_file=paths["ca"], cert_file=paths[f"{role}_cert"],
-                     key_file=paths[f"{role}_key"])
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return make_dev_ca(str(tmp_path_factory.mktemp("pki")), hosts=["127.0.0.1", "localhost"],
-                       identities=["agent", "admin"])
-
-
-@pytest.fixture(scope="module")
-def other_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return make_dev_ca(str(tmp_path_factory.mktemp("other")), hosts=["127.0.0.1"],
-                       identities=["agent"])
 
 
 @pytest.fixture
@@ -53,7 +36,7 @@ def server(pki: dict[str, str]) -> Iterator[PeerServer]:
         return (12, b"meta", data) if (job, worker) == (JOB, "node-0/0") else None
 
     srv = serve(ReplicaStore(0, job_id=JOB), "127.0.0.1:0", provider,
-                credentials=server_credentials(_tls(pki, "agent")))
+                credentials=server_credentials(role(pki, "agent")))
     yield srv
     srv.stop(0)
 
@@ -61,7 +44,7 @@ def server(pki: dict[str, str]) -> Iterator[PeerServer]:
 def test_a_caller_with_the_jobs_certificates_fetches(pki: dict[str, str],
                                                       server: PeerServer) -> None:
     got = fetch([f"127.0.0.1:{server.port}"], JOB, "node-0/0", 12,
-                credentials=channel_credentials(_tls(pki, "agent")))
+                credentials=channel_credentials(role(pki, "agent")))
     assert (got.step, got.meta) == (12, b"meta")
     assert bytes(got.data.numpy()) == bytes(range(256)) * 64
 
@@ -75,28 +58,34 @@ def test_a_caller_from_another_ca_gets_nothing(other_pki: dict[str, str],
                                                server: PeerServer) -> None:
     with pytest.raises(FetchFailed):
         fetch([f"127.0.0.1:{server.port}"], JOB, "node-0/0", 12, connect_timeout_s=2.0,
-              credentials=channel_credentials(_tls(other_pki, "agent")))
+              credentials=channel_credentials(role(other_pki, "agent")))
 
 
-def test_an_agent_of_another_ca_is_not_trusted(pki: dict[str, str],
-                                               other_pki: dict[str, str]) -> None:
-    # A rogue server: the fetching worker refuses it, so a forged snapshot never arrives.
+@pytest.mark.parametrize("server_pki, server_role", [("other_pki", "agent"),
+                                                     ("pki", "controller")],
+                         ids=["agent-of-another-ca", "the-controller"])
+def test_a_worker_fetches_only_from_an_agent_of_its_ca(
+        request: pytest.FixtureRequest, pki: dict[str, str],
+        server_pki: str, server_role: str) -> None:
+    # A rogue server (another CA's agent), or the controller's certificate, which does not
+    # name splice-agent: the fetching worker refuses it, so a forged snapshot never arrives.
     srv = serve(ReplicaStore(0, job_id=JOB), "127.0.0.1:0",
                 lambda job, worker, step: (12, b"forged", b"\0" * 64),
-                credentials=server_credentials(_tls(other_pki, "agent")))
+                credentials=server_credentials(role(request.getfixturevalue(server_pki),
+                                                    server_role)))
     try:
         with pytest.raises(FetchFailed):
             fetch([f"127.0.0.1:{srv.port}"], JOB, "node-0/0", 12, connect_timeout_s=2.0,
-                  credentials=channel_credentials(_tls(pki, "agent")))
+                  credentials=channel_credentials(role(pki, "agent")))
     finally:
         srv.stop(0)
 
 
 def test_the_dev_ca_issues_agent_certificates_that_serve_snapshots_only(
         pki: dict[str, str]) -> None:
-    assert server_problem(_tls(pki, "agent")) == ""
-    assert "client authentication only" in server_problem(_tls(pki, "admin"))
-    assert "'splice-agent'" in server_problem(_tls(pki, "controller"))
+    assert server_problem(role(pki, "agent")) == ""
+    assert "client authentication only" in server_problem(role(pki, "admin"))
+    assert "'splice-agent'" in server_problem(role(pki, "controller"))
 
 
 def test_an_agent_certificate_cannot_pass_for_the_controller(pki: dict[str, str]) -> None:
@@ -109,28 +98,16 @@ def test_an_agent_certificate_cannot_pass_for_the_controller(pki: dict[str, str]
     from splice.security import add_port, open_channel
 
     rogue = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(2))
-    port = add_port(rogue, "127.0.0.1:0", _tls(pki, "agent"))
+    port = add_port(rogue, "127.0.0.1:0", role(pki, "agent"))
     rogue.start()
     try:
-        with open_channel(f"127.0.0.1:{port}", _tls(pki, "admin")) as channel:
+        with open_channel(f"127.0.0.1:{port}", role(pki, "admin")) as channel:
             with pytest.raises(grpc.RpcError) as e:
                 cpb_grpc.ControllerStub(channel).GetJobStatus(
                     cpb.JobStatusRequest(job_id="j"), timeout=5)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # the handshake failed
     finally:
         rogue.stop(0)
-
-
-def test_the_controller_certificate_cannot_serve_snapshots(pki: dict[str, str]) -> None:
-    srv = serve(ReplicaStore(0, job_id=JOB), "127.0.0.1:0",
-                lambda job, worker, step: (12, b"meta", b"\0" * 64),
-                credentials=server_credentials(_tls(pki, "controller")))
-    try:
-        with pytest.raises(FetchFailed):
-            fetch([f"127.0.0.1:{srv.port}"], JOB, "node-0/0", 12, connect_timeout_s=2.0,
-                  credentials=channel_credentials(_tls(pki, "agent")))
-    finally:
-        srv.stop(0)
 
 
 def test_a_client_only_certificate_cannot_serve(pki: dict[str, str], tmp_path: Path) -> None:
@@ -162,13 +139,13 @@ def test_an_agent_whose_certificate_cannot_serve_runs_no_snapshot_server(
     from splice.agent.agent import Agent, AgentConfig
 
     agent = Agent(AgentConfig(controller="127.0.0.1:1", command=("true",), node_id="n0",
-                              tls=_tls(pki, "admin")))
+                              tls=role(pki, "admin")))
     try:
         assert agent.snapshot_address == ""
     finally:
         agent._release()
     agent = Agent(AgentConfig(controller="127.0.0.1:1", command=("true",), node_id="n0",
-                              gloo_host="127.0.0.2", tls=_tls(pki, "agent")))
+                              gloo_host="127.0.0.2", tls=role(pki, "agent")))
     try:  # any address: peers check the certificate's splice-agent name
         assert agent.snapshot_address.startswith("127.0.0.2:")
         with pytest.raises(FetchFailed):  # and it speaks TLS only
