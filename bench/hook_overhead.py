@@ -114,11 +114,20 @@ class _Off:
 
     num_bytes = 0
 
-    def capture(self, step: int, state: Any) -> None:
+    def capture(self, step: int, state: Any, stable: Any = None, defer: bool = False) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def steps(self) -> list[int]:
         return []
+
+    def wait_copied(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
 
 
 MODES = ("off", "inline", "shm", "background")

@@ -103,7 +103,7 @@ class _Layout:
 
     __slots__ = ("signature", "words", "blocks", "views", "flat_views", "num_tensors",
                  "num_blocks", "chunk", "block_tensor", "block_offset", "row_sums",
-                 "col_sums", "record")
+                 "col_sums", "record", "first_block", "pinned")
 
     def __init__(self, signature: Signature, chunk: int = CHUNK_BLOCKS,
                  buffer: torch.Tensor | None = None) -> None:
@@ -119,8 +119,10 @@ class _Layout:
         self.blocks = self.words.view(self.num_blocks, rows, cols)
         raw = self.words.view(torch.uint8)
         self.views: list[torch.Tensor | None] = []
+        self.first_block: list[int] = []  # per tensor of the signature
         first = 0
         for sig, n in zip(signature, blocks, strict=True):
+            self.first_block.append(first)
             if sig is None:
                 self.views.append(None)
             else:
@@ -141,6 +143,25 @@ class _Layout:
         self.col_sums = torch.empty(self.chunk, cols, dtype=torch.int64)
         self.record = (torch.zeros(2, self.num_blocks, dtype=torch.int64) if buffer is None
                        else buffer[self.num_blocks * rows * cols:].view(2, self.num_blocks))
+        self.pinned: Any = None  # device_copy.PinnedHostMemory while GPU copies target it
+
+    def blocks_of(self, indices: Sequence[int]) -> torch.Tensor:
+        """The blocks of the tensors at `indices` of the signature, in order."""
+        blocks = _blocks_of(self.signature)
+        return torch.tensor([self.first_block[i] + k for i in indices
+                             for k in range(blocks[i])], dtype=torch.int64)
+
+    def pin(self) -> None:
+        """Page-lock the buffer for GPU copies (once)."""
+        if self.pinned is None:
+            from splice.checkpoint.device_copy import PinnedHostMemory
+            self.pinned = PinnedHostMemory.of([self.words, self.record])
+
+    def release(self) -> None:
+        """Un-pin the buffer (before the layout is dropped)."""
+        for p in self.pinned or ():
+            p.release()
+        self.pinned = None
 
     def block_sums(self, out: torch.Tensor) -> None:
         """Into `out` (2 x blocks): each block's two sums (`_block_sums`)."""
@@ -261,15 +282,22 @@ _PENDING = _Pending()
 
 class _Capture:
     """One capture's walk: the sources in walk order, and where each goes (the slot's
-    current layout if the state still fits it)."""
+    current layout if the state still fits it). CUDA tensors of `gpu` (the device whose
+    copies go asynchronously through `device_copy`; None: no such copies) take their
+    place in the layout like CPU ones but are collected apart."""
 
-    __slots__ = ("signature", "old", "views", "srcs", "others", "num_bytes", "fits")
+    __slots__ = ("signature", "old", "views", "srcs", "src_idx", "gpu", "dev_idx",
+                 "dev_srcs", "others", "num_bytes", "fits")
 
-    def __init__(self, layout: _Layout | None) -> None:
+    def __init__(self, layout: _Layout | None, gpu: torch.device | None = None) -> None:
         self.signature: Signature = []
         self.old: Signature = layout.signature if layout is not None else []
         self.views = layout.views if layout is not None else []
         self.srcs: list[torch.Tensor] = []
+        self.src_idx: list[int] = []  # walk indices of `srcs`
+        self.gpu = gpu
+        self.dev_idx: list[int] = []
+        self.dev_srcs: list[torch.Tensor] = []
         self.others: dict[int, torch.Tensor] = {}  # by walk index: tensors off the CPU
         self.num_bytes = 0
         self.fits = layout is not None
@@ -277,13 +305,20 @@ class _Capture:
     def tensor(self, value: torch.Tensor) -> Any:
         self.num_bytes += value.nbytes
         i = len(self.signature)
-        if not value.is_cpu or value.layout != torch.strided:
+        on_gpu = (self.gpu is not None and value.device == self.gpu
+                  and value.layout == torch.strided)
+        if not on_gpu and (not value.is_cpu or value.layout != torch.strided):
             self.signature.append(None)
             self.others[i] = clone = value.detach().clone()
             return clone
         sig = (value.shape, value.dtype)
         self.signature.append(sig)
-        self.srcs.append(value.detach() if value.requires_grad else value)
+        if on_gpu:
+            self.dev_idx.append(i)
+            self.dev_srcs.append(value.detach())
+        else:
+            self.src_idx.append(i)
+            self.srcs.append(value.detach() if value.requires_grad else value)
         if self.fits:
             if i < len(self.views) and self.old[i] == sig:
                 return self.views[i]
@@ -383,6 +418,7 @@ class _Slot:
     others: dict[int, torch.Tensor] = field(default_factory=dict)  # walk index: off-CPU
     recorded: dict[int, int] | cf.Future[dict[int, int]] | None = None  # others' checksums
     shared: bool = False  # its layout's buffer is a file in the ring's directory
+    pending: Any = None  # device_copy.PendingCopy: GPU copies still in flight
 
 
 class SnapshotRing:
@@ -394,8 +430,13 @@ class SnapshotRing:
     a change to the slot before the thread has read it would go unnoticed."""
 
     def __init__(self, *, checksum_in_background: bool = False,
-                 directory: str | None = None, owner: str = "") -> None:
+                 directory: str | None = None, owner: str = "",
+                 gpu_copies: bool = True) -> None:
         self._slots = [_Slot(), _Slot()]
+        # CUDA tensors: copied asynchronously (device_copy.py) when there is a GPU and
+        # Triton; otherwise, or with gpu_copies=False, cloned on their device.
+        self._gpu_copies = gpu_copies
+        self._copier: Any = None  # device_copy.DeviceCopier, made at the first CUDA tensor
         self._background = checksum_in_background
         self._checksummer: cf.ThreadPoolExecutor | None = None
         self._files: SlotFiles | None = None
@@ -433,18 +474,95 @@ class SnapshotRing:
         return self.steps()
 
     def close(self) -> None:
-        """Release the slot files' descriptors (the snapshots stay where they are)."""
+        """Finish the copies in flight (committing their snapshots) and release the slot
+        files' descriptors (the snapshots stay where they are)."""
+        self.synchronize()
+        for slot in self._slots:
+            if slot.layout is not None:
+                slot.layout.release()
         if self._files is not None:
             self._files.close()
 
     def _forget(self, slot: _Slot) -> None:
         slot.step = -1
+        if slot.pending is not None:  # let the copy land before the slot is reused
+            slot.pending.wait()
+            slot.pending = None
         if self._files is not None:
             self._files.begin(self._slots.index(slot))
 
-    def capture(self, step: int, state: Mapping[str, Any]) -> None:
-        """Record `state` as the snapshot of `step` (the state before step `step` runs),
-        copied and checksummed by the time it returns."""
+    def _settle(self, slot: _Slot) -> None:
+        """Complete a slot whose GPU copies were in flight: wait for them, put the CPU
+        tensors' block sums beside the GPU ones, and commit it to shared memory."""
+        pending = slot.pending
+        if pending is None:
+            return
+        pending.wait()
+        layout = slot.layout
+        assert layout is not None
+        if pending.cpu_blocks.numel():
+            layout.record[:, pending.cpu_blocks] = pending.cpu_sums
+        slot.pending = None
+        self._commit(slot)
+
+    def _commit(self, slot: _Slot) -> None:
+        if self._files is not None and slot.shared and not slot.others:  # off-CPU: private
+            assert slot.layout is not None
+            self._files.commit(self._slots.index(slot), slot.step, slot.layout.signature,
+                               slot.layout.views, slot.tree, self.epoch)
+
+    def synchronize(self) -> None:
+        """Block until every capture's GPU copies are complete (and committed)."""
+        for slot in sorted(self._slots, key=lambda s: s.step):
+            self._settle(slot)
+
+    def flush(self) -> None:
+        """Launch the GPU copies a deferred capture prepared (nothing to do otherwise)."""
+        for slot in self._slots:
+            if slot.pending is not None:
+                slot.pending.flush()
+
+    def wait_copied(self) -> None:
+        """Make the current CUDA stream wait, on the GPU, until the captures so far have
+        read their sources: call before anything overwrites captured CUDA tensors (the
+        optimizer step). Does not block the host; nothing to do without GPU state."""
+        for slot in self._slots:
+            if slot.pending is not None:
+                self._copier.wait_on(slot.pending.flush())
+
+    def _gpu_device(self, state: Mapping[str, Any]) -> torch.device | None:
+        """The CUDA device whose tensors this ring copies asynchronously, if any."""
+        if self._copier is not None:
+            return self._copier.device  # type: ignore[no-any-return]
+        if not self._gpu_copies or not torch.cuda.is_available():
+            return None
+        device = next((t.device for _, t in _tensors(state) if t.is_cuda), None)
+        if device is None:
+            return None
+        from splice.kernels.fingerprint import triton
+        if triton is None:
+            log.warning("triton is not installed: GPU snapshots are cloned on the device "
+                        "and checksummed through host copies (slow); pip install triton")
+            self._gpu_copies = False
+            return None
+        from splice.checkpoint.device_copy import DeviceCopier
+        self._copier = DeviceCopier(device)
+        return device
+
+    def capture(self, step: int, state: Mapping[str, Any],
+                stable: frozenset[int] = frozenset(), defer: bool = False) -> None:
+        """Record `state` as the snapshot of `step` (the state before step `step` runs).
+        CPU tensors are copied and checksummed by the time it returns. CUDA tensors are
+        copied asynchronously (device_copy.py): call `wait_copied()` before overwriting
+        them; those whose data_ptr is in `stable` are read in place, the others cloned on
+        the device first. The snapshot is complete, and visible in shared memory, once
+        the copies have landed (the next capture, or a read of the step, waits for it).
+        With `defer`, the copies are copies of the state as of now, but their launch (a
+        few ms of host time for hundreds of tensors) waits for `flush()` (or anything
+        that needs them): a training loop that calls it after launching its backward
+        pass hides that host time behind queued GPU work."""
+        for s in sorted(self._slots, key=lambda s: s.step):
+            self._settle(s)  # the newer slot's commit comes before the older is reused
         held = self.steps()
         assert not held or step >= max(held), (step, held)
         if step in held:
@@ -455,7 +573,7 @@ class SnapshotRing:
         self._forget(slot)  # incomplete while copying
         if isinstance(slot.recorded, cf.Future) and not slot.recorded.cancel():
             cf.wait([slot.recorded])  # still reading the buffers about to be overwritten
-        cap = _Capture(slot.layout)
+        cap = _Capture(slot.layout, self._gpu_device(state))
         tree = _copy_into(state, cap)
         if not cap.done():  # first capture into this slot, or the state changed shape
             buffer = None
@@ -467,16 +585,25 @@ class SnapshotRing:
                     log.warning("snapshot slot in %s stays in private memory: %s (the "
                                 "shared memory is too small: a replacement cannot adopt "
                                 "it)", self._files.directory, e)
+            if buffer is None and cap.dev_idx:  # the GPU's copies need page-locked memory
+                buffer = torch.zeros(total_words(cap.signature), dtype=torch.int64,
+                                     pin_memory=True)
+            if slot.layout is not None:
+                slot.layout.release()
             slot.layout = _Layout(cap.signature, buffer=buffer)
-            slot.shared = buffer is not None
+            slot.shared = buffer is not None and self._files is not None
             tree = _place(tree, iter(slot.layout.views))
         layout = slot.layout
         assert layout is not None
+        slot.tree, slot.num_bytes, slot.others = tree, cap.num_bytes, cap.others
+        if cap.dev_idx:
+            self._capture_gpu(slot, layout, cap, stable, defer)
+            slot.step = step
+            return
         if cap.srcs:
             # One call for all tensors: ~memcpy speed, where a Python loop of `copy_`
             # reaches half of it on two busy cores (each copy_ its own parallel region).
             torch._foreach_copy_(layout.flat_views, cap.srcs)
-        slot.tree, slot.num_bytes, slot.others = tree, cap.num_bytes, cap.others
         if self._background:
             if self._checksummer is None:
                 self._checksummer = cf.ThreadPoolExecutor(
@@ -485,9 +612,35 @@ class SnapshotRing:
         else:
             slot.recorded = _record(layout, cap.others)
         slot.step = step
-        if self._files is not None and slot.shared and not cap.others:  # off-CPU: private
-            self._files.commit(self._slots.index(slot), step, layout.signature, layout.views,
-                               tree, self.epoch)
+        self._commit(slot)
+
+    def _capture_gpu(self, slot: _Slot, layout: _Layout, cap: _Capture,
+                     stable: frozenset[int], defer: bool) -> None:
+        """The CPU tensors copied and summed now (their blocks only), the CUDA ones
+        enqueued now or at `flush` (device_copy.py); the slot commits when `_settle`
+        finds them landed."""
+        from splice.checkpoint.device_copy import PendingCopy
+
+        if cap.srcs:
+            torch._foreach_copy_([layout.views[i] for i in cap.src_idx], cap.srcs)
+        cpu_blocks = layout.blocks_of(cap.src_idx)
+        cpu_sums = torch.empty(2, cpu_blocks.numel(), dtype=torch.int64)
+        if cpu_blocks.numel():
+            chunk = min(CHUNK_BLOCKS, cpu_blocks.numel())
+            _block_sums(layout.blocks.index_select(0, cpu_blocks), cpu_sums,
+                        torch.empty(chunk, BLOCK_ROWS, dtype=torch.int64),
+                        torch.empty(chunk, ROW_WORDS, dtype=torch.int64), chunk)
+        layout.pin()
+        copier = self._copier
+        start, srcs, keep = copier.prepare(cap.dev_srcs, stable)
+        views = [layout.views[i] for i in cap.dev_idx]
+        firsts = [layout.first_block[i] for i in cap.dev_idx]
+        slot.recorded = dict(zip(cap.others, checksums_of(list(cap.others.values())),
+                                 strict=True))
+        slot.pending = PendingCopy(start, lambda: copier.launch(
+            start, layout.record, srcs, views, firsts, keep), cpu_blocks, cpu_sums, keep)
+        if not defer:
+            slot.pending.flush()
 
     def steps(self) -> list[int]:
         return sorted(s.step for s in self._slots if s.step >= 0)
@@ -538,6 +691,7 @@ class SnapshotRing:
     def _slot(self, step: int) -> _Slot:
         for s in self._slots:
             if s.step == step:
+                self._settle(s)
                 return s
         raise SnapshotMissing(f"no snapshot of step {step} here (held: {self.steps()})")
 

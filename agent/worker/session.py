@@ -21,7 +21,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +119,8 @@ class Session(StateSources):
                                     timeout_s=config.collective_timeout_s)
         self._link = link
         self._snapshots = SnapshotRing(directory=config.snapshot_dir or None, owner=worker_id)
+        self._on_gpu = False  # the model is on a GPU (register)
+        self._stable: tuple[int, frozenset[int]] | None = None  # _stable_on_gpu's cache
         self.step = 0
         self._shares: tuple[float, ...] = (1.0,)
         self._needs_sync = True  # broadcast rank 0's model before step 0
@@ -332,6 +334,7 @@ class Session(StateSources):
                                  micro_batch_size=micro_batch_size)
         self.model = model
         self.optimizer = optimizer
+        self._on_gpu = any(p.is_cuda for p in model.parameters())
         self.dataset = dataset
         self.loss_fn = loss_fn
         self.seed = seed
@@ -379,7 +382,27 @@ class Session(StateSources):
         if self._zero and step not in self._snapshots.steps():
             self._zero_replica = self._ring_replica()
         self._snapshots.epoch = self.epoch
-        self._snapshots.capture(step, self._state())
+        # GPU state: the copies are launched after the backward pass (`flush`).
+        self._snapshots.capture(step, self._state(), self._stable_on_gpu(), defer=True)
+
+    def _stable_on_gpu(self) -> frozenset[int]:
+        """CUDA tensors of the state that nothing writes between a capture and the
+        optimizer step (which waits for the snapshot): the parameters and the optimizer's
+        state. The snapshot reads them in place; other CUDA tensors (buffers such as
+        BatchNorm statistics, which the forward pass updates) are cloned first."""
+        if not self._on_gpu:
+            return frozenset()
+        per_param = getattr(self.optimizer, "state", None)
+        if not isinstance(per_param, Mapping):  # ShardedAdamW: its flat buffers
+            per_param = {0: vars(self.optimizer)}
+        key = len(per_param)
+        if self._stable is None or self._stable[0] != key:
+            ptrs = {p.data_ptr() for p in self.model.parameters() if p.is_cuda}
+            for st in per_param.values():
+                ptrs.update(v.data_ptr() for v in st.values()
+                            if isinstance(v, torch.Tensor) and v.is_cuda)
+            self._stable = (key, frozenset(ptrs))
+        return self._stable[1]
 
     def _check_budget(self) -> None:
         budget = self.config.snapshot_budget_bytes
@@ -396,6 +419,8 @@ class Session(StateSources):
         self._snapshots.discard_after(step)
 
     def _load(self, snap: dict[str, Any]) -> None:
+        self._snapshots.synchronize()  # no GPU copy may still be reading what is loaded
+        self._stable = None  # loading may replace the optimizer's state tensors
         step = snap["step"]
         self.model.load_state_dict(snap["model"])
         if self._zero:  # the shard layout may have changed: _zero_reshard loads it
@@ -459,6 +484,7 @@ class Session(StateSources):
                 self._check_next = False
                 self._check_replicas()
             loss, num_samples = self._forward_backward()
+            self._snapshots.wait_copied()  # GPU state: the snapshot has read it (on the GPU)
             self.optimizer.step()
         except Exception as e:
             if not (isinstance(e, CollectiveAborted) or self.group.aborted is not None):
@@ -518,6 +544,7 @@ class Session(StateSources):
             raise CollectiveAborted(f"silent data corruption: {reason}")
 
     def _sync_from_rank0(self) -> None:
+        self._snapshots.wait_copied()
         tensors = [t for t in self.model.state_dict().values() if isinstance(t, torch.Tensor)]
         self.group.broadcast_tensors(tensors, src=0)
         self._needs_sync = False
@@ -533,10 +560,12 @@ class Session(StateSources):
         # micro-batches were spread over ranks, and a run that lost a rank follows the
         # uninterrupted run's loss curve to the last bit.
         exact = self.exact_reduction and self.ddp is None and bool(params)
+        device = params[0].device if params else torch.device("cpu")
         acc = None
         if exact:
-            acc = torch.zeros(sum(p.numel() for p in params) + 2, dtype=torch.float64)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+            acc = torch.zeros(sum(p.numel() for p in params) + 2, dtype=torch.float64,
+                              device=device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         num_samples = 0
         for j in mine:
             positions = self.batch.micro_batch_positions(self.step, j)
@@ -559,13 +588,16 @@ class Session(StateSources):
             loss_sum += loss.detach().double() * len(positions)
             num_samples += len(positions)
             self.group.check()
+        # Launched now, the snapshot's GPU copies (if any) run beside the backward pass
+        # still queued, and their host time hides behind it.
+        self._snapshots.flush()
         # One more element rides along: whether any rank was asked for a replica check,
         # so that all of them run it at the start of the next step.
         asked = self._link is not None and self._link.check_requested
         if asked:
             assert self._link is not None
             self._link.check_requested = False
-        flag = torch.tensor([1.0 if asked else 0.0], dtype=torch.float64)
+        flag = torch.tensor([1.0 if asked else 0.0], dtype=torch.float64, device=device)
         if self.ddp is not None:
             both = self.group.all_reduce(torch.cat([loss_sum.reshape(1), flag]))
             total, flag = both[:1], both[1:]
@@ -644,6 +676,7 @@ class Session(StateSources):
 
     def close(self) -> None:
         """Tell the agent this worker finished training (not a fault) and disconnect."""
+        self._snapshots.synchronize()  # the last GPU snapshot lands in shared memory
         link, self._link = self._link, None
         if link is not None:
             try:
