@@ -120,20 +120,29 @@ class DeviceCopier:
         self._block_sums = block_sums.block_sums_many
         self._records: dict[int, torch.Tensor] = {}  # by number of blocks
 
-    def prepare(self, sources: list[torch.Tensor], stable: frozenset[int]
+    def prepare(self, sources: list[torch.Tensor], stable: frozenset[int],
+                start: torch.cuda.Event | None = None
                 ) -> tuple[torch.cuda.Event, list[torch.Tensor], list[torch.Tensor]]:
         """Mark the state to copy: clone on the training stream the sources whose data_ptr
         is not in `stable` (or that are not contiguous), and record an event there.
-        Returns the event, the sources to read and the clones among them."""
+        Returns the event, the sources to read and the clones among them. Given `start`
+        (an event recorded earlier, the state as it was then: every source must be
+        unchanged since), the clones are made on the side stream after it instead."""
         keep = []
         srcs = []
-        for t in sources:
-            if t.data_ptr() not in stable or not t.is_contiguous():
-                t = t.clone(memory_format=torch.contiguous_format)
-                keep.append(t)
-            srcs.append(t)
-        start = torch.cuda.Event()
-        start.record(torch.cuda.current_stream(self.device))
+        side = start is not None
+        if start is not None:
+            self.stream.wait_event(start)
+        with torch.cuda.stream(self.stream if side else torch.cuda.current_stream(
+                self.device)):
+            for t in sources:
+                if t.data_ptr() not in stable or not t.is_contiguous():
+                    t = t.clone(memory_format=torch.contiguous_format)
+                    keep.append(t)
+                srcs.append(t)
+        if start is None:
+            start = torch.cuda.Event()
+            start.record(torch.cuda.current_stream(self.device))
         return start, srcs, keep
 
     def launch(self, start: torch.cuda.Event, record: torch.Tensor,

@@ -61,7 +61,7 @@ import copy
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -437,6 +437,8 @@ class SnapshotRing:
         # Triton; otherwise, or with gpu_copies=False, cloned on their device.
         self._gpu_copies = gpu_copies
         self._copier: Any = None  # device_copy.DeviceCopier, made at the first CUDA tensor
+        self._later: tuple[int, Callable[[], Mapping[str, Any]], frozenset[int], Any] | None \
+            = None  # a capture to run at the flush (`capture` with a function)
         self._background = checksum_in_background
         self._checksummer: cf.ThreadPoolExecutor | None = None
         self._files: SlotFiles | None = None
@@ -513,11 +515,13 @@ class SnapshotRing:
 
     def synchronize(self) -> None:
         """Block until every capture's GPU copies are complete (and committed)."""
+        self._run_later()
         for slot in sorted(self._slots, key=lambda s: s.step):
             self._settle(slot)
 
     def flush(self) -> None:
         """Launch the GPU copies a deferred capture prepared (nothing to do otherwise)."""
+        self._run_later()
         for slot in self._slots:
             if slot.pending is not None:
                 slot.pending.flush()
@@ -526,6 +530,7 @@ class SnapshotRing:
         """Make the current CUDA stream wait, on the GPU, until the captures so far have
         read their sources: call before anything overwrites captured CUDA tensors (the
         optimizer step). Does not block the host; nothing to do without GPU state."""
+        self._run_later()
         for slot in self._slots:
             if slot.pending is not None:
                 self._copier.wait_on(slot.pending.flush())
@@ -549,7 +554,7 @@ class SnapshotRing:
         self._copier = DeviceCopier(device)
         return device
 
-    def capture(self, step: int, state: Mapping[str, Any],
+    def capture(self, step: int, state: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
                 stable: frozenset[int] = frozenset(), defer: bool = False) -> None:
         """Record `state` as the snapshot of `step` (the state before step `step` runs).
         CPU tensors are copied and checksummed by the time it returns. CUDA tensors are
@@ -560,7 +565,34 @@ class SnapshotRing:
         With `defer`, the copies are copies of the state as of now, but their launch (a
         few ms of host time for hundreds of tensors) waits for `flush()` (or anything
         that needs them): a training loop that calls it after launching its backward
-        pass hides that host time behind queued GPU work."""
+        pass hides that host time behind queued GPU work.
+
+        `state` may also be a function returning the state, with `defer`, once this ring
+        copies GPU state: then the whole capture (walking the state, committing the
+        previous slot, the copies) waits for `flush()`, and copies the GPU tensors as they
+        were now. Every CUDA tensor the function returns must then be unchanged until the
+        flush (clone the others now and return the clones), and its CPU tensors must be
+        what they are now."""
+        self._run_later()
+        if callable(state):
+            if not defer or self._copier is None:
+                state = state()
+            else:
+                start = torch.cuda.Event()
+                start.record(torch.cuda.current_stream(self._copier.device))
+                self._later = (step, state, stable, start)
+                return
+        self._capture_now(step, state, stable, defer)
+
+    def _run_later(self) -> None:
+        """Run a capture whose state was to be built at the flush."""
+        if self._later is not None:
+            step, fn, stable, start = self._later
+            self._later = None
+            self._capture_now(step, fn(), stable, False, start)
+
+    def _capture_now(self, step: int, state: Mapping[str, Any], stable: frozenset[int],
+                     defer: bool, start: Any = None) -> None:
         for s in sorted(self._slots, key=lambda s: s.step):
             self._settle(s)  # the newer slot's commit comes before the older is reused
         held = self.steps()
@@ -597,7 +629,7 @@ class SnapshotRing:
         assert layout is not None
         slot.tree, slot.num_bytes, slot.others = tree, cap.num_bytes, cap.others
         if cap.dev_idx:
-            self._capture_gpu(slot, layout, cap, stable, defer)
+            self._capture_gpu(slot, layout, cap, stable, defer, start)
             slot.step = step
             return
         if cap.srcs:
@@ -615,14 +647,15 @@ class SnapshotRing:
         self._commit(slot)
 
     def _capture_gpu(self, slot: _Slot, layout: _Layout, cap: _Capture,
-                     stable: frozenset[int], defer: bool) -> None:
+                     stable: frozenset[int], defer: bool, start: Any) -> None:
         """The CPU tensors copied and summed now (their blocks only), the CUDA ones
         enqueued now or at `flush` (device_copy.py); the slot commits when `_settle`
         finds them landed."""
         from splice.checkpoint.device_copy import PendingCopy
 
         if cap.srcs:
-            torch._foreach_copy_([layout.views[i] for i in cap.src_idx], cap.srcs)
+            torch._foreach_copy_([v for i in cap.src_idx if (v := layout.views[i]) is not None],
+                                 cap.srcs)
         cpu_blocks = layout.blocks_of(cap.src_idx)
         cpu_sums = torch.empty(2, cpu_blocks.numel(), dtype=torch.int64)
         if cpu_blocks.numel():
@@ -632,8 +665,8 @@ class SnapshotRing:
                         torch.empty(chunk, ROW_WORDS, dtype=torch.int64), chunk)
         layout.pin()
         copier = self._copier
-        start, srcs, keep = copier.prepare(cap.dev_srcs, stable)
-        views = [layout.views[i] for i in cap.dev_idx]
+        start, srcs, keep = copier.prepare(cap.dev_srcs, stable, start)
+        views = [v for i in cap.dev_idx if (v := layout.views[i]) is not None]
         firsts = [layout.first_block[i] for i in cap.dev_idx]
         slot.recorded = dict(zip(cap.others, checksums_of(list(cap.others.values())),
                                  strict=True))
@@ -643,6 +676,7 @@ class SnapshotRing:
             slot.pending.flush()
 
     def steps(self) -> list[int]:
+        self._run_later()
         return sorted(s.step for s in self._slots if s.step >= 0)
 
     def restore(self, step: int) -> dict[str, Any]:
@@ -680,6 +714,7 @@ class SnapshotRing:
 
     def discard_after(self, step: int) -> None:
         """Forget snapshots newer than `step`: they belong to an abandoned timeline."""
+        self._run_later()
         for s in self._slots:
             if s.step > step:
                 self._forget(s)
@@ -689,6 +724,7 @@ class SnapshotRing:
         return sum(s.num_bytes for s in self._slots if s.step >= 0)
 
     def _slot(self, step: int) -> _Slot:
+        self._run_later()
         for s in self._slots:
             if s.step == step:
                 self._settle(s)

@@ -81,10 +81,10 @@ class _Plan:
         items = [t.nbytes // (8 // lanes) if lanes == 1 else t.nbytes for t in sources]
         programs = [(i, b) for i, t in enumerate(sources)
                     for b in range(0, blocks_of(t.nbytes), rows)]
-        dev = dict(dtype=torch.int64, device=device)
-        self.addrs = torch.tensor([t.data_ptr() for t in sources], **dev)
-        self.n_items = torch.tensor(items, **dev)
-        self.dst_first = torch.tensor(first_blocks, **dev)
+        i64 = torch.int64
+        self.addrs = torch.tensor([t.data_ptr() for t in sources], dtype=i64, device=device)
+        self.n_items = torch.tensor(items, dtype=i64, device=device)
+        self.dst_first = torch.tensor(first_blocks, dtype=i64, device=device)
         self.prog_tensor = torch.tensor([i for i, _ in programs], dtype=torch.int32,
                                         device=device)
         self.prog_block = torch.tensor([b for _, b in programs], dtype=torch.int32,

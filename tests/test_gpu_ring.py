@@ -203,8 +203,10 @@ def test_a_session_on_the_gpu_snapshots_the_state_before_each_step() -> None:
     import splice
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(),
-                                torch.nn.Linear(32, 1)).cuda()
+    # BatchNorm: buffers the forward pass updates in place, which the session's capture
+    # (built only once the backward pass is queued) must take as they were at the start.
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.BatchNorm1d(32),
+                                torch.nn.ReLU(), torch.nn.Linear(32, 1)).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     data = [(torch.randn(8), torch.randn(1)) for _ in range(64)]
 

@@ -382,7 +382,27 @@ class Session(StateSources):
         if self._zero and step not in self._snapshots.steps():
             self._zero_replica = self._ring_replica()
         self._snapshots.epoch = self.epoch
-        # GPU state: the copies are launched after the backward pass (`flush`).
+        if self._on_gpu and not self._zero:
+            # Only the state's start is marked now: building it, committing the previous
+            # slot and launching the copies wait until the backward pass is queued
+            # (`flush`), hidden behind GPU work. What the forward pass changes in place is
+            # kept now: GPU buffers cloned on the GPU, the RNG states.
+            clones = {name: b.clone() for name, b in self.model.named_buffers() if b.is_cuda}
+            rng = {"torch": torch.get_rng_state(), "python": Frozen(random.getstate())}
+
+            def state() -> dict[str, Any]:
+                st = self._state()
+                for name, c in clones.items():
+                    if name in st["model"]:
+                        st["model"][name] = c
+                st.update(rng=rng, step=step,
+                          samples_seen=step * self.batch.global_batch_size)
+                return st
+
+            stable = self._stable_on_gpu() | {c.data_ptr() for c in clones.values()}
+            self._snapshots.capture(step, state, stable, defer=True)
+            return
+        # GPU state (a sharded optimizer's): the copies launch after the backward pass.
         self._snapshots.capture(step, self._state(), self._stable_on_gpu(), defer=True)
 
     def _stable_on_gpu(self) -> frozenset[int]:
