@@ -52,6 +52,7 @@ def main() -> int:
                         "smaller than WORLD, wait (on the agent channel, at most 60 s) "
                         "until a membership of epoch >= EPOCH with WORLD members, or any "
                         "newer one, is announced: a survivor waits for a newcomer")
+    p.add_argument("--device", default="cpu", help="where the model trains (cuda: a GPU)")
     args = p.parse_args()
     torch.set_num_threads(1)
     me = os.environ.get("SPLICE_WORKER_ID", "standalone/0")
@@ -62,7 +63,7 @@ def main() -> int:
             plans.append((int(step), phase))
 
     session = splice.init()
-    model = make_mlp(hidden=64, seed=0)
+    model = make_mlp(hidden=64, seed=0).to(args.device)
     if args.zero:
         from splice.agent.worker.zero import AdamWConfig, ShardedAdamW
 
@@ -70,6 +71,9 @@ def main() -> int:
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loss_fn = mse_loss
+    if args.device != "cpu":
+        def loss_fn(m, batch, device=args.device):  # type: ignore[no-untyped-def]
+            return mse_loss(m, tuple(t.to(device, non_blocking=True) for t in batch))
     if args.slow and args.slow.rsplit(":", 2)[0] == me:
         from splice.examples.train_mlp import slowed
 
