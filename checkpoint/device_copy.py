@@ -37,6 +37,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
+_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context
+
 
 class PinnedHostMemory:
     """Host memory page-locked for the GPU's copy engine while this object lives (a
@@ -44,12 +46,13 @@ class PinnedHostMemory:
     limit on locked memory, say): `ok` is then False and copies into it still work,
     synchronously, through the driver's staging buffers."""
 
-    def __init__(self, ptr: int, nbytes: int) -> None:
+    def __init__(self, ptr: int, nbytes: int, device: torch.device) -> None:
         self._ptr = 0
         self.ok = nbytes == 0
         if nbytes == 0:
             return
-        rc = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
+        with torch.cuda.device(device):  # in the copying device's context, usable by all
+            rc = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, _PORTABLE))
         self.ok = rc == 0
         if self.ok:
             self._ptr = ptr
@@ -59,9 +62,9 @@ class PinnedHostMemory:
                         "synchronous", nbytes / 1e6, rc)
 
     @classmethod
-    def of(cls, tensors: list[torch.Tensor]) -> list[PinnedHostMemory]:
-        """Pin the memory under `tensors` (adjacent ones as one range); nothing for those
-        allocated pinned already."""
+    def of(cls, tensors: list[torch.Tensor], device: torch.device) -> list[PinnedHostMemory]:
+        """Pin the memory under `tensors` (adjacent ones as one range) for copies from
+        `device`; nothing for those allocated pinned already."""
         spans: list[list[int]] = []
         for t in tensors:
             if t.nbytes == 0 or t.is_pinned():
@@ -70,7 +73,7 @@ class PinnedHostMemory:
                 spans[-1][1] += t.nbytes
             else:
                 spans.append([t.data_ptr(), t.nbytes])
-        return [cls(ptr, n) for ptr, n in spans]
+        return [cls(ptr, n, device) for ptr, n in spans]
 
     def release(self) -> None:
         if self._ptr:
@@ -96,7 +99,10 @@ class PendingCopy:
     launch: Callable[[], torch.cuda.Event] | None
     cpu_blocks: torch.Tensor
     cpu_sums: torch.Tensor
-    keep: list[torch.Tensor]  # clones that must outlive the copy
+    # Every tensor the copies read, held until they are known to be done: a source the
+    # caller drops (a clone) must not go back to the allocator, where the training
+    # stream could reuse and overwrite it before the side stream has read it.
+    sources: list[torch.Tensor]
     event: torch.cuda.Event | None = None
 
     def flush(self) -> torch.cuda.Event:
@@ -126,8 +132,9 @@ class DeviceCopier:
         """Mark the state to copy: clone on the training stream the sources whose data_ptr
         is not in `stable` (or that are not contiguous), and record an event there.
         Returns the event, the sources to read and the clones among them. Given `start`
-        (an event recorded earlier, the state as it was then: every source must be
-        unchanged since), the clones are made on the side stream after it instead."""
+        (an event recorded earlier: the state as it was then, every source left unchanged
+        until the copies are waited for), the non-contiguous ones are cloned on the side
+        stream after it instead."""
         keep = []
         srcs = []
         side = start is not None

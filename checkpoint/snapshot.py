@@ -151,11 +151,11 @@ class _Layout:
         return torch.tensor([self.first_block[i] + k for i in indices
                              for k in range(blocks[i])], dtype=torch.int64)
 
-    def pin(self) -> None:
-        """Page-lock the buffer for GPU copies (once)."""
+    def pin(self, device: torch.device) -> None:
+        """Page-lock the buffer for copies from `device` (once)."""
         if self.pinned is None:
             from splice.checkpoint.device_copy import PinnedHostMemory
-            self.pinned = PinnedHostMemory.of([self.words, self.record])
+            self.pinned = PinnedHostMemory.of([self.words, self.record], device)
 
     def release(self) -> None:
         """Un-pin the buffer (before the layout is dropped)."""
@@ -543,6 +543,9 @@ class SnapshotRing:
             return None
         device = next((t.device for _, t in _tensors(state) if t.is_cuda), None)
         if device is None:
+            # Looked once: a state that moves to a GPU later is still snapshotted, its
+            # CUDA tensors cloned on the device (`_Capture.others`), only slower.
+            self._gpu_copies = False
             return None
         from splice.kernels.fingerprint import triton
         if triton is None:
@@ -570,9 +573,9 @@ class SnapshotRing:
         `state` may also be a function returning the state, with `defer`, once this ring
         copies GPU state: then the whole capture (walking the state, committing the
         previous slot, the copies) waits for `flush()`, and copies the GPU tensors as they
-        were now. Every CUDA tensor the function returns must then be unchanged until the
-        flush (clone the others now and return the clones), and its CPU tensors must be
-        what they are now."""
+        were now. Every CUDA tensor the function returns must then be left unchanged until
+        `wait_copied()` (clone the others now and return the clones; nothing is cloned
+        for you on this path), and its CPU tensors must be what they are now."""
         self._run_later()
         if callable(state):
             if not defer or self._copier is None:
@@ -663,15 +666,15 @@ class SnapshotRing:
             _block_sums(layout.blocks.index_select(0, cpu_blocks), cpu_sums,
                         torch.empty(chunk, BLOCK_ROWS, dtype=torch.int64),
                         torch.empty(chunk, ROW_WORDS, dtype=torch.int64), chunk)
-        layout.pin()
         copier = self._copier
+        layout.pin(copier.device)
         start, srcs, keep = copier.prepare(cap.dev_srcs, stable, start)
         views = [v for i in cap.dev_idx if (v := layout.views[i]) is not None]
         firsts = [layout.first_block[i] for i in cap.dev_idx]
         slot.recorded = dict(zip(cap.others, checksums_of(list(cap.others.values())),
                                  strict=True))
         slot.pending = PendingCopy(start, lambda: copier.launch(
-            start, layout.record, srcs, views, firsts, keep), cpu_blocks, cpu_sums, keep)
+            start, layout.record, srcs, views, firsts, keep), cpu_blocks, cpu_sums, srcs)
         if not defer:
             slot.pending.flush()
 

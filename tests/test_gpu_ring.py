@@ -227,3 +227,32 @@ def test_a_session_on_the_gpu_snapshots_the_state_before_each_step() -> None:
         assert torch.equal(snap["model"][name], value), name
     assert all(torch.isfinite(torch.tensor(losses)))
     session.close()
+
+
+@cuda
+def test_a_clone_the_caller_drops_is_not_overwritten_before_it_is_copied(
+        shm_dir: str) -> None:
+    # The session's pattern: a buffer cloned at the step's start, handed over only inside
+    # the state function and dropped by the caller. The ring must keep it alive until its
+    # copy is done, else the training stream's next allocations reuse and overwrite it
+    # before the (here artificially delayed) side stream reads it, and the snapshot, with
+    # checksums of the overwritten bytes, would pass every check.
+    w = torch.randn(1 << 20, device="cuda")
+    buf = torch.randn(4096, device="cuda")
+    ring = SnapshotRing(directory=shm_dir, owner="node-0/0")
+    ring.capture(0, {"w": w, "b": buf.clone()}, frozenset({w.data_ptr()}))
+    ring.synchronize()
+    for k in range(1, 4):
+        clone = buf.clone()
+        want = clone.cpu()
+        stable_ptrs = frozenset({w.data_ptr(), clone.data_ptr()})
+        ring.capture(k, (lambda c: lambda: {"w": w, "b": c})(clone), stable_ptrs, defer=True)
+        del clone
+        with torch.cuda.stream(ring._copier.stream):
+            torch.cuda._sleep(200_000_000)  # the side stream falls behind
+        ring.flush()
+        junk = [torch.full((4096,), 7.0, device="cuda") for _ in range(4)]
+        ring.wait_copied()
+        assert torch.equal(ring.restore(k)["b"], want), k
+        del junk
+    ring.close()
