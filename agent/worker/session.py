@@ -15,7 +15,6 @@ re-partitions the data and carries on. No process restarts, nothing is read from
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import random
@@ -31,6 +30,7 @@ from torch import nn
 from splice.agent.progress import ProgressWriter
 from splice.agent.worker.batching import BatchConfig, assign_micro_batches
 from splice.agent.worker.channel import AgentLink, AgentLost
+from splice.agent.worker.gradients import GradientWork
 from splice.agent.worker.group import CollectiveAborted, EpochSpec, ResilientGroup
 from splice.agent.worker.state_sources import ADOPTED, RecoveryFailed, StateSources
 from splice.checkpoint.snapshot import Frozen, SnapshotRing
@@ -106,12 +106,7 @@ class StepResult:
         return max(0.0, self.step_time_s - self.wait_s)
 
 
-def _seed_for(seed: int, step: int, micro_batch: int) -> int:
-    """RNG seed of one global micro-batch: the same on whichever rank runs it."""
-    return (seed * 0x9E3779B1 + step * 1_000_003 + micro_batch) % (2**63 - 1)
-
-
-class Session(StateSources):
+class Session(StateSources, GradientWork):
     def __init__(self, *, worker_id: str, link: AgentLink | None, config: HookConfig) -> None:
         self.worker_id = worker_id
         self.config = config
@@ -520,145 +515,11 @@ class Session(StateSources):
         self._report(result)
         return result
 
-    def _check_replicas(self) -> None:
-        """Silent data corruption: data-parallel replicas must hold identical state.
-        One tiny all-reduce gathers every rank's fingerprint; ranks outside the majority
-        are reported to the controller (which removes them) and this step is abandoned
-        before any gradient of a corrupted replica reached the others."""
-        from splice.kernels.fingerprint import combine, fingerprint_module, fingerprint_optimizer
-
-        if self.world_size < 2:
-            return
-        parts = [fingerprint_module(self.model)]
-        if not self._zero:  # a sharded optimizer's state differs across ranks by design
-            parts.append(fingerprint_optimizer(self.optimizer))
-        fp = combine(parts)
-        slots = torch.zeros(self.world_size, dtype=torch.int64)
-        slots[self.rank] = fp - (1 << 64) if fp >= (1 << 63) else fp  # as a signed int64
-        self.group.all_reduce(slots)
-        values = [v % (1 << 64) for v in slots.tolist()]
-        if len(set(values)) == 1:
-            return
-        majority, count = collections.Counter(values).most_common(1)[0]
-        m = self._link.latest_membership() if self._link is not None else None
-        members = list(m.members) if m is not None else []
-        if 2 * count > self.world_size and members:
-            culprits = [members[r] for r, v in enumerate(values) if v != majority]
-            reason = (f"replicas disagree at step {self.step}: {', '.join(culprits)} "
-                      f"differ from the {count} of {self.world_size} ranks that agree "
-                      f"(fingerprint {majority:#018x})")
-        else:
-            culprits = []
-            reason = (f"replicas disagree at step {self.step} and no majority agrees: "
-                      f"fingerprints {[f'{v:#x}' for v in values]}")
-        log.error("worker %s: %s", self.worker_id, reason)
-        if self._link is not None:
-            try:
-                self._link.send(lpb.WorkerToAgent(corruption=pb.CorruptionReport(
-                    worker_id=self.worker_id, epoch=self.epoch, step=self.step,
-                    culprits=culprits, fingerprints=values, reason=reason)))
-            except AgentLost:
-                pass
-        if culprits:
-            # Wait for the membership without the culprits; this step runs again there.
-            raise CollectiveAborted(f"silent data corruption: {reason}")
-
     def _sync_from_rank0(self) -> None:
         self._snapshots.wait_copied()
         tensors = [t for t in self.model.state_dict().values() if isinstance(t, torch.Tensor)]
         self.group.broadcast_tensors(tensors, src=0)
         self._needs_sync = False
-
-    def _forward_backward(self) -> tuple[float, int]:
-        g = self.batch.global_batch_size
-        mine = self.my_micro_batches()
-        module: nn.Module = self.ddp if self.ddp is not None else self.model
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer.zero_grad(set_to_none=False)
-        # Exact mode sums each micro-batch's float32 gradient into a float64 accumulator:
-        # those sums are (nearly always) exact, so the result does not depend on how the
-        # micro-batches were spread over ranks, and a run that lost a rank follows the
-        # uninterrupted run's loss curve to the last bit.
-        exact = self.exact_reduction and self.ddp is None and bool(params)
-        device = params[0].device if params else torch.device("cpu")
-        acc = None
-        if exact:
-            acc = torch.zeros(sum(p.numel() for p in params) + 2, dtype=torch.float64,
-                              device=device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        num_samples = 0
-        for j in mine:
-            positions = self.batch.micro_batch_positions(self.step, j)
-            batch = self.collate_fn([self.dataset[self._sample_index(p)] for p in positions])
-            torch.manual_seed(_seed_for(self.seed, self.step, j))
-            last = j == mine[-1]
-            if self.ddp is not None and not last:
-                with self.ddp.no_sync():
-                    loss = self.loss_fn(module, batch)
-                    (loss * (len(positions) / g)).backward()
-            else:
-                loss = self.loss_fn(module, batch)
-                (loss * (len(positions) / g)).backward()
-            if acc is not None:
-                acc[:-2] += torch._utils._flatten_dense_tensors(
-                    [p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.zero_()
-            loss_sum += loss.detach().double() * len(positions)
-            num_samples += len(positions)
-            self.group.check()
-        # Launched now, the snapshot's GPU copies (if any) run beside the backward pass
-        # still queued, and their host time hides behind it.
-        self._snapshots.flush()
-        self._check_budget()  # a deferred capture's size is known only now
-        # One more element rides along: whether any rank was asked for a replica check,
-        # so that all of them run it at the start of the next step.
-        asked = self._link is not None and self._link.check_requested
-        if asked:
-            assert self._link is not None
-            self._link.check_requested = False
-        flag = torch.tensor([1.0 if asked else 0.0], dtype=torch.float64, device=device)
-        if self.ddp is not None:
-            both = self.group.all_reduce(torch.cat([loss_sum.reshape(1), flag]))
-            total, flag = both[:1], both[1:]
-        elif acc is not None:
-            acc[-2] = loss_sum
-            acc[-1] = flag[0]
-            self.group.wait(self.group.all_reduce_async(acc))
-            self._set_grads(params, acc[:-2])
-            total, flag = acc[-2:-1], acc[-1:]
-        else:
-            total, flag = self._all_reduce_grads(params, loss_sum, flag)
-        if flag.item() > 0:
-            self._check_next = True
-        return float(total[0]) / g, num_samples
-
-    @staticmethod
-    def _set_grads(params: list[nn.Parameter], flat: torch.Tensor) -> None:
-        templates = [p.detach() for p in params]
-        reduced = torch._utils._unflatten_dense_tensors(flat, templates)
-        with torch.no_grad():
-            for p, r in zip(params, reduced, strict=True):
-                if p.grad is None:
-                    p.grad = r.to(p.dtype).clone()
-                else:
-                    p.grad.copy_(r)
-
-    def _all_reduce_grads(self, params: list[nn.Parameter], loss_sum: torch.Tensor,
-                          flag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One SUM all-reduce of every gradient plus the loss and the check flag, through a
-        fresh flat buffer. Returns (loss sum, flag sum)."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        extra = torch.cat([loss_sum.reshape(1), flag])
-        if grads:
-            flat = torch._utils._flatten_dense_tensors([*grads, extra.to(grads[0].dtype)])
-        else:
-            flat = extra.clone()
-        self.group.wait(self.group.all_reduce_async(flat))
-        if grads:
-            self._set_grads(params, flat[:-2])
-        return flat[-2:-1].double(), flat[-1:].double()
 
     def _recover(self, why: str) -> None:
         if self._link is None:
