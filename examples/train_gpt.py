@@ -11,7 +11,9 @@ Under splice, four workers on two nodes (run each line in its own terminal):
     splice agent --controller 127.0.0.1:29400 --nproc 2 --node-id node-b -- python -m splice.examples.train_gpt
 
 Kill one worker mid-run (`kill -9 $(pgrep -f train_gpt | head -1)`) and the survivors
-recover in place and keep training with world size 3.
+recover in place and keep training with world size 3. With `--device cuda` each worker
+trains on its node's GPU of its index (its snapshots are then copied from the GPU into
+the agent's shared memory beside training).
 
 The corpus is made of sentences from a small seeded grammar (subject/verb agreement,
 sums of small numbers, names that are repeated later in the sentence), so a model that
@@ -24,9 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -230,6 +235,25 @@ def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch
 
 # ---- training ------------------------------------------------------------------------------
 
+def worker_device(name: str) -> torch.device:
+    """`cpu`, or for `cuda` this worker's GPU: its index on the node (the N of
+    SPLICE_WORKER_ID=node/N) modulo the GPUs visible to it."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda" or not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: expected cpu, or cuda on a machine with a GPU")
+    index = int(os.environ.get("SPLICE_WORKER_ID", "standalone/0").rsplit("/", 1)[1])
+    return torch.device("cuda", index % torch.cuda.device_count())
+
+
+def on_device(loss_fn: Callable[[nn.Module, Any], torch.Tensor], device: torch.device
+              ) -> Callable[[nn.Module, Any], torch.Tensor]:
+    """`loss_fn` with the micro-batch moved to `device` first."""
+    def moved(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return loss_fn(model, tuple(t.to(device, non_blocking=True) for t in batch))
+    return moved
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)
@@ -246,19 +270,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-chars", type=int, default=100,
                    help="characters rank 0 generates at the end (0: none)")
     p.add_argument("--result", help="write the final step's result as JSON to this file")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, or cuda: each worker of a node takes the GPU of its index "
+                        "on the node (modulo the GPUs it sees); snapshots are then copied "
+                        "asynchronously from the GPU")
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)
     session = splice.init()
+    device = worker_device(args.device)
     dataset = CharDataset(block_size=args.block_size)
     model = make_gpt(dataset.vocab_size, block_size=args.block_size, layers=args.layers,
-                     heads=args.heads, dim=args.dim, dropout=args.dropout, seed=0)
+                     heads=args.heads, dim=args.dim, dropout=args.dropout, seed=0).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.95))
-    session.register(model=model, optimizer=optimizer, dataset=dataset, loss_fn=lm_loss,
+    loss_fn = lm_loss if device.type == "cpu" else on_device(lm_loss, device)
+    session.register(model=model, optimizer=optimizer, dataset=dataset, loss_fn=loss_fn,
                      global_batch_size=args.global_batch, micro_batch_size=args.micro_batch,
                      seed=0, ddp=args.ddp)
     if session.rank == 0:
@@ -282,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.sample_chars > 0:
             prompt = dataset.encode("\n")
             g = torch.Generator().manual_seed(0)
-            out = model.generate(prompt, args.sample_chars, temperature=0.8, generator=g)
+            out = model.cpu().generate(prompt, args.sample_chars, temperature=0.8,
+                                       generator=g)
             print("sample:\n" + dataset.decode(out[1:]), flush=True)
     session.close()
     return 0
