@@ -235,6 +235,7 @@ class SnapshotPeerServicer(pb_grpc.SnapshotPeerServicer):
     def Push(self, request_iterator: Iterator[Chunk],
              context: grpc.ServicerContext) -> pb.PushAck:
         transit: Transit | None = None
+        ended: list[Transit | None] = [None]  # the transit still to free when the call ends
         try:
             for chunk in request_iterator:
                 if chunk.error:
@@ -243,11 +244,17 @@ class SnapshotPeerServicer(pb_grpc.SnapshotPeerServicer):
                     if chunk.header is None:
                         raise MalformedStream("push refused: the first chunk has no header")
                     transit = self.store.begin(chunk.header)
+                    # If the sender goes away, the reservation is freed when the call
+                    # ends, even while this thread still waits for the next chunk.
+                    context.add_callback(lambda t=transit: t.abort() if t is ended[0]
+                                         else None)
+                    ended[0] = transit
                 elif chunk.header is not None:
                     raise MalformedStream("push refused: a header after the first chunk")
                 transit.write(chunk)
             if transit is None:
                 raise MalformedStream("push refused: no chunks")
+            ended[0] = None
             replica, transit = transit.commit(), None
             return pb.PushAck(bytes_received=replica.size_bytes,
                               bytes_held=self.store.bytes_held)

@@ -280,9 +280,14 @@ class AbortSignallingStore(ReplicaStore):
     def __init__(self) -> None:
         super().__init__(0, job_id=JOB)
         self.aborted = threading.Event()
+        self.begins = 0
+        self.second_begun = threading.Event()  # the second push has reserved its room
 
     def begin(self, header: pb.SnapshotHeader) -> Transit:
         transit, aborted = super().begin(header), self.aborted
+        self.begins += 1
+        if self.begins == 2:
+            self.second_begun.set()
 
         class Signalling:
             write, commit = transit.write, transit.commit
@@ -306,6 +311,9 @@ def test_a_sender_vanishing_mid_stream_frees_its_reservation() -> None:
             chunks = snapshot_chunks(header, b"m", payload(50_000, 8), 4 * KiB)
             yield next(chunks)
             yield next(chunks)
+            # Dies once the receiver has reserved room for it (else there is nothing to
+            # free: the call could end before the server saw a chunk).
+            store.second_begun.wait(30)
             raise ConnectionError("sender lost")
 
         with channel_to(server.address) as channel, \
