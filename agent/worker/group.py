@@ -390,5 +390,8 @@ class ResilientGroup:
             pg._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
             pg._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO,
                                  backend)
+            if torch.cuda.is_available():  # gloo handles CUDA tensors too, as in torch's
+                pg._register_backend(torch.device("cuda"),  # own gloo groups
+                                     dist.ProcessGroup.BackendType.GLOO, backend)
             self._local = pg
         return self._local
