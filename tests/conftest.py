@@ -9,6 +9,7 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -137,3 +138,53 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 __all__ = ["JOB_TIMEOUT_S", "assert_losses_match", "os", "role", "run_fault_job"]
+
+
+# ---- shared-memory snapshot files (test_shm.py, test_shm_refusals.py) -----------------------
+
+@pytest.fixture
+def shm_rngs() -> Iterator[None]:
+    """The shm tests' trainer draws from the global RNGs: seed them, put them back after."""
+    import random
+
+    import torch
+
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    torch.manual_seed(0)
+    random.seed(0)
+    yield
+    torch.set_rng_state(torch_state)
+    random.setstate(py_state)
+
+
+@pytest.fixture(scope="module")
+def written_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, Any]]:
+    import random
+
+    import torch
+
+    from splice.checkpoint.snapshot import SnapshotRing
+    from tests.shm_files import OWNER, Trainer, capture_steps, read_meta
+
+    directory = tmp_path_factory.mktemp("written") / "snap"
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    ring = SnapshotRing(directory=str(directory), owner=OWNER)
+    originals = capture_steps(ring, Trainer(), 4)
+    torch.set_rng_state(torch_state)
+    random.setstate(py_state)
+    assert ring.steps() == [2, 3]
+    assert read_meta(directory, 0).step == 2 and read_meta(directory, 1).step == 3
+    return directory, originals
+
+
+@pytest.fixture
+def written(tmp_path: Path, written_once: tuple[Path, dict[int, Any]]
+            ) -> tuple[Path, dict[int, Any]]:
+    """Steps 0..3 captured by `OWNER` into tmp_path/snap (a copy of the files a ring
+    wrote once for the module): slot 0 holds step 2, slot 1 step 3 (the newest, the one
+    tests tamper with). The originals by step."""
+    import shutil
+
+    directory = tmp_path / "snap"
+    shutil.copytree(written_once[0], directory)
+    return directory, written_once[1]
