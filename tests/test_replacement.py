@@ -66,17 +66,23 @@ def test_a_warm_spare_replaces_a_crashed_worker(tmp_path: Path,
 def test_a_predecessors_corrupted_snapshots_are_refused_and_a_peer_sends_its_own(
         tmp_path: Path, reference: dict[int, float]) -> None:
     # node-1/0 damages its snapshots in shared memory, then dies in the same step: the
-    # spare that adopts them finds them corrupt, offers none, and receives node-0/0's.
+    # spare that adopts them finds them corrupt, offers none, and receives a survivor's.
+    # The spare starts with the job; on a loaded machine it may still be importing torch
+    # when the fault strikes: the survivors then train on at world 3 and hold at step
+    # HOLD until it joins, instead of finishing without it.
     summary, records = run_fault_job(
         tmp_path, steps=STEPS, die=["node-1/0:12:before"], spares=1, replace=True,
-        extra_args=("--corrupt-snapshots", "node-1/0:12"))
+        extra_args=("--corrupt-snapshots", "node-1/0:12", "--hold-at", f"{HOLD}:3:4"),
+        hang_floor_s=HOLD_FLOOR_S)
     assert summary["phase"] == "complete", summary["message"] + summary["logs"]
     assert "snapshot of step 12 is corrupt" in summary["logs"]
     assert "adopted the snapshots of steps [11, 12] that node-1/0 left" in summary["logs"]
     resume = [t for k, e, t in summary["timeline"] if k == "resume"]
-    assert resume and "node-0/0 sends node-1/2 its snapshot" in resume[0], resume
+    assert any(re.search(r"node-\d/[01] sends node-1/2 its snapshot", t) for t in resume), \
+        resume
     new = records["node-1/2"]
-    assert new["restored_from"] == f"node-0/0 memory, step {min(new['losses'])}", new
+    assert re.fullmatch(rf"node-\d/[01] memory, step {min(new['losses'])}",
+                        new["restored_from"]), new
     assert_losses_match(records, reference)
 
 
