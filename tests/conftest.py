@@ -3,10 +3,12 @@ tests. Every process a test starts is killed when the test ends."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,14 @@ def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool 
     if lose_node_at_step is not None:
         at_step = lose_node_at_step
         action = lambda job: os.killpg(job.agents[-1].pid, signal.SIGKILL)  # noqa: E731
+    gate = None
+    if spares:
+        # The job's workers wait until the spares are warm: a fault then finds one ready
+        # however slowly this machine imports torch (else a test meant for a warm spare
+        # may see the survivors go on, or finish, without it).
+        gate = tmp / "start-gate"
+        os.mkfifo(gate)
+        args += ["--start-gate", str(gate)]
     cfg = LocalJobConfig(worker_command=worker_argv("tests.workers.fault_worker", args),
                          nodes=nodes, nproc=nproc, log_dir=str(tmp),
                          extra_env=(("PYTHONPATH", str(Path(__file__).parent.parent)),),
@@ -61,7 +71,7 @@ def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool 
                          hang_floor_s=hang_floor_s, persist_dir=persist_dir,
                          persist_every=persist_every, tls_dir=tls_dir, replicas=replicas,
                          replicate_interval_s=replicate_interval_s)
-    with LocalJob(cfg) as job:
+    with LocalJob(cfg) as job, _start_gate(gate, job, spares * nodes):
         try:
             if action is not None:
                 job.wait_until(lambda s: max((w.last_step for w in s.workers), default=0)
@@ -88,6 +98,26 @@ def run_fault_job(tmp: Path, *, die: list[str] = (), steps: int = 40, ddp: bool 
         "shares": [],
     }
     return summary, records
+
+
+@contextlib.contextmanager
+def _start_gate(gate: Path | None, job: LocalJob, spares: int) -> Iterator[None]:
+    """Open the job workers' start gate (a FIFO they block on) once `spares` spares are
+    warm, and hold it open for the job's life, so that later opens pass at once."""
+    if gate is None:
+        yield
+        return
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while job.logs().count(" is warm") < spares:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{spares} spares not warm within {JOB_TIMEOUT_S:.0f} s:\n"
+                               + job.logs())
+        time.sleep(0.1)  # polling the agents' log files (an observation, like wait_until)
+    fd = os.open(gate, os.O_RDWR)  # a FIFO opened read-write never blocks: gate open
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def assert_losses_match(records: dict, reference: dict[int, float]) -> None:

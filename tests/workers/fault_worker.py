@@ -53,7 +53,13 @@ def main() -> int:
                         "until a membership of epoch >= EPOCH with WORLD members, or any "
                         "newer one, is announced: a survivor waits for a newcomer")
     p.add_argument("--device", default="cpu", help="where the model trains (cuda: a GPU)")
+    p.add_argument("--start-gate", default="",
+                   help="a FIFO: a job worker (not a spare) opens it before joining, which "
+                        "blocks until the test opens its other end (once the spares are "
+                        "warm, so that a fault finds them ready)")
     args = p.parse_args()
+    if args.start_gate and os.environ.get("SPLICE_SPARE") != "1":
+        open(args.start_gate, "rb").close()
     torch.set_num_threads(1)
     me = os.environ.get("SPLICE_WORKER_ID", "standalone/0")
     plans = []
