@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splice.checkpoint.device_copy import training_state_ptrs
 from splice.checkpoint.gpu_snapshot import GpuSnapshotRing, state_tensors
 from splice.checkpoint.snapshot import SnapshotRing
 from splice.kernels import fingerprint as fp
@@ -140,13 +141,6 @@ def _gpt_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
                            batch[:, 1:].reshape(-1))
 
 
-def _stable(model: nn.Module, opt: torch.optim.Optimizer) -> frozenset[int]:
-    ptrs = {p.data_ptr() for p in model.parameters()}
-    ptrs.update(v.data_ptr() for st in opt.state.values() for v in st.values()
-                if isinstance(v, torch.Tensor) and v.is_cuda)
-    return frozenset(ptrs)
-
-
 def step_overhead(batch: int = 16, ctx: int = 1024, steps: int = 20, rounds: int = 3
                   ) -> dict[str, Any]:
     """bf16 GPT training in a plain loop; per-step snapshot of the model and AdamW state,
@@ -168,7 +162,7 @@ def step_overhead(batch: int = 16, ctx: int = 1024, steps: int = 20, rounds: int
         ring = rings.get(mode)
         if isinstance(ring, SnapshotRing):
             ring.capture(step_no[0], {"model": model.state_dict(),
-                                      "optimizer": opt.state_dict()}, _stable(model, opt),
+                                      "optimizer": opt.state_dict()}, training_state_ptrs(model, opt),
                          defer=mode == "shm_deferred")
         elif ring is not None:
             ring.capture(step_no[0], state_tensors(model, opt))
@@ -204,7 +198,7 @@ def step_overhead(batch: int = 16, ctx: int = 1024, steps: int = 20, rounds: int
         shm_ring.verify(newest)  # the GPU's checksums match the bytes that landed
         t0 = time.perf_counter()
         shm_ring.capture(step_no[0] + 1, {"model": model.state_dict(),
-                                          "optimizer": opt.state_dict()}, _stable(model, opt))
+                                          "optimizer": opt.state_dict()}, training_state_ptrs(model, opt))
         enqueue_ms = (time.perf_counter() - t0) * 1e3
         shm_ring.synchronize()
         complete_ms = (time.perf_counter() - t0) * 1e3

@@ -30,8 +30,9 @@ training stream, a device-to-device copy, and the clone is what goes to the host
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -86,6 +87,24 @@ class PinnedHostMemory:
             self.release()
         except Exception:
             pass
+
+
+def optimizer_state(optimizer: Any) -> Mapping[Any, Mapping[str, Any]]:
+    """An optimizer's state tensors by parameter (torch's), or, for one without that
+    mapping (the sharded AdamW: flat buffers as attributes), its attributes as one entry."""
+    per_param = getattr(optimizer, "state", None)
+    return per_param if isinstance(per_param, Mapping) else {0: vars(optimizer)}
+
+
+def training_state_ptrs(model: torch.nn.Module, optimizer: Any) -> frozenset[int]:
+    """The data_ptrs of the CUDA tensors nothing writes between a capture and the optimizer
+    step: the parameters and the optimizer's state (the `stable` of a capture). Buffers
+    such as BatchNorm statistics, which the forward pass updates, are not among them."""
+    ptrs = {p.data_ptr() for p in model.parameters() if p.is_cuda}
+    for st in optimizer_state(optimizer).values():
+        ptrs.update(v.data_ptr() for v in st.values()
+                    if isinstance(v, torch.Tensor) and v.is_cuda)
+    return frozenset(ptrs)
 
 
 @dataclass(eq=False)

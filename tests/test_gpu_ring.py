@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from splice.checkpoint.device_copy import training_state_ptrs
 from splice.checkpoint.shm import SlotFiles
 from splice.checkpoint.snapshot import SnapshotCorrupt, SnapshotRing, total_words
 
@@ -103,13 +104,6 @@ def state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, objec
             "rng": torch.get_rng_state()}
 
 
-def stable(model: torch.nn.Module, opt: torch.optim.Optimizer) -> frozenset[int]:
-    ptrs = {p.data_ptr() for p in model.parameters()}
-    ptrs.update(v.data_ptr() for st in opt.state.values() for v in st.values()
-                if isinstance(v, torch.Tensor) and v.is_cuda)
-    return frozenset(ptrs)
-
-
 def on_cpu(tree: object) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in tree.items()}  # type: ignore[attr-defined]
 
@@ -130,7 +124,7 @@ def test_gpu_state_lands_in_shared_memory_as_of_the_capture(shm_dir: str,
     model, opt = _gpu_state()
     ring = SnapshotRing(directory=shm_dir, owner="node-0/0")
     before = on_cpu(model.state_dict())
-    ring.capture(1, state(model, opt), stable(model, opt), defer=defer)
+    ring.capture(1, state(model, opt), training_state_ptrs(model, opt), defer=defer)
     # Training goes on at once: the optimizer step waits for the copy on the GPU only,
     # and the BatchNorm statistics the forward pass updates in place were cloned first.
     # A deferred capture launches its copies after the backward pass: still of the
@@ -153,7 +147,7 @@ def test_gpu_state_lands_in_shared_memory_as_of_the_capture(shm_dir: str,
 def test_a_gpu_snapshot_is_committed_only_once_it_has_landed(shm_dir: str) -> None:
     model, opt = _gpu_state()
     ring = SnapshotRing(directory=shm_dir, owner="node-0/0")
-    ring.capture(1, state(model, opt), stable(model, opt))
+    ring.capture(1, state(model, opt), training_state_ptrs(model, opt))
     reader = SlotFiles(shm_dir)
     assert [s.step for s in reader.load(total_words)] == []  # not settled yet
     assert ring.steps() == [1]
@@ -170,7 +164,7 @@ def test_a_replacement_adopts_a_gpu_snapshot_and_its_checksums_hold(shm_dir: str
     want = []
     for k in (1, 2, 3):
         want.append(on_cpu(model.state_dict()))
-        ring.capture(k, state(model, opt), stable(model, opt))
+        ring.capture(k, state(model, opt), training_state_ptrs(model, opt))
         ring.wait_copied()
         step(model, opt)
     ring.close()  # the worker dies; the agent hands its directory to a replacement
@@ -181,7 +175,7 @@ def test_a_replacement_adopts_a_gpu_snapshot_and_its_checksums_hold(shm_dir: str
     for name, value in want[2].items():
         assert torch.equal(snap["model"][name], value), name
     # The heir goes on capturing its own GPU state into the adopted (now pinned) slots.
-    heir.capture(4, state(model, opt), stable(model, opt))
+    heir.capture(4, state(model, opt), training_state_ptrs(model, opt))
     heir.synchronize()
     heir.verify(4)
     heir.close()
@@ -191,7 +185,7 @@ def test_a_replacement_adopts_a_gpu_snapshot_and_its_checksums_hold(shm_dir: str
 def test_a_flipped_bit_in_a_landed_gpu_snapshot_is_caught(shm_dir: str) -> None:
     model, opt = _gpu_state()
     ring = SnapshotRing(directory=shm_dir, owner="node-0/0")
-    ring.capture(1, state(model, opt), stable(model, opt))
+    ring.capture(1, state(model, opt), training_state_ptrs(model, opt))
     ring.buffers(1)["model.0.weight"].view(torch.uint8)[5] ^= 0x10
     with pytest.raises(SnapshotCorrupt, match="model.0.weight"):
         ring.verify(1)

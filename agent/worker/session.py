@@ -20,7 +20,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -407,16 +407,11 @@ class Session(StateSources, GradientWork):
         BatchNorm statistics, which the forward pass updates) are cloned first."""
         if not self._on_gpu:
             return frozenset()
-        per_param = getattr(self.optimizer, "state", None)
-        if not isinstance(per_param, Mapping):  # ShardedAdamW: its flat buffers
-            per_param = {0: vars(self.optimizer)}
-        key = len(per_param)
+        from splice.checkpoint.device_copy import optimizer_state, training_state_ptrs
+
+        key = len(optimizer_state(self.optimizer))  # new state tensors: look again
         if self._stable is None or self._stable[0] != key:
-            ptrs = {p.data_ptr() for p in self.model.parameters() if p.is_cuda}
-            for st in per_param.values():
-                ptrs.update(v.data_ptr() for v in st.values()
-                            if isinstance(v, torch.Tensor) and v.is_cuda)
-            self._stable = (key, frozenset(ptrs))
+            self._stable = (key, training_state_ptrs(self.model, self.optimizer))
         return self._stable[1]
 
     def _check_budget(self) -> None:
