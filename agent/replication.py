@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import ssl
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,7 @@ from typing import Any, NamedTuple, NoReturn
 
 import grpc
 
+from splice.agent import bulk
 from splice.agent.replication_wire import (  # noqa: F401 (the errors are this module's API too)
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,
@@ -65,6 +67,7 @@ from splice.agent.replication_wire import (  # noqa: F401 (the errors are this m
     crc32_combine,
     decode_chunk,
     encode_chunk,
+    refusal,
     snapshot_chunks,
 )
 from splice.proto import peer_pb2 as pb
@@ -231,6 +234,7 @@ class SnapshotPeerServicer(pb_grpc.SnapshotPeerServicer):
 
     def __init__(self, store: ReplicaStore, provider: Provider | None = None) -> None:
         self.store, self.provider = store, provider
+        self.bulk_port = 0  # advertised in List once a BulkServer serves `source`
 
     def Push(self, request_iterator: Iterator[Chunk],
              context: grpc.ServicerContext) -> pb.PushAck:
@@ -268,33 +272,49 @@ class SnapshotPeerServicer(pb_grpc.SnapshotPeerServicer):
     def Fetch(self, request: pb.FetchRequest,
               context: grpc.ServicerContext) -> Iterator[bytes]:
         chunk_bytes = request.chunk_bytes or DEFAULT_CHUNK_BYTES
-        name = f"{request.job_id}/{request.worker_id} step {request.step or 'newest'}"
+        try:
+            if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+                raise MalformedStream(f"fetch of {_name(request)}: chunk_bytes {chunk_bytes} "
+                                      f"not in (0, {MAX_CHUNK_BYTES}]")
+            source = self.source(request)
+        except ReplicationError as e:
+            _abort(context, e)
+        if source.checksum is None:  # the node's own snapshot: CRCs taken as it goes out
+            yield from snapshot_chunks(source.header, source.meta, source.data, chunk_bytes)
+            return
+        h = source.header
+        yield from _encoded(h, _slices(source.meta, source.data, chunk_bytes), None)
+
+    def source(self, request: pb.FetchRequest) -> bulk.Source:
+        """What a fetch of `request` sends: a local worker's snapshot (from `provider`,
+        looked at first; its checksum taken as it goes), else the replica held (with the
+        checksum recorded on arrival, so damage at rest shows at the fetcher). Raises
+        UnknownJob or SnapshotNotHeld."""
+        name = _name(request)
         if request.job_id != self.store.job_id:
-            _abort(context, UnknownJob(f"fetch of {name}: this agent serves job "
-                                       f"{self.store.job_id!r}"))
-        if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
-            _abort(context, MalformedStream(f"fetch of {name}: chunk_bytes {chunk_bytes} "
-                                            f"not in (0, {MAX_CHUNK_BYTES}]"))
+            raise UnknownJob(f"fetch of {name}: this agent serves job {self.store.job_id!r}")
         own = (self.provider(request.job_id, request.worker_id, request.step)
                if self.provider is not None else None)
         if own is not None:
             step, meta, data = own
-            header = pb.SnapshotHeader(job_id=request.job_id, worker_id=request.worker_id,
-                                       step=step)
-            yield from snapshot_chunks(header, meta, data, chunk_bytes)
-            return
+            return bulk.Source(pb.SnapshotHeader(job_id=request.job_id,
+                                                 worker_id=request.worker_id, step=step),
+                               meta, data, None)
         replica = self.store.get(request.job_id, request.worker_id, request.step)
         if replica is None:
             held = self.store.get(request.job_id, request.worker_id)
-            _abort(context, SnapshotNotHeld(f"fetch of {name}: not held here" + (
-                f" (replica of step {held.step} is)" if held is not None else "")))
-            return
-        yield from _replica_chunks(replica, chunk_bytes)
+            raise SnapshotNotHeld(f"fetch of {name}: not held here" + (
+                f" (replica of step {held.step} is)" if held is not None else ""))
+        header = pb.SnapshotHeader(job_id=replica.job_id, worker_id=replica.worker_id,
+                                   step=replica.step, epoch=replica.epoch,
+                                   meta_bytes=len(replica.meta), data_bytes=len(replica.data),
+                                   checksum=replica.checksum)
+        return bulk.Source(header, replica.meta, replica.data, replica.checksum)
 
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.Holdings:
         out = pb.Holdings(bytes_held=self.store.bytes_held,
                           bytes_in_transit=self.store.bytes_in_transit,
-                          budget_bytes=self.store.budget_bytes)
+                          budget_bytes=self.store.budget_bytes, bulk_port=self.bulk_port)
         for r in self.store.holdings():
             if request.job_id in ("", r.job_id):
                 out.holdings.add(job_id=r.job_id, worker_id=r.worker_id, step=r.step,
@@ -311,14 +331,8 @@ def _abort(context: grpc.ServicerContext, e: ReplicationError) -> NoReturn:
     raise AssertionError("context.abort returned")
 
 
-def _replica_chunks(replica: Replica, chunk_bytes: int) -> Iterator[bytes]:
-    """A held replica's chunks with its recorded checksum (not a fresh one), so damage at
-    rest shows at the fetcher."""
-    header = pb.SnapshotHeader(job_id=replica.job_id, worker_id=replica.worker_id,
-                               step=replica.step, epoch=replica.epoch,
-                               meta_bytes=len(replica.meta), data_bytes=len(replica.data),
-                               checksum=replica.checksum)
-    yield from _encoded(header, _slices(replica.meta, replica.data, chunk_bytes), None)
+def _name(request: pb.FetchRequest) -> str:
+    return f"{request.job_id}/{request.worker_id} step {request.step or 'newest'}"
 
 
 def add_to_server(servicer: SnapshotPeerServicer, server: grpc.Server) -> None:
@@ -341,31 +355,60 @@ def add_to_server(servicer: SnapshotPeerServicer, server: grpc.Server) -> None:
 class PeerServer:
     server: grpc.Server
     port: int
+    bulk: bulk.BulkServer | None = None
 
     @property
     def address(self) -> str:
         return f"localhost:{self.port}"
 
     def stop(self, grace_s: float | None = None) -> None:
+        if self.bulk is not None:
+            self.bulk.close()
         self.server.stop(grace_s).wait()
 
 
 def serve(store: ReplicaStore, address: str, provider: Provider | None = None, *,
           max_workers: int = 8, options: Sequence[tuple[str, int | str]] = (),
-          credentials: grpc.ServerCredentials | None = None) -> PeerServer:
+          credentials: grpc.ServerCredentials | None = None,
+          bulk_tls: ssl.SSLContext | None = None, with_bulk: bool = True) -> PeerServer:
     """Start the SnapshotPeer service on `address` ("host:0" picks a free port). Each
     stream holds one server thread while it runs. `options`: extra gRPC server options;
-    `credentials`: serve mutual TLS (security.server_credentials), plaintext without."""
+    `credentials`: serve mutual TLS (security.server_credentials), plaintext without.
+
+    With `with_bulk`, fetches are also served on a bulk port of the same host
+    (agent/bulk.py), advertised in List: plaintext when `credentials` is None, else only
+    with `bulk_tls` (security.ssl_server_context), never plaintext beside a TLS service."""
     server = grpc.server(ThreadPoolExecutor(max_workers=max_workers,
                                             thread_name_prefix="splice-peer"),
                          options=[*GRPC_OPTIONS, *SERVER_OPTIONS, *options])
-    add_to_server(SnapshotPeerServicer(store, provider), server)
+    servicer = SnapshotPeerServicer(store, provider)
+    add_to_server(servicer, server)
     port = (server.add_insecure_port(address) if credentials is None
             else server.add_secure_port(address, credentials))
     if port == 0:
         raise OSError(f"cannot listen on {address} for snapshot peers")
+    fast = None
+    if with_bulk and (credentials is None or bulk_tls is not None):
+        host = split_address(address)[0]
+        try:
+            fast = bulk.BulkServer(servicer.source, host, tls=bulk_tls,
+                                   max_transfers=max_workers)
+            servicer.bulk_port = fast.port
+        except OSError as e:  # fetches then all go over gRPC
+            log.warning("no bulk snapshot port on %s (%s): fetches use gRPC", host, e)
     server.start()
-    return PeerServer(server, port)
+    return PeerServer(server, port, fast)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """("host", port) of "host:port" or "[v6]:port"."""
+    if address.startswith("["):
+        host, _, port = address[1:].partition("]:")
+    else:
+        host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"not a host:port address: {address!r}")
+    return host, int(port)
 
 
 # ---- the client -----------------------------------------------------------------------------
@@ -424,17 +467,10 @@ def push_chunks(channel: grpc.Channel, chunks: Iterator[bytes], *,
         raise _refusal(e) from None
 
 
-_REFUSALS: dict[str, type[ReplicationError]] = {
-    cls.__name__: cls for cls in (ReplicaBudgetExceeded, SnapshotCorrupt, MalformedStream,
-                                  UnknownJob, StaleReplica, AlreadyHeld, ReplicaBusy,
-                                  SnapshotNotHeld)}
-
-
 def _refusal(e: grpc.RpcError) -> ReplicationError:
     """The peer's refusal as the matching ReplicationError subclass."""
     trailers = dict(e.trailing_metadata() or ())  # type: ignore[attr-defined]
-    cls = _REFUSALS.get(trailers.get(_KIND_KEY, ""), ReplicationError)
-    err = cls(e.details() or _error(e))  # type: ignore[attr-defined]
+    err = refusal(trailers.get(_KIND_KEY, ""), e.details() or _error(e))  # type: ignore[attr-defined]
     err.code = e.code()  # type: ignore[attr-defined]
     return err
 
@@ -474,12 +510,17 @@ def _receive(stream: Iterator[Chunk], job_id: str, worker_id: str,
 
 def fetch(addresses: Sequence[str], job_id: str, worker_id: str, step: int = 0, *,
           timeout_s: float = 300.0, connect_timeout_s: float = 2.0,
-          chunk_bytes: int = 0, credentials: grpc.ChannelCredentials | None = None
-          ) -> Fetched:
+          chunk_bytes: int = 0, credentials: grpc.ChannelCredentials | None = None,
+          bulk_tls: ssl.SSLContext | None = None) -> Fetched:
     """A worker's snapshot from the first holder that supplies it intact, trying
     `addresses` in order. A holder that lacks it, cannot be reached within
     `connect_timeout_s`, fails or breaks the stream, or sends bytes that fail a chunk CRC
-    or the whole checksum is logged and skipped; FetchFailed names every holder tried."""
+    or the whole checksum is logged and skipped; FetchFailed names every holder tried.
+
+    A holder advertising a bulk port (agent/bulk.py) is fetched from there, the fastest
+    way; over gRPC's Fetch when it advertises none or that port cannot be reached. With
+    `credentials` (mutual TLS) the bulk port is used only with `bulk_tls`
+    (security.ssl_client_context)."""
     reasons: list[str] = []
     request = pb.FetchRequest(job_id=job_id, worker_id=worker_id, step=step,
                               chunk_bytes=chunk_bytes)
@@ -489,16 +530,24 @@ def fetch(addresses: Sequence[str], job_id: str, worker_id: str, step: int = 0, 
         connected = False
         try:
             # A cheap call first, so an unreachable holder costs at most connect_timeout_s
-            # (a refused connection fails at once), not the transfer's timeout.
+            # (a refused connection fails at once), not the transfer's timeout. It also
+            # says where the holder's bulk port is.
             # (channel_ready_future would do, but polls: ~0.2 s even when reachable.)
-            stub.List(pb.ListRequest(job_id="\0"), timeout=connect_timeout_s)
+            holdings = stub.List(pb.ListRequest(job_id="\0"), timeout=connect_timeout_s)
             connected = True
-            call = channel.unary_stream("/splice.v1.SnapshotPeer/Fetch",
-                                        request_serializer=pb.FetchRequest.SerializeToString,
-                                        response_deserializer=decode_chunk)
-            fetched = _receive(call(request, timeout=timeout_s), job_id, worker_id, step)
-            log.info("fetched %s/%s step %d (%d bytes of data) from %s", job_id, worker_id,
-                     fetched.step, len(fetched.data), address)
+            fetched, how = None, "over gRPC"
+            if holdings.bulk_port and (credentials is None or bulk_tls is not None):
+                fetched = _fetch_bulk(address, holdings.bulk_port, request, bulk_tls,
+                                      timeout_s, connect_timeout_s)
+                how = "over its bulk port"
+            if fetched is None:
+                call = channel.unary_stream("/splice.v1.SnapshotPeer/Fetch",
+                                            request_serializer=pb.FetchRequest.SerializeToString,
+                                            response_deserializer=decode_chunk)
+                fetched = _receive(call(request, timeout=timeout_s), job_id, worker_id, step)
+                how = "over gRPC"
+            log.info("fetched %s/%s step %d (%d bytes of data) from %s %s", job_id, worker_id,
+                     fetched.step, len(fetched.data), address, how)
             return fetched
         except grpc.RpcError as e:
             reason = _error(e) if connected else \
@@ -514,3 +563,17 @@ def fetch(addresses: Sequence[str], job_id: str, worker_id: str, step: int = 0, 
                       f"from any holder: " + ("; ".join(reasons) or "no holders given"))
 
 
+def _fetch_bulk(address: str, port: int, request: pb.FetchRequest,
+                tls: ssl.SSLContext | None, timeout_s: float,
+                connect_timeout_s: float) -> Fetched | None:
+    """The fetch over the holder's bulk port; None (gRPC then) if it cannot be reached."""
+    from splice.security import AGENT_SERVER_NAME
+
+    host = split_address(address)[0]
+    try:
+        got = bulk.fetch(host, port, request, tls=tls, server_name=AGENT_SERVER_NAME,
+                         timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+    except bulk.BulkUnreachable as e:
+        log.warning("%s; fetching over gRPC instead", e)
+        return None
+    return Fetched(got.header.step, got.meta, got.data)

@@ -99,6 +99,15 @@ class FetchFailed(ReplicationError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+def refusal(kind: str, message: str) -> ReplicationError:
+    """A peer's refusal, named by its class (`type(e).__name__`), as that ReplicationError
+    subclass (a plain ReplicationError for a name not known here)."""
+    cls = {c.__name__: c for c in (ReplicaBudgetExceeded, SnapshotCorrupt, MalformedStream,
+                                   UnknownJob, StaleReplica, AlreadyHeld, ReplicaBusy,
+                                   SnapshotNotHeld)}.get(kind, ReplicationError)
+    return cls(message)
+
+
 # ---- checksums ------------------------------------------------------------------------------
 
 def _gf2_times(matrix: Sequence[int], vector: int) -> int:

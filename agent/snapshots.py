@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import ssl
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -50,7 +51,7 @@ class NodeSnapshots:
             self.server = replication.serve(
                 self.replicas, f"{config.gloo_host}:0",
                 self.serve if metrics is None else metrics.counting_served(self.serve),
-                credentials=self._server_credentials())
+                credentials=self._server_credentials(), bulk_tls=self._bulk_tls())
             self.address = f"{config.gloo_host}:{self.server.port}"
         except OSError as e:  # joining workers then receive state over the group
             log.warning("agent %s: cannot serve snapshots on %s: %s", config.node_id,
@@ -231,6 +232,21 @@ class NodeSnapshots:
         from splice.security import channel_credentials
 
         return channel_credentials(self.config.tls)
+
+    def _bulk_tls(self) -> ssl.SSLContext | None:
+        """The same mutual TLS for the bulk snapshot port (agent/bulk.py); None without
+        certificates (a plaintext port then) or when they do not load (no bulk port then:
+        `serve` never opens a plaintext one beside a TLS service)."""
+        if self.config.tls is None:
+            return None
+        from splice.security import ssl_server_context
+
+        try:
+            return ssl_server_context(self.config.tls)
+        except (ValueError, OSError) as e:
+            log.warning("agent %s: no bulk snapshot port (%s); fetches use gRPC",
+                        self.config.node_id, e)
+            return None
 
     def _server_credentials(self) -> grpc.ServerCredentials | None:
         """Mutual TLS for the snapshot server when the agent has certificates; OSError if

@@ -79,13 +79,25 @@ class Holding(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., bytes: _Optional[int] = ..., replica: _Optional[bool] = ...) -> None: ...
 
 class Holdings(_message.Message):
-    __slots__ = ("holdings", "bytes_held", "bytes_in_transit", "budget_bytes")
+    __slots__ = ("holdings", "bytes_held", "bytes_in_transit", "budget_bytes", "bulk_port")
     HOLDINGS_FIELD_NUMBER: _ClassVar[int]
     BYTES_HELD_FIELD_NUMBER: _ClassVar[int]
     BYTES_IN_TRANSIT_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BULK_PORT_FIELD_NUMBER: _ClassVar[int]
     holdings: _containers.RepeatedCompositeFieldContainer[Holding]
     bytes_held: int
     bytes_in_transit: int
     budget_bytes: int
-    def __init__(self, holdings: _Optional[_Iterable[_Union[Holding, _Mapping]]] = ..., bytes_held: _Optional[int] = ..., bytes_in_transit: _Optional[int] = ..., budget_bytes: _Optional[int] = ...) -> None: ...
+    bulk_port: int
+    def __init__(self, holdings: _Optional[_Iterable[_Union[Holding, _Mapping]]] = ..., bytes_held: _Optional[int] = ..., bytes_in_transit: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., bulk_port: _Optional[int] = ...) -> None: ...
+
+class BulkReply(_message.Message):
+    __slots__ = ("header", "refusal", "error")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    header: SnapshotHeader
+    refusal: str
+    error: str
+    def __init__(self, header: _Optional[_Union[SnapshotHeader, _Mapping]] = ..., refusal: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...

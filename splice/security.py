@@ -17,6 +17,7 @@ import datetime
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,27 @@ def channel_credentials(tls: TLSConfig) -> grpc.ChannelCredentials:
         root_certificates=_read(tls.ca_file, "CA file (--tls-ca)"),
         private_key=_read(tls.key_file, "key file (--tls-key)"),
         certificate_chain=_read(tls.cert_file, "certificate file (--tls-cert)"))
+
+
+def ssl_server_context(tls: TLSConfig) -> ssl.SSLContext:
+    """The same mutual TLS as `server_credentials`, for a plain socket server (the
+    snapshot bulk port, agent/bulk.py): this end's certificate, a CA-signed client
+    certificate required."""
+    tls.validate()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=tls.ca_file)
+    ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def ssl_client_context(tls: TLSConfig) -> ssl.SSLContext:
+    """Mutual TLS for dialling a peer agent's bulk port: its certificate is checked
+    against the CA and for AGENT_SERVER_NAME (pass it as server_hostname), as
+    `peer_channel_options` does for gRPC."""
+    tls.validate()
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+    ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    return ctx
 
 
 def server_problem(tls: TLSConfig) -> str:

@@ -58,10 +58,12 @@ def payload(n: int, seed: int = 0) -> bytes:
     return (block * (n // len(block) + 1))[:n]
 
 
-@pytest.fixture
-def peer() -> Iterator[tuple[ReplicaStore, str]]:
+@pytest.fixture(params=["bulk", "grpc"])
+def peer(request: pytest.FixtureRequest) -> Iterator[tuple[ReplicaStore, str]]:
+    """A peer agent's snapshot server; fetches from it go over its bulk port, or over
+    gRPC's Fetch when it has none."""
     store = ReplicaStore(0, job_id=JOB)
-    server = serve(store, "localhost:0")
+    server = serve(store, "localhost:0", with_bulk=request.param == "bulk")
     yield store, server.address
     server.stop()
 
@@ -407,11 +409,12 @@ class CorruptingServicer(SnapshotPeerServicer):
             yield encoded
 
 
+@pytest.mark.parametrize("with_bulk", [True, False])
 def test_fetch_falls_back_past_corrupt_missing_and_unreachable_holders(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, with_bulk: bool) -> None:
     meta, data = b"hdr", payload(50_000, 4)
     stores = [ReplicaStore(0, job_id=JOB) for _ in range(4)]
-    servers = [serve(s, "localhost:0") for s in stores]
+    servers = [serve(s, "localhost:0", with_bulk=with_bulk) for s in stores]
     wire = grpc.server(ThreadPoolExecutor(2))
     add_to_server(CorruptingServicer(stores[0]), wire)
     wire_port = wire.add_insecure_port("localhost:0")
@@ -425,12 +428,17 @@ def test_fetch_falls_back_past_corrupt_missing_and_unreachable_holders(
         dead.stop()
         holders = [dead.address, f"localhost:{wire_port}", servers[1].address,
                    servers[3].address, servers[2].address]
-        with caplog.at_level(logging.WARNING, logger="splice.agent"):
+        with caplog.at_level(logging.INFO, logger="splice.agent"):
             got = fetch(holders, JOB, "n1/0", 8, connect_timeout_s=0.5, chunk_bytes=16 * KiB)
         assert got.step == 8 and got.meta == meta and bytes(got.data.numpy()) == data
         reasons = "\n".join(r.getMessage() for r in caplog.records)
         assert "unreachable" in reasons and "fails its CRC-32" in reasons
-        assert "announced" in reasons and "NOT_FOUND" in reasons
+        if with_bulk:  # the damaged replica's bytes fail the checksum sent after them
+            assert "received, 0x" in reasons and "SnapshotNotHeld" in reasons
+            assert "over its bulk port" in reasons
+        else:
+            assert "announced" in reasons and "NOT_FOUND" in reasons
+            assert "over gRPC" in reasons
         with pytest.raises(FetchFailed) as info:
             fetch(holders[:4], JOB, "n1/0", connect_timeout_s=0.5)
         for address in holders[:4]:

@@ -138,14 +138,15 @@ class StateSources:
         from splice.checkpoint.snapshot import SnapshotCorrupt, SnapshotRing
 
         directory = self.config.snapshot_dir or tempfile.mkdtemp(prefix="splice-fetched-")
-        credentials = self._peer_credentials()
+        credentials, bulk_tls = self._peer_credentials(), self._peer_bulk_tls()
         tried = []
         for h in self._with_replicas(holders):
             t0 = time.perf_counter()
             try:
                 got = replication.fetch([h.address], self.config.job_id, h.worker_id, step,
                                         timeout_s=self.config.recovery_timeout_s,
-                                        connect_timeout_s=5.0, credentials=credentials)
+                                        connect_timeout_s=5.0, credentials=credentials,
+                                        bulk_tls=bulk_tls)
                 rec = slotmeta.parse(None, got.meta)
                 if rec is None or rec.step != step:
                     raise slotmeta.SlotUnreadable(f"it sent step {rec and rec.step}")
@@ -324,7 +325,7 @@ class StateSources:
         candidates = [self.step, self.step - 1]
         ok = [0.0, 0.0]
         where: dict[str, dict[int, list[str]]] = {}
-        credentials = self._peer_credentials()
+        credentials, bulk_tls = self._peer_credentials(), self._peer_bulk_tls()
         if old_members is not None and len(old_members) == len(plan.old):
             workers = [old_members[s] for s in lost]
             m = self._link.latest_membership() if self._link is not None else None
@@ -353,7 +354,7 @@ class StateSources:
             w = old_members[s]
             try:
                 d = fetch_shard(where[w][step], self.config.job_id, w, step,
-                                credentials=credentials)
+                                credentials=credentials, bulk_tls=bulk_tls)
                 if (d["start"], d["stop"]) != (plan.old[s].start, plan.old[s].stop):
                     raise ValueError(f"it holds elements [{d['start']}, {d['stop']}), old "
                                      f"rank {s} held [{plan.old[s].start}, "
@@ -382,6 +383,19 @@ class StateSources:
                                                  cert_file=self.config.tls_cert,
                                                  key_file=self.config.tls_key))
         except ValueError as e:
+            raise RecoveryFailed(f"cannot reach other nodes' agents: {e}") from e
+
+    def _peer_bulk_tls(self) -> Any:
+        """The same certificates for other agents' bulk snapshot ports (agent/bulk.py)."""
+        if not self.config.tls_ca:
+            return None
+        from splice.security import TLSConfig, ssl_client_context
+
+        try:
+            return ssl_client_context(TLSConfig(ca_file=self.config.tls_ca,
+                                                cert_file=self.config.tls_cert,
+                                                key_file=self.config.tls_key))
+        except (ValueError, OSError) as e:
             raise RecoveryFailed(f"cannot reach other nodes' agents: {e}") from e
 
     def _intact_steps(self) -> list[int]:

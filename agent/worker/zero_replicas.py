@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import ssl
 import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -51,6 +52,7 @@ def replica_steps(addresses: Iterable[str], job_id: str, workers: Sequence[str],
 
 def fetch_shard(addresses: Sequence[str], job_id: str, worker: str, step: int, *,
                 credentials: grpc.ChannelCredentials | None = None,
+                bulk_tls: ssl.SSLContext | None = None,
                 timeout_s: float = 120.0) -> dict[str, Any]:
     """The optimizer shard ({start, stop, step, exp_avg, exp_avg_sq}) in `worker`'s
     snapshot of `step`, from the first agent at `addresses` that serves an intact replica
@@ -64,7 +66,8 @@ def fetch_shard(addresses: Sequence[str], job_id: str, worker: str, step: int, *
         directory = tempfile.mkdtemp(prefix="splice-shard-")
         try:
             got = replication.fetch([address], job_id, worker, step, timeout_s=timeout_s,
-                                    connect_timeout_s=5.0, credentials=credentials)
+                                    connect_timeout_s=5.0, credentials=credentials,
+                                    bulk_tls=bulk_tls)
             rec = slotmeta.parse(None, got.meta)
             if rec is None or rec.step != step:
                 raise slotmeta.SlotUnreadable(f"it holds step {rec and rec.step}")
