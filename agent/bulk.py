@@ -172,6 +172,11 @@ class BulkServer:
             conn.settimeout(self._request_timeout_s)
             if self._tls is not None:
                 stream = self._tls.wrap_socket(conn, server_side=True)
+                with self._lock:  # the socket now is `stream`: close() must drop that
+                    self._open.discard(conn)
+                    self._open.add(stream)
+                    if self._closed:
+                        raise OSError("the server is closing")
             request = self._request(stream)
             what = (f"the bulk fetch of {request.job_id}/{request.worker_id} step "
                     f"{request.step or 'newest'}")
@@ -191,6 +196,7 @@ class BulkServer:
         finally:
             with self._lock:
                 self._open.discard(conn)
+                self._open.discard(stream)
                 if not busy:
                     self._active -= 1
             _drop(stream)
@@ -238,22 +244,37 @@ def _drop(conn: socket.socket) -> None:
 
 # ---- the client ----------------------------------------------------------------------------
 
+def data_tensor(num_bytes: int, name: str) -> Any:
+    """A uint8 tensor for a snapshot's data; MalformedStream when a peer announces more than
+    this host can hold (the caller then tries the next holder)."""
+    import torch
+
+    try:
+        return torch.empty(num_bytes, dtype=torch.uint8)
+    except RuntimeError as e:
+        raise MalformedStream(f"snapshot {name}: {num_bytes} bytes of data announced, which "
+                              f"cannot be held here ({e})") from None
+
+
 class Received(NamedTuple):
     header: pb.SnapshotHeader
     meta: bytes
-    data: Any  # torch.Tensor, uint8, 1-D
+    data: Any  # torch.Tensor, uint8, 1-D; what `into` gave when given
+
+
+# `into(data_bytes, meta)` -> a writable buffer of `data_bytes` for the data to land in.
+Into = Callable[[int, bytes], memoryview]
 
 
 def fetch(host: str, port: int, request: pb.FetchRequest, *,
           tls: ssl.SSLContext | None = None, server_name: str = "",
-          timeout_s: float = 300.0, connect_timeout_s: float = 2.0) -> Received:
-    """One snapshot from the bulk port at host:port into a fresh tensor, its checksum
-    checked. BulkUnreachable if the port cannot be reached (or the TLS handshake fails);
+          timeout_s: float = 300.0, connect_timeout_s: float = 2.0,
+          into: Into | None = None) -> Received:
+    """One snapshot from the bulk port at host:port into a fresh tensor (or into what
+    `into` gives once the meta is in), its checksum checked. BulkUnreachable if the port cannot be reached (or the TLS handshake fails);
     the server's refusal as its ReplicationError subclass; MalformedStream for a reply
     that does not parse or names another snapshot, or a stream cut short; SnapshotCorrupt
     when the bytes fail the checksum."""
-    import torch  # the buffer is handed to the worker as a tensor
-
     deadline = time.monotonic() + timeout_s
     try:
         conn = socket.create_connection((host, port), timeout=connect_timeout_s)
@@ -280,9 +301,15 @@ def fetch(host: str, port: int, request: pb.FetchRequest, *,
             raise MalformedStream(f"bulk fetch of {name}: sent {h.job_id}/{h.worker_id} "
                                   f"step {h.step}")
         meta = bytearray(h.meta_bytes)
-        data = torch.empty(h.data_bytes, dtype=torch.uint8)
         crc = _recv_exact(conn, memoryview(meta), 0)
-        crc = _recv_exact(conn, data.numpy().data.cast("B"), crc)
+        if into is None:
+            data = data_tensor(h.data_bytes, name)
+            view = data.numpy().data.cast("B")
+        else:
+            data = view = into(h.data_bytes, bytes(meta))
+            if len(view) != h.data_bytes:
+                raise ValueError(f"into() gave {len(view)} bytes for {h.data_bytes}")
+        crc = _recv_exact(conn, view, crc)
         trailer = bytearray(4)
         _recv_exact(conn, memoryview(trailer))
         (sent,) = _U32.unpack(trailer)

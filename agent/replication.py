@@ -478,14 +478,12 @@ def _refusal(e: grpc.RpcError) -> ReplicationError:
 class Fetched(NamedTuple):
     step: int
     meta: bytes
-    data: Any  # torch.Tensor, uint8, 1-D
+    data: Any  # torch.Tensor, uint8, 1-D; the buffer `into` gave when given
 
 
 def _receive(stream: Iterator[Chunk], job_id: str, worker_id: str,
              step: int) -> Fetched:
     """One holder's stream into a fresh tensor, every chunk and the whole checked."""
-    import torch  # the fetched buffer is handed to the worker as a tensor
-
     assembly: _Assembly | None = None
     tensor = None
     for chunk in stream:
@@ -498,7 +496,7 @@ def _receive(stream: Iterator[Chunk], job_id: str, worker_id: str,
             _check_header(h)
             if (h.job_id, h.worker_id) != (job_id, worker_id) or step not in (0, h.step):
                 raise MalformedStream(f"sent {h.job_id}/{h.worker_id} step {h.step}")
-            tensor = torch.empty(h.data_bytes, dtype=torch.uint8)
+            tensor = bulk.data_tensor(h.data_bytes, f"{h.job_id}/{h.worker_id} step {h.step}")
             assembly = _Assembly(h, memoryview(bytearray(h.meta_bytes)),
                                  tensor.numpy().data)
         assembly.write(chunk)
@@ -511,7 +509,7 @@ def _receive(stream: Iterator[Chunk], job_id: str, worker_id: str,
 def fetch(addresses: Sequence[str], job_id: str, worker_id: str, step: int = 0, *,
           timeout_s: float = 300.0, connect_timeout_s: float = 2.0,
           chunk_bytes: int = 0, credentials: grpc.ChannelCredentials | None = None,
-          bulk_tls: ssl.SSLContext | None = None) -> Fetched:
+          bulk_tls: ssl.SSLContext | None = None, into: bulk.Into | None = None) -> Fetched:
     """A worker's snapshot from the first holder that supplies it intact, trying
     `addresses` in order. A holder that lacks it, cannot be reached within
     `connect_timeout_s`, fails or breaks the stream, or sends bytes that fail a chunk CRC
@@ -520,7 +518,8 @@ def fetch(addresses: Sequence[str], job_id: str, worker_id: str, step: int = 0, 
     A holder advertising a bulk port (agent/bulk.py) is fetched from there, the fastest
     way; over gRPC's Fetch when it advertises none or that port cannot be reached. With
     `credentials` (mutual TLS) the bulk port is used only with `bulk_tls`
-    (security.ssl_client_context)."""
+    (security.ssl_client_context). With `into`, the data lands in the buffer it gives
+    (straight from the socket over the bulk port; copied there after a gRPC fetch)."""
     reasons: list[str] = []
     request = pb.FetchRequest(job_id=job_id, worker_id=worker_id, step=step,
                               chunk_bytes=chunk_bytes)
@@ -538,7 +537,7 @@ def fetch(addresses: Sequence[str], job_id: str, worker_id: str, step: int = 0, 
             fetched, how = None, "over gRPC"
             if holdings.bulk_port and (credentials is None or bulk_tls is not None):
                 fetched = _fetch_bulk(address, holdings.bulk_port, request, bulk_tls,
-                                      timeout_s, connect_timeout_s)
+                                      timeout_s, connect_timeout_s, into)
                 how = "over its bulk port"
             if fetched is None:
                 call = channel.unary_stream("/splice.v1.SnapshotPeer/Fetch",
@@ -546,6 +545,10 @@ def fetch(addresses: Sequence[str], job_id: str, worker_id: str, step: int = 0, 
                                             response_deserializer=decode_chunk)
                 fetched = _receive(call(request, timeout=timeout_s), job_id, worker_id, step)
                 how = "over gRPC"
+                if into is not None:
+                    view = into(len(fetched.data), fetched.meta)
+                    view[:] = fetched.data.numpy().data
+                    fetched = fetched._replace(data=view)
             log.info("fetched %s/%s step %d (%d bytes of data) from %s %s", job_id, worker_id,
                      fetched.step, len(fetched.data), address, how)
             return fetched
@@ -565,14 +568,15 @@ def fetch(addresses: Sequence[str], job_id: str, worker_id: str, step: int = 0, 
 
 def _fetch_bulk(address: str, port: int, request: pb.FetchRequest,
                 tls: ssl.SSLContext | None, timeout_s: float,
-                connect_timeout_s: float) -> Fetched | None:
+                connect_timeout_s: float, into: bulk.Into | None) -> Fetched | None:
     """The fetch over the holder's bulk port; None (gRPC then) if it cannot be reached."""
     from splice.security import AGENT_SERVER_NAME
 
     host = split_address(address)[0]
     try:
         got = bulk.fetch(host, port, request, tls=tls, server_name=AGENT_SERVER_NAME,
-                         timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+                         timeout_s=timeout_s, connect_timeout_s=connect_timeout_s,
+                         into=into)
     except bulk.BulkUnreachable as e:
         log.warning("%s; fetching over gRPC instead", e)
         return None

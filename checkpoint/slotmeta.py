@@ -16,6 +16,7 @@ import mmap
 import os
 import pickle
 import re
+import shutil
 import struct
 import zlib
 from dataclasses import dataclass
@@ -117,3 +118,50 @@ def open_committed(directory: str, step: int = 0) -> tuple[int, bytes, memoryvie
     except (OSError, ValueError):
         return None
     return rec.step, rec.meta, memoryview(data)
+
+
+class IncomingSlot:
+    """A peer's committed slot written into `directory` as it arrives (a fetch's `into`):
+    once its meta names the data file, that file is sized and mapped for the bytes to land
+    in, with no copy on the way; the meta file is written last (`finish`), so the
+    directory holds a slot only once its data is all there."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.record: Record | None = None
+        self._map: mmap.mmap | None = None
+
+    def into(self, data_bytes: int, meta: bytes) -> memoryview:
+        rec = parse(None, meta)
+        if rec is None:
+            raise SlotUnreadable("the peer sent an uncommitted slot")
+        self.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+        os.makedirs(self.directory, mode=0o700)
+        fd = os.open(os.path.join(self.directory, rec.data_name),
+                     os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, data_bytes)
+            self._map = mmap.mmap(fd, data_bytes) if data_bytes else None
+        finally:
+            os.close(fd)
+        self.record = rec
+        return memoryview(self._map) if self._map is not None else memoryview(bytearray())
+
+    def finish(self) -> Record:
+        """The data is in: write the meta. The record of the slot written."""
+        if self.record is None:
+            raise SlotUnreadable("nothing was received")
+        self.close()
+        path = os.path.join(self.directory, f"slot{self.record.index}.meta")
+        with open(path, "wb") as f:
+            f.write(self.record.meta)
+        return self.record
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a view of it is still alive: unmapped when it goes
+                pass
+            self._map = None

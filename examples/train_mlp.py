@@ -76,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)
-    session = splice.init()
+    # The model first: a standby or spare worker waits in init() until it takes a rank,
+    # and then only has to load its state.
     model = make_mlp(hidden=args.hidden, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    session = splice.init()
     loss_fn = mse_loss
     if args.slow_worker:
         who, factor, from_step = args.slow_worker.rsplit(":", 2)

@@ -131,6 +131,7 @@ class Session(StateSources, GradientWork):
         # Where this worker's state came from when it joined: "<worker> memory, step N".
         self.restored_from = ""
         self._state_source = ""  # set when fetched from a holder: "<holder> memory"
+        self._prefetch: Any = None  # a joining worker's early fetch (_start_prefetch)
         self._persist = None
         if config.persist_dir:
             from splice.checkpoint.persist import PersistentStore
@@ -211,6 +212,8 @@ class Session(StateSources, GradientWork):
                 worker_id=self.worker_id, epoch=epoch,
                 snapshot_steps=intact, has_persisted=persisted is not None,
                 persisted_step=persisted or 0)))
+            if not self.joined_once and not intact:  # joining with no state of its own
+                self._start_prefetch(m)
 
         def superseded() -> bool:
             return link.membership_newer_than(epoch) is not None
@@ -256,6 +259,8 @@ class Session(StateSources, GradientWork):
         assert resume is not None
         members = list(m.members)
         mine = [t for t in resume.transfers if t.to_worker == self.worker_id]
+        if not (mine and mine[0].holders):
+            self._drop_prefetch()  # its state comes another way
         if resume.from_disk:
             log.error("worker %s: no in-memory snapshot is left anywhere; loading the "
                       "persistent checkpoint of step %d (%s)", self.worker_id, resume.step,

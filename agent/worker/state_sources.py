@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -48,6 +49,47 @@ def replica_shift(members: Sequence[str]) -> int:
         if all(nodes[r] != nodes[(r + shift) % world] for r in range(world)):
             return shift
     return 1
+
+
+class _Prefetch:
+    """The newest snapshot of the first of `candidates` ((worker, agent address), in
+    order) whose agent serves one, fetched on a thread into the slot files of `directory`
+    (slotmeta.IncomingSlot)."""
+
+    def __init__(self, session: Any, candidates: list[tuple[str, str]],
+                 directory: str) -> None:
+        self._session, self._candidates = session, candidates
+        self.directory = directory
+        self._got: tuple[str, str, Any, float] | None = None
+        self._thread = threading.Thread(target=self._run, name="splice-prefetch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from splice.agent import replication
+        from splice.checkpoint import slotmeta
+
+        s = self._session
+        t0 = time.perf_counter()
+        for worker, address in self._candidates:
+            incoming = slotmeta.IncomingSlot(self.directory)
+            try:
+                got = replication.fetch([address], s.config.job_id, worker, 0,
+                                        timeout_s=s.config.recovery_timeout_s,
+                                        connect_timeout_s=2.0,
+                                        credentials=s._peer_credentials(),
+                                        bulk_tls=s._peer_bulk_tls(), into=incoming.into)
+                incoming.finish()
+            except (replication.ReplicationError, slotmeta.SlotUnreadable, OSError,
+                    RecoveryFailed):
+                incoming.close()
+                continue  # a newcomer's agent holds nothing for it yet: the next one
+            self._got = (worker, address, got, time.perf_counter() - t0)
+            return
+
+    def result(self, timeout_s: float) -> tuple[str, str, Any, float] | None:
+        self._thread.join(timeout_s)
+        return None if self._thread.is_alive() else self._got
 
 
 class StateSources:
@@ -126,42 +168,97 @@ class StateSources:
                      self._snapshots.adopted_from, self._snapshots.num_bytes / 1e6,
                      time.perf_counter() - t0)
 
+    def _start_prefetch(self, m: Any) -> None:
+        """A joining worker with no state of its own starts fetching a member's newest
+        snapshot as soon as its membership is announced, while the survivors are still
+        interrupted and the controller decides the resume step (a few tenths of a second
+        on a node loss). The resume step is almost always that newest snapshot; any
+        member's does (their states are equal at a step), so `_fetch_state` takes it when
+        its step is the one decided, and fetches as planned otherwise."""
+        from splice.controller.membership import node_of
+
+        members = list(m.members)
+        me = members.index(self.worker_id)
+        agents = {a.node_id: a.snapshot_address for a in m.agents if a.snapshot_address}
+        # Members from the next rank on, so neighbouring newcomers start at different
+        # holders; other nodes' first (this node's may be joining as well).
+        order = sorted((members[(me + i) % len(members)] for i in range(1, len(members))),
+                       key=lambda w: node_of(w) == node_of(self.worker_id))
+        candidates = [(w, agents[node_of(w)]) for w in order if node_of(w) in agents]
+        if candidates:
+            self._prefetch = _Prefetch(self, candidates, self._fetch_dir() + ".prefetch")
+
+    def _drop_prefetch(self) -> None:
+        """The state comes another way: what the prefetch got (or gets) is removed."""
+        pre, self._prefetch = self._prefetch, None
+        if pre is not None:
+            pre.result(self.config.recovery_timeout_s)
+            shutil.rmtree(pre.directory, ignore_errors=True)
+
+    def _prefetched(self, step: int) -> tuple[str, str, Any, float] | None:
+        """The prefetch's (worker, address, fetched, seconds) if it got the snapshot of
+        `step`, waiting for it to end; None otherwise."""
+        pre, self._prefetch = self._prefetch, None
+        if pre is None:
+            return None
+        got = pre.result(self.config.recovery_timeout_s)
+        if got is None or got[2].step != step:
+            shutil.rmtree(pre.directory, ignore_errors=True)
+            log.info("worker %s: the prefetched snapshot (%s) is not of step %d; fetching "
+                     "it", self.worker_id, f"step {got[2].step} of {got[0]}" if got else
+                     "none", step)
+            return None
+        return got
+
     def _fetch_state(self, step: int, holders: Sequence[Any]) -> None:
         """Fetch the snapshot of `step` from the holders' agents, which serve it from
         their shared memory, trying each in turn (one unreachable, or whose bytes fail a
         check in transit or against the snapshot's own checksums, is skipped), then the
-        other agents' replicas of it. It becomes
-        this worker's own snapshot, adopted like a predecessor's. RecoveryFailed when no
-        holder could provide it."""
+        other agents' replicas of it; the prefetched one first if it is of `step`. It
+        becomes this worker's own snapshot, adopted like a predecessor's. RecoveryFailed
+        when no holder could provide it."""
+        from types import SimpleNamespace
+
         from splice.agent import replication
         from splice.checkpoint import slotmeta
         from splice.checkpoint.snapshot import SnapshotCorrupt, SnapshotRing
 
-        directory = self.config.snapshot_dir or tempfile.mkdtemp(prefix="splice-fetched-")
+        directory = self._fetch_dir()
         credentials, bulk_tls = self._peer_credentials(), self._peer_bulk_tls()
         tried = []
+        incoming = slotmeta.IncomingSlot(directory + ".incoming")
+        attempts: list[tuple[Any, Any]] = []
+        pre = self._prefetched(step)
+        pre_dir = directory + ".prefetch"
+        if pre is not None:
+            worker, address, fetched, took = pre
+            attempts.append((SimpleNamespace(worker_id=worker, address=address, took=took,
+                                             staged=pre_dir), lambda: fetched))
         for h in self._with_replicas(holders):
+            attempts.append((h, lambda h=h: replication.fetch(
+                [h.address], self.config.job_id, h.worker_id, step,
+                timeout_s=self.config.recovery_timeout_s, connect_timeout_s=5.0,
+                credentials=credentials, bulk_tls=bulk_tls, into=incoming.into)))
+        for h, get in attempts:
             t0 = time.perf_counter()
             try:
-                got = replication.fetch([h.address], self.config.job_id, h.worker_id, step,
-                                        timeout_s=self.config.recovery_timeout_s,
-                                        connect_timeout_s=5.0, credentials=credentials,
-                                        bulk_tls=bulk_tls)
+                got = get()
+                staged = getattr(h, "staged", None)
+                if staged is None:
+                    incoming.finish()
+                    staged = incoming.directory
                 rec = slotmeta.parse(None, got.meta)
                 if rec is None or rec.step != step:
                     raise slotmeta.SlotUnreadable(f"it sent step {rec and rec.step}")
                 shutil.rmtree(directory, ignore_errors=True)
-                os.makedirs(directory, mode=0o700)
-                with open(os.path.join(directory, f"slot{rec.index}.meta"), "wb") as f:
-                    f.write(got.meta)
-                with open(os.path.join(directory, rec.data_name), "wb") as f:
-                    f.write(got.data.numpy().data)
+                os.rename(staged, directory)
                 ring = SnapshotRing(directory=directory, owner=self.worker_id)
                 if step not in ring.adopt():
                     raise slotmeta.SlotUnreadable("its snapshot does not adopt")
                 ring.verify(step)
             except (replication.ReplicationError, slotmeta.SlotUnreadable,
                     SnapshotCorrupt, OSError) as e:
+                incoming.close()
                 log.warning("worker %s: fetching the step-%d snapshot of %s from %s failed "
                             "(%s); trying the next holder", self.worker_id, step,
                             h.worker_id, h.address, e)
@@ -174,12 +271,21 @@ class StateSources:
                                   else f"{h.worker_id} memory")
             where = (f"a replica of {h.worker_id}'s on the agent at {h.address}" if replica
                      else f"{h.worker_id}'s agent ({h.address})")
-            log.info("worker %s: fetched %.1f MB of step-%d state from %s in %.3f s",
-                     self.worker_id, got.data.numel() / 1e6, step, where,
-                     time.perf_counter() - t0)
+            took = getattr(h, "took", None)
+            log.info("worker %s: fetched %.1f MB of step-%d state from %s in %.3f s%s",
+                     self.worker_id, len(got.data) / 1e6, step, where,
+                     time.perf_counter() - t0 + (took or 0.0),
+                     " (prefetched while the resume step was decided)" if took else "")
             return
         raise RecoveryFailed(f"no holder could provide the snapshot of step {step}: "
                              + "; ".join(tried))
+
+    def _fetch_dir(self) -> str:
+        """Where a fetched snapshot becomes this worker's own: its snapshot directory in
+        the agent's shared memory (a private temporary one without an agent)."""
+        if not self.config.snapshot_dir and not getattr(self, "_tmp_fetch_dir", ""):
+            self._tmp_fetch_dir = tempfile.mkdtemp(prefix="splice-fetched-")
+        return self.config.snapshot_dir or self._tmp_fetch_dir
 
     def _with_replicas(self, holders: Sequence[Any]) -> list[Any]:
         """The holders' agents, then every other member agent, which may hold a replica of
