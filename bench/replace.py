@@ -10,12 +10,12 @@ Each run starts a local job (in-process controller, two agents with one warm spa
 momentum) is about --state-mb, waits for some steps, SIGKILLs a non-zero rank and measures:
   detect_s         kill -> the controller has the fault
   full_strength_s  kill -> the first step completed at the original world size
-  state_loaded_s   kill -> the newcomer has loaded its state (its log line), the moment
+  state_loaded_s   kill -> the last newcomer has loaded its state (its log line), the moment
                    the full-size world can step: detection, the survivors' abort and
                    regroup, then either the adoption of the snapshot the dead worker
-                   left in the agent's shared memory (check and load), or, when that
-                   one is not the resume step, a survivor's restore, pack and send and
-                   the newcomer's receive, check and load
+                   left in the agent's shared memory (check and load), or the fetch of a
+                   survivor's snapshot from its agent (a standby's newcomers begin it
+                   as the new membership is announced), check and load
   transfer_s       the newcomer's load of the snapshot (from its log)
   restored_from    "<dead worker> shared memory, step N" or "<peer> memory, step N"
   step_s           the last step time before the fault: full strength is only reached
@@ -94,11 +94,13 @@ def one_run(state_mb: float, run: int, timeout_s: float,
         fault = timeline_time(status, "fault")
         assert at is not None
         logs = job.logs()
-    loaded = _LOADED.search(logs)
+    # Every newcomer must have loaded before the full-size world can step: the last one.
+    loads = [(datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp(), m)
+             for m in _LOADED.finditer(logs)]
+    loaded = max(loads, key=lambda x: x[0])[1] if loads else None
     loaded_at = None
-    if loaded:
-        when = datetime.datetime.strptime(loaded.group(1), "%Y-%m-%d %H:%M:%S,%f")
-        loaded_at = round(when.timestamp() - t_kill, 3)  # log lines are local wall clock
+    if loads:  # log lines are local wall clock
+        loaded_at = round(max(when for when, _ in loads) - t_kill, 3)
     return {
         "run": run, "victim": victim,
         "detect_s": round(fault - t_kill, 4) if fault else None,

@@ -223,6 +223,34 @@ def test_a_session_on_the_gpu_snapshots_the_state_before_each_step() -> None:
     session.close()
 
 
+def _gpu_losses(ddp: bool, steps: int = 4) -> list[float]:
+    import splice
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 1)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    data = [(torch.randn(8), torch.randn(1)) for _ in range(64)]
+
+    def loss_fn(m: torch.nn.Module, batch: object) -> torch.Tensor:
+        x, y = batch  # type: ignore[misc]
+        return (m(x.cuda()) - y.cuda()).square().mean()
+
+    session = splice.init()
+    try:
+        session.register(model=model, optimizer=opt, dataset=data, loss_fn=loss_fn,
+                         global_batch_size=16, micro_batch_size=8, ddp=ddp)
+        return [session.run_step().loss for _ in range(steps)]  # type: ignore[union-attr]
+    finally:
+        session.close()
+
+
+@cuda
+def test_a_ddp_session_on_the_gpu_trains_like_a_plain_one() -> None:
+    # DDP wraps a GPU model in a one-rank group that must carry CUDA tensors.
+    assert _gpu_losses(ddp=True) == pytest.approx(_gpu_losses(ddp=False), rel=1e-5)
+
+
 @cuda
 def test_a_clone_the_caller_drops_is_not_overwritten_before_it_is_copied(
         shm_dir: str) -> None:
