@@ -471,6 +471,7 @@ class Agent:
             known = self._state.get(ex.worker_id)
             replaceable = (known is not None and known.state != pb.WorkerResync.FINISHED
                            and not self._done_training)
+        self.snapshots.discard_staging(ex.worker_id)
         if not clean and replaceable and self.config.replace and not self._stopping.is_set():
             # The replacement is announced before the exit, so the controller can put it
             # in the lost worker's place in the same epoch.

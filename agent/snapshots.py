@@ -12,6 +12,7 @@ one directory per worker. From there the agent
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -102,6 +103,12 @@ class NodeSnapshots:
         if job_id != self.config.job_id or "/" not in wid:
             return None
         return slotmeta.open_committed(self.directory(wid), step)
+
+    def discard_staging(self, wid: str) -> None:
+        """What an exited worker was still fetching (<dir>.incoming, <dir>.prefetch-N,
+        agent/worker/state_sources.py): never its snapshot, so never handed over."""
+        for path in glob.glob(glob.escape(self.directory(wid)) + ".*"):
+            shutil.rmtree(path, ignore_errors=True)
 
     def hand_over(self, lost: str, to: str, *, tainted: bool) -> None:
         """The snapshots `lost` left in shared memory become `to`'s (one rename): the

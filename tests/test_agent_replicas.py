@@ -5,6 +5,7 @@ joining worker that no holder's agent can serve falls back to those replicas."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -396,3 +397,18 @@ def test_replicas_of_workers_gone_from_the_job_are_dropped_once_a_new_layout_tra
     assert held() == ["n0/0", "n2/0"]
     b.snapshots.trained(3)  # epoch 3 trains: its layout is settled
     assert held() == []
+
+
+def test_an_exited_workers_unfinished_fetches_are_removed(agents: Any) -> None:
+    # A worker killed mid-fetch leaves its staging directories (state_sources.py): not
+    # a snapshot, so removed, while its own and other workers' directories stay.
+    a = agents("n0")
+    base = a.snapshots.directory("n0/1")
+    keep = [base, a.snapshots.directory("n0/0"), a.snapshots.directory("n0/0") + ".incoming"]
+    for path in [*keep, base + ".incoming", base + ".prefetch-3", base + ".prefetch-4"]:
+        os.makedirs(path)
+        with open(os.path.join(path, "slot0-1.data"), "wb") as f:
+            f.write(b"x")
+    a.snapshots.discard_staging("n0/1")
+    assert sorted(os.listdir(os.path.dirname(base))) == sorted(os.path.basename(p)
+                                                                for p in keep)

@@ -193,6 +193,7 @@ class Session(StateSources, GradientWork):
             raise RecoveryFailed(f"no new membership within the timeout after: {why}")
         m = link.membership_newer_than(current)
         assert m is not None
+        self._drop_prefetch()  # one begun for an older epoch
         if self.worker_id not in m.members:
             if not self.joined_once:  # a standby: wait until a membership takes it in
                 self._passed_epoch = m.epoch

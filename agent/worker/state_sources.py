@@ -54,13 +54,16 @@ def replica_shift(members: Sequence[str]) -> int:
 class _Prefetch:
     """The newest snapshot of the first of `candidates` ((worker, agent address), in
     order) whose agent serves one, fetched on a thread into the slot files of `directory`
-    (slotmeta.IncomingSlot)."""
+    (slotmeta.IncomingSlot), a directory of its own. Once cancelled, the thread removes
+    what it fetched, whenever it ends."""
 
     def __init__(self, session: Any, candidates: list[tuple[str, str]],
                  directory: str) -> None:
         self._session, self._candidates = session, candidates
         self.directory = directory
         self._got: tuple[str, str, Any, float] | None = None
+        self._lock = threading.Lock()
+        self._cancelled = self._ended = False
         self._thread = threading.Thread(target=self._run, name="splice-prefetch",
                                         daemon=True)
         self._thread.start()
@@ -71,25 +74,42 @@ class _Prefetch:
 
         s = self._session
         t0 = time.perf_counter()
+        got = None
         for worker, address in self._candidates:
+            if self._cancelled:
+                break
             incoming = slotmeta.IncomingSlot(self.directory)
             try:
-                got = replication.fetch([address], s.config.job_id, worker, 0,
-                                        timeout_s=s.config.recovery_timeout_s,
-                                        connect_timeout_s=2.0,
-                                        credentials=s._peer_credentials(),
-                                        bulk_tls=s._peer_bulk_tls(), into=incoming.into)
+                fetched = replication.fetch([address], s.config.job_id, worker, 0,
+                                            timeout_s=s.config.recovery_timeout_s,
+                                            connect_timeout_s=2.0,
+                                            credentials=s._peer_credentials(),
+                                            bulk_tls=s._peer_bulk_tls(), into=incoming.into)
                 incoming.finish()
             except (replication.ReplicationError, slotmeta.SlotUnreadable, OSError,
                     RecoveryFailed):
                 incoming.close()
                 continue  # a newcomer's agent holds nothing for it yet: the next one
-            self._got = (worker, address, got, time.perf_counter() - t0)
-            return
+            got = (worker, address, fetched, time.perf_counter() - t0)
+            break
+        with self._lock:
+            self._ended = True
+            if self._cancelled:
+                shutil.rmtree(self.directory, ignore_errors=True)
+            else:
+                self._got = got
 
     def result(self, timeout_s: float) -> tuple[str, str, Any, float] | None:
         self._thread.join(timeout_s)
-        return None if self._thread.is_alive() else self._got
+        with self._lock:
+            return self._got if self._ended and not self._cancelled else None
+
+    def cancel(self) -> None:
+        """Drop it: its files are removed now if it has ended, else when it ends."""
+        with self._lock:
+            self._cancelled, self._got = True, None
+            if self._ended:
+                shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class StateSources:
@@ -185,15 +205,17 @@ class StateSources:
         order = sorted((members[(me + i) % len(members)] for i in range(1, len(members))),
                        key=lambda w: node_of(w) == node_of(self.worker_id))
         candidates = [(w, agents[node_of(w)]) for w in order if node_of(w) in agents]
+        self._drop_prefetch()
         if candidates:
-            self._prefetch = _Prefetch(self, candidates, self._fetch_dir() + ".prefetch")
+            self._prefetch = _Prefetch(self, candidates,
+                                       f"{self._fetch_dir()}.prefetch-{m.epoch}")
 
     def _drop_prefetch(self) -> None:
-        """The state comes another way: what the prefetch got (or gets) is removed."""
+        """The state comes another way, or a newer epoch is being joined: what the
+        prefetch got (or gets) is removed, without waiting for it."""
         pre, self._prefetch = self._prefetch, None
         if pre is not None:
-            pre.result(self.config.recovery_timeout_s)
-            shutil.rmtree(pre.directory, ignore_errors=True)
+            pre.cancel()
 
     def _prefetched(self, step: int) -> tuple[str, str, Any, float] | None:
         """The prefetch's (worker, address, fetched, seconds) if it got the snapshot of
@@ -203,7 +225,7 @@ class StateSources:
             return None
         got = pre.result(self.config.recovery_timeout_s)
         if got is None or got[2].step != step:
-            shutil.rmtree(pre.directory, ignore_errors=True)
+            pre.cancel()
             log.info("worker %s: the prefetched snapshot (%s) is not of step %d; fetching "
                      "it", self.worker_id, f"step {got[2].step} of {got[0]}" if got else
                      "none", step)
@@ -228,12 +250,12 @@ class StateSources:
         tried = []
         incoming = slotmeta.IncomingSlot(directory + ".incoming")
         attempts: list[tuple[Any, Any]] = []
+        pending = self._prefetch
         pre = self._prefetched(step)
-        pre_dir = directory + ".prefetch"
         if pre is not None:
             worker, address, fetched, took = pre
             attempts.append((SimpleNamespace(worker_id=worker, address=address, took=took,
-                                             staged=pre_dir), lambda: fetched))
+                                             staged=pending.directory), lambda: fetched))
         for h in self._with_replicas(holders):
             attempts.append((h, lambda h=h: replication.fetch(
                 [h.address], self.config.job_id, h.worker_id, step,
@@ -259,6 +281,8 @@ class StateSources:
             except (replication.ReplicationError, slotmeta.SlotUnreadable,
                     SnapshotCorrupt, OSError) as e:
                 incoming.close()
+                if getattr(h, "staged", None):  # the prefetched one: not renamed in
+                    shutil.rmtree(h.staged, ignore_errors=True)
                 log.warning("worker %s: fetching the step-%d snapshot of %s from %s failed "
                             "(%s); trying the next holder", self.worker_id, step,
                             h.worker_id, h.address, e)
