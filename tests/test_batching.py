@@ -10,7 +10,7 @@ import math
 from fractions import Fraction
 
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from splice.agent.worker.batching import BatchConfig, assign_micro_batches
@@ -163,3 +163,19 @@ def test_bad_assignment_input_is_a_value_error(n: int, shares: list[float], matc
                                                ) -> None:
     with pytest.raises(ValueError, match=match):
         assign_micro_batches(n, shares)
+
+
+@settings(deadline=None)  # the first example imports torch
+@given(st.integers(min_value=0, max_value=2**63 - 2))
+def test_the_micro_batch_seed_leaves_the_rng_as_torch_manual_seed_does(seed: int) -> None:
+    # The session seeds each micro-batch with its own cheaper call (gradients._seed):
+    # dropout masks and anything else drawn in the loss must not change with it.
+    import torch
+
+    from splice.agent.worker.gradients import _seed
+
+    _seed(seed)
+    ours = (torch.get_rng_state(), torch.rand(3))
+    torch.manual_seed(seed)
+    theirs = (torch.get_rng_state(), torch.rand(3))
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])

@@ -27,6 +27,21 @@ def _seed_for(seed: int, step: int, micro_batch: int) -> int:
     return (seed * 0x9E3779B1 + step * 1_000_003 + micro_batch) % (2**63 - 1)
 
 
+def _seed(seed: int) -> None:
+    """`torch.manual_seed(seed)`, without its cost where no GPU is in use: for every
+    accelerator backend not yet initialised it queues the seed with a captured Python stack
+    (~0.6 ms a call on these CPUs, 5 ms of a 12 ms demo step at 8 micro-batches). The CPU
+    generator is seeded alike; CUDA's too once initialised, and torch's own path is kept
+    while a GPU is present but not yet in use."""
+    if torch.cuda.is_initialized():
+        torch.default_generator.manual_seed(seed)
+        torch.cuda.manual_seed_all(seed)
+    elif torch.cuda.is_available():
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
+
+
 class GradientWork:
     """The step's compute and gradient exchange (see the module docstring)."""
 
@@ -94,7 +109,7 @@ class GradientWork:
         for j in mine:
             positions = self.batch.micro_batch_positions(self.step, j)
             batch = self.collate_fn([self.dataset[self._sample_index(p)] for p in positions])
-            torch.manual_seed(_seed_for(self.seed, self.step, j))
+            _seed(_seed_for(self.seed, self.step, j))
             last = j == mine[-1]
             if self.ddp is not None and not last:
                 with self.ddp.no_sync():
