@@ -65,6 +65,10 @@ class BulkUnreachable(ReplicationError):
     caller may use gRPC instead."""
 
 
+class FetchCancelled(ReplicationError):
+    """The fetcher gave the transfer up (its `cancelled` event was set)."""
+
+
 class Source(NamedTuple):
     """What a fetch sends: the header (sizes filled in), meta, data, and the checksum to
     send after them (None: take it over the bytes as they go)."""
@@ -79,11 +83,21 @@ class Source(NamedTuple):
 Lookup = Callable[[pb.FetchRequest], Source]
 
 
-def _recv_exact(conn: socket.socket, view: memoryview, crc: int | None = None) -> int:
+def _recv_exact(conn: socket.socket, view: memoryview, crc: int | None = None,
+                deadline: float | None = None,
+                cancelled: threading.Event | None = None) -> int:
     """Fill `view` from `conn`; the CRC-32 of the bytes folded into `crc` when given.
-    EOFError if the stream ends first."""
+    EOFError if the stream ends first, TimeoutError past `deadline` (time.monotonic),
+    FetchCancelled once `cancelled` is set."""
     got, n = 0, len(view)
     while got < n:
+        if cancelled is not None and cancelled.is_set():
+            raise FetchCancelled(f"cancelled after {got} of {n} bytes")
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{got} of {n} bytes within the deadline")
+            conn.settimeout(left)
         k = conn.recv_into(view[got:], min(n - got, 4 * MiB))
         if k == 0:
             raise EOFError(got)
@@ -93,14 +107,15 @@ def _recv_exact(conn: socket.socket, view: memoryview, crc: int | None = None) -
     return crc or 0
 
 
-def _read_frame(conn: socket.socket, limit: int, what: str) -> bytes:
+def _read_frame(conn: socket.socket, limit: int, what: str,
+                deadline: float | None = None) -> bytes:
     head = bytearray(4)
-    _recv_exact(conn, memoryview(head))
+    _recv_exact(conn, memoryview(head), None, deadline)
     (n,) = _U32.unpack(head)
     if n > limit:
         raise MalformedStream(f"{what} of {n} bytes, over the {limit} limit")
     body = bytearray(n)
-    _recv_exact(conn, memoryview(body))
+    _recv_exact(conn, memoryview(body), None, deadline)
     return bytes(body)
 
 
@@ -113,14 +128,19 @@ def _send_frame(conn: socket.socket, message: Any) -> None:
 
 class BulkServer:
     """Serves fetches on a TCP port of `host` (0: a free one), each connection on its own
-    thread, at most `max_transfers` at a time (more are refused with ReplicaBusy)."""
+    thread: at most `max_connections` open (more are closed at once) and `max_transfers`
+    sending (a request beyond is refused with ReplicaBusy). A connection has
+    `request_timeout_s` to complete the TLS handshake and its request; a transfer stalls
+    at most `stall_timeout_s` and lasts at most `transfer_timeout_s`."""
 
     def __init__(self, lookup: Lookup, host: str, port: int = 0, *,
                  tls: ssl.SSLContext | None = None, max_transfers: int = 8,
-                 request_timeout_s: float = 10.0, stall_timeout_s: float = 60.0) -> None:
+                 max_connections: int = 64, request_timeout_s: float = 10.0,
+                 stall_timeout_s: float = 60.0, transfer_timeout_s: float = 600.0) -> None:
         self._lookup, self._tls = lookup, tls
-        self._max = max_transfers
+        self._max, self._max_connections = max_transfers, max_connections
         self._request_timeout_s, self._stall_timeout_s = request_timeout_s, stall_timeout_s
+        self._transfer_timeout_s = transfer_timeout_s
         self._listener = socket.create_server((host, port), family=_family(host),
                                               backlog=64, reuse_port=False)
         self.port: int = self._listener.getsockname()[1]
@@ -157,16 +177,23 @@ class BulkServer:
                 if self._closed:
                     _drop(conn)
                     return
+                if len(self._open) >= self._max_connections:
+                    _drop(conn)  # a flood of idle connections gets no threads
+                    continue
                 self._open.add(conn)
-                busy = self._active >= self._max
-                if not busy:
-                    self._active += 1
-            threading.Thread(target=self._serve, args=(conn, busy), daemon=True,
-                             name="splice-bulk-transfer").start()
+            try:
+                threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                                 name="splice-bulk-transfer").start()
+            except RuntimeError as e:  # no thread to be had: this one is dropped
+                log.warning("bulk port: cannot serve a connection (%s)", e)
+                with self._lock:
+                    self._open.discard(conn)
+                _drop(conn)
 
-    def _serve(self, conn: socket.socket, busy: bool) -> None:
+    def _serve(self, conn: socket.socket) -> None:
         stream: socket.socket = conn
         what = "a bulk fetch"
+        counted = False
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(self._request_timeout_s)
@@ -180,11 +207,13 @@ class BulkServer:
             request = self._request(stream)
             what = (f"the bulk fetch of {request.job_id}/{request.worker_id} step "
                     f"{request.step or 'newest'}")
-            if busy:
+            with self._lock:  # a transfer slot, once a whole request is in
+                counted = self._active < self._max
+                self._active += counted
+            if not counted:
                 raise ReplicaBusy(f"{what}: {self._max} transfers under way here; retry")
             source = self._lookup(request)
-            stream.settimeout(self._stall_timeout_s)
-            self._send(stream, source)
+            self._send(stream, source, time.monotonic() + self._transfer_timeout_s)
         except ReplicationError as e:
             log.warning("%s refused: %s", what, e)
             try:
@@ -197,8 +226,7 @@ class BulkServer:
             with self._lock:
                 self._open.discard(conn)
                 self._open.discard(stream)
-                if not busy:
-                    self._active -= 1
+                self._active -= counted
             _drop(stream)
 
     @staticmethod
@@ -213,12 +241,12 @@ class BulkServer:
         except DecodeError as e:
             raise MalformedStream(f"malformed FetchRequest ({e})") from None
 
-    @staticmethod
-    def _send(stream: socket.socket, source: Source) -> None:
+    def _send(self, stream: socket.socket, source: Source, deadline: float) -> None:
         meta, data = _byte_view(source.meta), _byte_view(source.data)
         header = pb.SnapshotHeader()
         header.CopyFrom(source.header)
         header.meta_bytes, header.data_bytes, header.checksum = len(meta), len(data), 0
+        stream.settimeout(self._stall_timeout_s)
         _send_frame(stream, pb.BulkReply(header=header))
         crc = 0
         for buf in (meta, data):
@@ -226,6 +254,10 @@ class BulkServer:
                 piece = buf[i:i + PIECE_BYTES]
                 if source.checksum is None:
                     crc = zlib.crc32(piece, crc)
+                left = deadline - time.monotonic()
+                if left <= 0:  # a fetcher reading a trickle holds no thread for ever
+                    raise TimeoutError(f"not sent within {self._transfer_timeout_s:g} s")
+                stream.settimeout(min(self._stall_timeout_s, left))
                 stream.sendall(piece)
         stream.sendall(_U32.pack(crc if source.checksum is None else source.checksum))
 
@@ -269,13 +301,17 @@ Into = Callable[[int, bytes], memoryview]
 def fetch(host: str, port: int, request: pb.FetchRequest, *,
           tls: ssl.SSLContext | None = None, server_name: str = "",
           timeout_s: float = 300.0, connect_timeout_s: float = 2.0,
-          into: Into | None = None) -> Received:
+          into: Into | None = None, cancelled: threading.Event | None = None) -> Received:
     """One snapshot from the bulk port at host:port into a fresh tensor (or into what
-    `into` gives once the meta is in), its checksum checked. BulkUnreachable if the port cannot be reached (or the TLS handshake fails);
-    the server's refusal as its ReplicationError subclass; MalformedStream for a reply
-    that does not parse or names another snapshot, or a stream cut short; SnapshotCorrupt
-    when the bytes fail the checksum."""
+    `into` gives once the meta is in), its checksum checked, all within `timeout_s`.
+
+    BulkUnreachable if the port cannot be reached, the TLS handshake fails, or no reply
+    comes within `connect_timeout_s` (the caller may use gRPC then); the server's refusal
+    as its ReplicationError subclass; MalformedStream for a reply that does not parse or
+    names another snapshot, or a stream cut short; SnapshotCorrupt when the bytes fail the
+    checksum; FetchCancelled once `cancelled` is set (checked between reads)."""
     deadline = time.monotonic() + timeout_s
+    name = f"{request.job_id}/{request.worker_id} step {request.step or 'newest'}"
     try:
         conn = socket.create_connection((host, port), timeout=connect_timeout_s)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -283,13 +319,17 @@ def fetch(host: str, port: int, request: pb.FetchRequest, *,
             conn = tls.wrap_socket(conn, server_hostname=server_name or host)
     except (OSError, ssl.SSLError) as e:
         raise BulkUnreachable(f"bulk port {host}:{port}: {e}") from None
-    name = f"{request.job_id}/{request.worker_id} step {request.step or 'newest'}"
     try:
-        conn.settimeout(max(0.1, deadline - time.monotonic()))
-        raw = request.SerializeToString()
-        conn.sendall(MAGIC + _U32.pack(len(raw)) + raw)
         try:
-            reply = pb.BulkReply.FromString(_read_frame(conn, MAX_REPLY_BYTES, "a reply"))
+            raw = request.SerializeToString()
+            conn.sendall(MAGIC + _U32.pack(len(raw)) + raw)
+            reply_raw = _read_frame(conn, MAX_REPLY_BYTES, "a reply",
+                                    min(deadline, time.monotonic() + connect_timeout_s))
+        except TimeoutError:
+            raise BulkUnreachable(f"bulk port {host}:{port}: no reply to the fetch of {name} "
+                                  f"within {connect_timeout_s:g} s") from None
+        try:
+            reply = pb.BulkReply.FromString(reply_raw)
         except DecodeError as e:
             raise MalformedStream(f"bulk fetch of {name}: malformed reply ({e})") from None
         if not reply.HasField("header"):
@@ -301,7 +341,7 @@ def fetch(host: str, port: int, request: pb.FetchRequest, *,
             raise MalformedStream(f"bulk fetch of {name}: sent {h.job_id}/{h.worker_id} "
                                   f"step {h.step}")
         meta = bytearray(h.meta_bytes)
-        crc = _recv_exact(conn, memoryview(meta), 0)
+        crc = _recv_exact(conn, memoryview(meta), 0, deadline, cancelled)
         if into is None:
             data = data_tensor(h.data_bytes, name)
             view = data.numpy().data.cast("B")
@@ -309,9 +349,9 @@ def fetch(host: str, port: int, request: pb.FetchRequest, *,
             data = view = into(h.data_bytes, bytes(meta))
             if len(view) != h.data_bytes:
                 raise ValueError(f"into() gave {len(view)} bytes for {h.data_bytes}")
-        crc = _recv_exact(conn, view, crc)
+        crc = _recv_exact(conn, view, crc, deadline, cancelled)
         trailer = bytearray(4)
-        _recv_exact(conn, memoryview(trailer))
+        _recv_exact(conn, memoryview(trailer), None, deadline, cancelled)
         (sent,) = _U32.unpack(trailer)
         if crc != sent:
             raise SnapshotCorrupt(f"bulk fetch of {name}: checksum {crc:#010x} of the bytes "
@@ -320,7 +360,7 @@ def fetch(host: str, port: int, request: pb.FetchRequest, *,
     except EOFError as e:
         raise MalformedStream(f"bulk fetch of {name}: the stream ended early "
                               f"({e.args[0] if e.args else 0} bytes into a part)") from None
-    except (OSError, ssl.SSLError) as e:
+    except (OSError, ssl.SSLError) as e:  # TimeoutError included: past `timeout_s`
         raise ReplicationError(f"bulk fetch of {name}: {e}") from None
     finally:
         _drop(conn)

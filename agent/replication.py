@@ -509,7 +509,8 @@ def _receive(stream: Iterator[Chunk], job_id: str, worker_id: str,
 def fetch(addresses: Sequence[str], job_id: str, worker_id: str, step: int = 0, *,
           timeout_s: float = 300.0, connect_timeout_s: float = 2.0,
           chunk_bytes: int = 0, credentials: grpc.ChannelCredentials | None = None,
-          bulk_tls: ssl.SSLContext | None = None, into: bulk.Into | None = None) -> Fetched:
+          bulk_tls: ssl.SSLContext | None = None, into: bulk.Into | None = None,
+          cancelled: threading.Event | None = None) -> Fetched:
     """A worker's snapshot from the first holder that supplies it intact, trying
     `addresses` in order. A holder that lacks it, cannot be reached within
     `connect_timeout_s`, fails or breaks the stream, or sends bytes that fail a chunk CRC
@@ -519,7 +520,8 @@ def fetch(addresses: Sequence[str], job_id: str, worker_id: str, step: int = 0, 
     way; over gRPC's Fetch when it advertises none or that port cannot be reached. With
     `credentials` (mutual TLS) the bulk port is used only with `bulk_tls`
     (security.ssl_client_context). With `into`, the data lands in the buffer it gives
-    (straight from the socket over the bulk port; copied there after a gRPC fetch)."""
+    (straight from the socket over the bulk port; copied there after a gRPC fetch). Once
+    `cancelled` is set, the transfer under way ends with bulk.FetchCancelled."""
     reasons: list[str] = []
     request = pb.FetchRequest(job_id=job_id, worker_id=worker_id, step=step,
                               chunk_bytes=chunk_bytes)
@@ -537,13 +539,14 @@ def fetch(addresses: Sequence[str], job_id: str, worker_id: str, step: int = 0, 
             fetched, how = None, "over gRPC"
             if holdings.bulk_port and (credentials is None or bulk_tls is not None):
                 fetched = _fetch_bulk(address, holdings.bulk_port, request, bulk_tls,
-                                      timeout_s, connect_timeout_s, into)
+                                      timeout_s, connect_timeout_s, into, cancelled)
                 how = "over its bulk port"
             if fetched is None:
                 call = channel.unary_stream("/splice.v1.SnapshotPeer/Fetch",
                                             request_serializer=pb.FetchRequest.SerializeToString,
                                             response_deserializer=decode_chunk)
-                fetched = _receive(call(request, timeout=timeout_s), job_id, worker_id, step)
+                stream = call(request, timeout=timeout_s)
+                fetched = _receive(_until(cancelled, stream), job_id, worker_id, step)
                 how = "over gRPC"
                 if into is not None:
                     view = into(len(fetched.data), fetched.meta)
@@ -566,18 +569,29 @@ def fetch(addresses: Sequence[str], job_id: str, worker_id: str, step: int = 0, 
                       f"from any holder: " + ("; ".join(reasons) or "no holders given"))
 
 
+def _until(cancelled: threading.Event | None, stream: Any) -> Iterator[Chunk]:
+    """The stream's chunks until `cancelled` is set (then the call is cancelled)."""
+    for chunk in stream:
+        if cancelled is not None and cancelled.is_set():
+            stream.cancel()
+            raise bulk.FetchCancelled("cancelled")
+        yield chunk
+
+
 def _fetch_bulk(address: str, port: int, request: pb.FetchRequest,
                 tls: ssl.SSLContext | None, timeout_s: float,
-                connect_timeout_s: float, into: bulk.Into | None) -> Fetched | None:
-    """The fetch over the holder's bulk port; None (gRPC then) if it cannot be reached."""
+                connect_timeout_s: float, into: bulk.Into | None,
+                cancelled: threading.Event | None) -> Fetched | None:
+    """The fetch over the holder's bulk port; None (gRPC then, which queues rather than
+    refuses) if it cannot be reached or has no transfer slot free."""
     from splice.security import AGENT_SERVER_NAME
 
     host = split_address(address)[0]
     try:
         got = bulk.fetch(host, port, request, tls=tls, server_name=AGENT_SERVER_NAME,
                          timeout_s=timeout_s, connect_timeout_s=connect_timeout_s,
-                         into=into)
-    except bulk.BulkUnreachable as e:
+                         into=into, cancelled=cancelled)
+    except (bulk.BulkUnreachable, ReplicaBusy) as e:
         log.warning("%s; fetching over gRPC instead", e)
         return None
     return Fetched(got.header.step, got.meta, got.data)

@@ -25,6 +25,7 @@ MiB = 1024 * 1024
 DEFAULT_CHUNK_BYTES = MiB
 MAX_CHUNK_BYTES = 16 * MiB
 MAX_META_BYTES = MiB
+MAX_DATA_BYTES = 1 << 44  # 16 TiB: one worker's snapshot; a bigger size is a peer's error
 
 # `data` may be anything exposing bytes (memoryview, bytearray, mmap) or a uint8 1-D CPU
 # torch.Tensor; torch stays out of the agent's imports (tests/test_layers.py).
@@ -365,6 +366,9 @@ class _Assembly:
 def _check_header(header: pb.SnapshotHeader) -> None:
     if not header.worker_id:
         raise MalformedStream("snapshot header without a worker id")
+    if header.data_bytes > MAX_DATA_BYTES:
+        raise MalformedStream(f"snapshot {header.job_id}/{header.worker_id}: data of "
+                              f"{header.data_bytes} bytes, over the {MAX_DATA_BYTES} limit")
     if header.meta_bytes > MAX_META_BYTES:
         raise MalformedStream(f"snapshot {header.job_id}/{header.worker_id}: meta of "
                               f"{header.meta_bytes} bytes, over the {MAX_META_BYTES} limit")

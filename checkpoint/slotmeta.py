@@ -141,9 +141,16 @@ class IncomingSlot:
         fd = os.open(os.path.join(self.directory, rec.data_name),
                      os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.ftruncate(fd, data_bytes)
+            # Reserved now (ENOSPC here), not as the bytes land: a tmpfs that ran out of room
+            # under a mapping would kill the worker with SIGBUS (as checkpoint/shm.py does).
+            if data_bytes:
+                os.posix_fallocate(fd, 0, data_bytes)
             self._map = mmap.mmap(fd, data_bytes) if data_bytes else None
-        finally:
+        except OSError:
+            os.close(fd)
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise
+        else:
             os.close(fd)
         self.record = rec
         return memoryview(self._map) if self._map is not None else memoryview(bytearray())

@@ -110,7 +110,7 @@ def _membership(members: list[str], agents: dict[str, str]) -> pb.Membership:
 def _prefetch_done(s: Session) -> None:
     """Wait for the prefetch's thread to end (it stays the session's to take)."""
     assert s._prefetch is not None
-    s._prefetch.result(20.0)
+    assert s._prefetch.wait(20.0)
 
 
 def _assert_holds(ring: SnapshotRing, step: int) -> None:
@@ -331,17 +331,19 @@ def test_the_prefetch_asks_other_nodes_first_from_the_next_rank_on(
     assert session._prefetched(7) is None  # none served one
 
 
-def test_the_prefetch_starts_after_this_workers_rank(
+def test_a_new_nodes_workers_start_at_different_holders(
         tmp_path: Path, holder_dir: Path, holders: Callable[..., Holder],
         session: Session) -> None:
+    # This worker is its node's second: it starts at the second member of the others,
+    # as the controller's round robin would send the node's second newcomer there.
     holder = holders(holder_dir)  # serves any worker's name the holder's snapshot
-    members = ["node-0/0", "node-1/0", ME, "node-3/0", "node-4/0"]
+    members = ["node-0/0", "node-1/0", "node-2/9", ME]
     session._start_prefetch(_membership(members, {
-        n: holder.address for n in ("node-0", "node-1", "node-2", "node-3", "node-4")}))
+        n: holder.address for n in ("node-0", "node-1", "node-2")}))
     _prefetch_done(session)
-    assert [w for w, _ in holder.requests] == ["node-3/0"]
+    assert [w for w, _ in holder.requests] == ["node-1/0"]
     got = session._prefetched(7)
-    assert got is not None and got[0] == "node-3/0" and got[2].step == 7
+    assert got is not None and got[0] == "node-1/0" and got[2].step == 7
     assert session._prefetch is None
 
 
@@ -410,7 +412,7 @@ def test_dropping_a_prefetch_in_flight_does_not_wait_and_it_leaves_nothing(
     finally:
         release.set()
         server.stop(0)
-    assert pre.result(0.0) is None
+    assert pre.wait(0.0) and pre.result(7, 0.0) is None
     assert not (tmp_path / "newcomer.prefetch-3").exists()
 
 

@@ -54,8 +54,8 @@ def replica_shift(members: Sequence[str]) -> int:
 class _Prefetch:
     """The newest snapshot of the first of `candidates` ((worker, agent address), in
     order) whose agent serves one, fetched on a thread into the slot files of `directory`
-    (slotmeta.IncomingSlot), a directory of its own. Once cancelled, the thread removes
-    what it fetched, whenever it ends."""
+    (slotmeta.IncomingSlot), a directory of its own. Cancelling ends the transfer under
+    way; the thread removes what it fetched when it ends."""
 
     def __init__(self, session: Any, candidates: list[tuple[str, str]],
                  directory: str) -> None:
@@ -63,51 +63,85 @@ class _Prefetch:
         self.directory = directory
         self._got: tuple[str, str, Any, float] | None = None
         self._lock = threading.Lock()
-        self._cancelled = self._ended = False
+        self._cancelled = threading.Event()
+        self._known = threading.Event()  # set once its step is known, or it has ended
+        self.step: int | None = None  # of the snapshot being received
+        self.worker = ""  # whose it is
+        self._ended = False
         self._thread = threading.Thread(target=self._run, name="splice-prefetch",
                                         daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        got = None
+        try:
+            got = self._fetch()
+        except Exception as e:  # whatever happens, the thread ends tidily
+            log.warning("prefetching a snapshot failed: %s", e)
+        finally:
+            with self._lock:
+                self._ended = True
+                if self._cancelled.is_set():
+                    shutil.rmtree(self.directory, ignore_errors=True)
+                else:
+                    self._got = got
+            self._known.set()
+
+    def _fetch(self) -> tuple[str, str, Any, float] | None:
         from splice.agent import replication
         from splice.checkpoint import slotmeta
 
         s = self._session
         t0 = time.perf_counter()
-        got = None
         for worker, address in self._candidates:
-            if self._cancelled:
-                break
+            if self._cancelled.is_set():
+                return None
             incoming = slotmeta.IncomingSlot(self.directory)
+
+            def into(data_bytes: int, meta: bytes, incoming: Any = incoming,
+                     worker: str = worker) -> memoryview:
+                view = incoming.into(data_bytes, meta)
+                self.step, self.worker = incoming.record.step, worker
+                self._known.set()
+                return view
+
             try:
                 fetched = replication.fetch([address], s.config.job_id, worker, 0,
                                             timeout_s=s.config.recovery_timeout_s,
                                             connect_timeout_s=2.0,
                                             credentials=s._peer_credentials(),
-                                            bulk_tls=s._peer_bulk_tls(), into=incoming.into)
+                                            bulk_tls=s._peer_bulk_tls(), into=into,
+                                            cancelled=self._cancelled)
                 incoming.finish()
             except (replication.ReplicationError, slotmeta.SlotUnreadable, OSError,
                     RecoveryFailed):
                 incoming.close()
                 continue  # a newcomer's agent holds nothing for it yet: the next one
-            got = (worker, address, fetched, time.perf_counter() - t0)
-            break
-        with self._lock:
-            self._ended = True
-            if self._cancelled:
-                shutil.rmtree(self.directory, ignore_errors=True)
-            else:
-                self._got = got
+            return (worker, address, fetched, time.perf_counter() - t0)
+        return None
 
-    def result(self, timeout_s: float) -> tuple[str, str, Any, float] | None:
+    def wait(self, timeout_s: float) -> bool:
+        """Whether it has ended, waiting up to `timeout_s`."""
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def result(self, step: int, timeout_s: float) -> tuple[str, str, Any, float] | None:
+        """What it fetched, if that is the snapshot of `step`: waits for the transfer when
+        it is of `step` (or of a step not known yet), not when it is of another."""
+        self._known.wait(timeout_s)
+        if self.step is not None and self.step != step:
+            return None
         self._thread.join(timeout_s)
         with self._lock:
-            return self._got if self._ended and not self._cancelled else None
+            got = self._got if self._ended and not self._cancelled.is_set() else None
+        return got if got is not None and got[2].step == step else None
 
     def cancel(self) -> None:
-        """Drop it: its files are removed now if it has ended, else when it ends."""
+        """Drop it: the transfer under way ends; its files are removed now if it has
+        ended, else when it ends."""
         with self._lock:
-            self._cancelled, self._got = True, None
+            self._cancelled.set()
+            self._got = None
             if self._ended:
                 shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -198,12 +232,15 @@ class StateSources:
         from splice.controller.membership import node_of
 
         members = list(m.members)
-        me = members.index(self.worker_id)
         agents = {a.node_id: a.snapshot_address for a in m.agents if a.snapshot_address}
-        # Members from the next rank on, so neighbouring newcomers start at different
-        # holders; other nodes' first (this node's may be joining as well).
-        order = sorted((members[(me + i) % len(members)] for i in range(1, len(members))),
-                       key=lambda w: node_of(w) == node_of(self.worker_id))
+        # Other nodes' members first (this node's may be joining as well), starting at the
+        # one this worker's place among its node's members picks: a new node's workers
+        # spread over the holders, as the controller's round robin spreads them.
+        mine = node_of(self.worker_id)
+        here = [w for w in members if node_of(w) == mine]
+        others = [w for w in members if node_of(w) != mine]
+        start = here.index(self.worker_id) % len(others) if others else 0
+        order = others[start:] + others[:start] + [w for w in here if w != self.worker_id]
         candidates = [(w, agents[node_of(w)]) for w in order if node_of(w) in agents]
         self._drop_prefetch()
         if candidates:
@@ -223,13 +260,12 @@ class StateSources:
         pre, self._prefetch = self._prefetch, None
         if pre is None:
             return None
-        got = pre.result(self.config.recovery_timeout_s)
-        if got is None or got[2].step != step:
+        got = pre.result(step, self.config.recovery_timeout_s)
+        if got is None:
             pre.cancel()
             log.info("worker %s: the prefetched snapshot (%s) is not of step %d; fetching "
-                     "it", self.worker_id, f"step {got[2].step} of {got[0]}" if got else
-                     "none", step)
-            return None
+                     "it", self.worker_id, "none" if pre.step is None else
+                     f"step {pre.step} of {pre.worker}", step)
         return got
 
     def _fetch_state(self, step: int, holders: Sequence[Any]) -> None:
