@@ -106,7 +106,7 @@ class NodeSnapshots:
 
     def discard_staging(self, wid: str) -> None:
         """What an exited worker was still fetching (<dir>.incoming, <dir>.prefetch-N,
-        agent/worker/state_sources.py): never its snapshot, so never handed over."""
+        agent/worker/peer_fetch.py): never its snapshot, so never handed over."""
         for path in glob.glob(glob.escape(self.directory(wid)) + ".*"):
             shutil.rmtree(path, ignore_errors=True)
 

@@ -400,7 +400,7 @@ def test_replicas_of_workers_gone_from_the_job_are_dropped_once_a_new_layout_tra
 
 
 def test_an_exited_workers_unfinished_fetches_are_removed(agents: Any) -> None:
-    # A worker killed mid-fetch leaves its staging directories (state_sources.py): not
+    # A worker killed mid-fetch leaves its staging directories (peer_fetch.py): not
     # a snapshot, so removed, while its own and other workers' directories stay.
     a = agents("n0")
     base = a.snapshots.directory("n0/1")

@@ -1,5 +1,5 @@
 """A joining worker fetches the resume step's snapshot from the holders' agents, which
-serve it out of their workers' shared memory (agent/worker/state_sources.py
+serve it out of their workers' shared memory (agent/worker/peer_fetch.py
 `_fetch_state`, checkpoint/slotmeta.py `open_committed`, agent/replication.py): a holder
 that cannot be reached, or whose bytes fail the snapshot's own checksums, is skipped for
 the next one; with none left, the error names every holder tried."""

@@ -1,7 +1,7 @@
 """A joining worker's snapshot lands straight in its own snapshot directory, and may be
 fetched before the resume step is decided: checkpoint/slotmeta.py `IncomingSlot` (the
 fetch's `into`: the data file mapped as it arrives, the meta written last) and
-agent/worker/state_sources.py `_start_prefetch`, `_prefetched`, `_drop_prefetch` and
+agent/worker/peer_fetch.py `_start_prefetch`, `_prefetched`, `_drop_prefetch` and
 `_fetch_state`, which takes the prefetched snapshot when it is of the decided step and
 intact, and fetches from the holders otherwise; session.py `_join_newest`, which starts
 the prefetch for a newcomer with no state and drops it when the state comes another way.

@@ -32,6 +32,7 @@ from splice.agent.worker.batching import BatchConfig, assign_micro_batches
 from splice.agent.worker.channel import AgentLink, AgentLost
 from splice.agent.worker.gradients import GradientWork
 from splice.agent.worker.group import CollectiveAborted, EpochSpec, ResilientGroup
+from splice.agent.worker.peer_fetch import PeerFetch
 from splice.agent.worker.state_sources import ADOPTED, RecoveryFailed, StateSources
 from splice.checkpoint.snapshot import Frozen, SnapshotRing
 from splice.proto import controller_pb2 as pb
@@ -106,7 +107,7 @@ class StepResult:
         return max(0.0, self.step_time_s - self.wait_s)
 
 
-class Session(StateSources, GradientWork):
+class Session(StateSources, PeerFetch, GradientWork):
     def __init__(self, *, worker_id: str, link: AgentLink | None, config: HookConfig) -> None:
         self.worker_id = worker_id
         self.config = config
