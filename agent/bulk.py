@@ -328,6 +328,9 @@ def fetch(host: str, port: int, request: pb.FetchRequest, *,
         except TimeoutError:
             raise BulkUnreachable(f"bulk port {host}:{port}: no reply to the fetch of {name} "
                                   f"within {connect_timeout_s:g} s") from None
+        except (EOFError, ConnectionError) as e:  # e.g. turned away: too many connections
+            raise BulkUnreachable(f"bulk port {host}:{port}: closed before replying to the "
+                                  f"fetch of {name} ({type(e).__name__})") from None
         try:
             reply = pb.BulkReply.FromString(reply_raw)
         except DecodeError as e:

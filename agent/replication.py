@@ -558,6 +558,8 @@ def fetch(addresses: Sequence[str], job_id: str, worker_id: str, step: int = 0, 
         except grpc.RpcError as e:
             reason = _error(e) if connected else \
                 f"unreachable within {connect_timeout_s:g} s ({_error(e)})"
+        except bulk.FetchCancelled:
+            raise  # the caller gave it up: no other holder is asked
         except ReplicationError as e:
             reason = f"{type(e).__name__}: {e}"
         finally:

@@ -169,6 +169,20 @@ def _clone(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
+def _clone_kept(value: Any, keep: Callable[[str], bool], path: str = "") -> Any:
+    """`_clone`, with the tensors whose path `keep` refuses left out (None)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if keep(path) else None
+    if isinstance(value, Mapping):
+        return {k: _clone_kept(v, keep, f"{path}.{k}" if path else str(k))
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        out = [_clone_kept(v, keep, f"{path}.{i}" if path else str(i))
+               for i, v in enumerate(value)]
+        return out if isinstance(value, list) else tuple(out)
+    return _clone(value)
+
+
 def tensor_bytes(value: Any) -> int:
     if isinstance(value, _SCALARS):
         return 0
@@ -466,13 +480,24 @@ class SnapshotRing:
         self._run_later()
         return sorted(s.step for s in self._slots if s.step >= 0)
 
-    def restore(self, step: int) -> dict[str, Any]:
+    def restore(self, step: int, keep: Callable[[str], bool] | None = None
+                ) -> dict[str, Any]:
         """A private copy of the snapshot of `step` (the caller may keep or mutate it),
-        checked against the checksums taken at capture: SnapshotCorrupt if it differs."""
+        checked against the checksums taken at capture: SnapshotCorrupt if it differs.
+        With `keep`, only the tensors whose dotted path it accepts are copied and checked;
+        the others are None in the copy."""
         slot = self._slot(step)
         recorded = self._recorded(slot)
-        out = _clone(slot.tree)
-        self._check(slot, recorded, checksums_of([t for _, t in _tensors(out)]))
+        if keep is None:
+            out = _clone(slot.tree)
+            self._check(slot, recorded, checksums_of([t for _, t in _tensors(out)]))
+            return out  # type: ignore[no-any-return]
+        kept = [i for i, (path, _) in enumerate(_tensors(slot.tree)) if keep(path)]
+        out = _clone_kept(slot.tree, keep)
+        now = list(recorded)
+        for i, value in zip(kept, checksums_of([t for _, t in _tensors(out)]), strict=True):
+            now[i] = value
+        self._check(slot, recorded, now)
         return out  # type: ignore[no-any-return]
 
     def checksums(self, step: int) -> dict[str, int]:

@@ -133,6 +133,9 @@ class Session(StateSources, PeerFetch, GradientWork):
         self.restored_from = ""
         self._state_source = ""  # set when fetched from a holder: "<holder> memory"
         self._prefetch: Any = None  # a joining worker's early fetch (_start_prefetch)
+        # The step whose snapshot the parameters and optimizer state still equal (captured
+        # at its start, no optimizer step since); None once the update begins.
+        self._live_at: int | None = None
         self._persist = None
         if config.persist_dir:
             from splice.checkpoint.persist import PersistentStore
@@ -432,18 +435,41 @@ class Session(StateSources, PeerFetch, GradientWork):
                 f"HookConfig.snapshot_budget_bytes) or shrink the state")
 
     def _restore(self, step: int) -> None:
-        self._load(self._snapshots.restore(step))
+        if step == self._live_at and not self._zero:
+            # Interrupted in this very step before its optimizer step: the parameters and
+            # the optimizer's state are still the snapshot's. Only what the step changed
+            # goes back (buffers such as BatchNorm's statistics, the RNG states), which
+            # spares copying and checking the bulk of the state on the way back.
+            live = self._parameter_keys()
+            self._load(self._snapshots.restore(step, keep=lambda path: not (
+                path.startswith("optimizer.") or path in live)), rewind=True)
+        else:
+            self._load(self._snapshots.restore(step))
         self._snapshots.discard_after(step)
 
-    def _load(self, snap: dict[str, Any]) -> None:
+    def _parameter_keys(self) -> set[str]:
+        """The snapshot paths ("model.<key>") of the model's state-dict entries that are
+        parameters (tied ones under each of their names)."""
+        ptrs = {p.data_ptr() for p in self.model.parameters()}
+        return {f"model.{k}" for k, v in self.model.state_dict().items()
+                if isinstance(v, torch.Tensor) and v.data_ptr() in ptrs}
+
+    def _load(self, snap: dict[str, Any], rewind: bool = False) -> None:
+        """Load a snapshot; `rewind`: a partial one (`_restore`), whose parameters and
+        optimizer state (None in it) the live ones still equal."""
         self._snapshots.synchronize()  # no GPU copy may still be reading what is loaded
-        self._stable = None  # loading may replace the optimizer's state tensors
         step = snap["step"]
-        self.model.load_state_dict(snap["model"])
-        if self._zero:  # the shard layout may have changed: _zero_reshard loads it
-            self._zero_held = (snap["optimizer"], snap["zero"])
+        if rewind:
+            self.model.load_state_dict({k: v for k, v in snap["model"].items()
+                                        if v is not None}, strict=False)
         else:
-            self.optimizer.load_state_dict(snap["optimizer"])
+            self._stable = None  # loading may replace the optimizer's state tensors
+            self.model.load_state_dict(snap["model"])
+            if self._zero:  # the shard layout may have changed: _zero_reshard loads it
+                self._zero_held = (snap["optimizer"], snap["zero"])
+            else:
+                self.optimizer.load_state_dict(snap["optimizer"])
+            self._live_at = step
         # A private contiguous copy: set_rng_state crashes on a view with a storage offset
         # (a received snapshot's tensors are views of one flat buffer).
         torch.set_rng_state(snap["rng"]["torch"].clone())
@@ -481,6 +507,7 @@ class Session(StateSources, PeerFetch, GradientWork):
             if self._needs_sync:
                 self._sync_from_rank0()
             self._capture(self.step)
+            self._live_at = self.step  # the live state is that snapshot's until the update
             self._snapshot_at_s = time.time()
             self._check_budget()
             if (self._persist is not None and self.config.persist_every
@@ -502,6 +529,7 @@ class Session(StateSources, PeerFetch, GradientWork):
                 self._check_replicas()
             loss, num_samples = self._forward_backward()
             self._snapshots.wait_copied()  # GPU state: the snapshot has read it (on the GPU)
+            self._live_at = None
             self.optimizer.step()
         except Exception as e:
             if not (isinstance(e, CollectiveAborted) or self.group.aborted is not None):
