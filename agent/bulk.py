@@ -212,7 +212,12 @@ class BulkServer:
                 self._active += counted
             if not counted:
                 raise ReplicaBusy(f"{what}: {self._max} transfers under way here; retry")
-            source = self._lookup(request)
+            try:
+                source = self._lookup(request)
+            except ReplicationError:
+                raise
+            except Exception as e:  # e.g. a slot's file unreadable: the fetcher is told
+                raise ReplicationError(f"{what}: cannot be read here ({e})") from e
             self._send(stream, source, time.monotonic() + self._transfer_timeout_s)
         except ReplicationError as e:
             log.warning("%s refused: %s", what, e)

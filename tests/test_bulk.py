@@ -1004,3 +1004,20 @@ def test_a_fetch_into_a_slot_with_no_room_fails_as_an_error(
         server.stop()
     assert os.strerror(errno.ENOSPC) in str(info.value)
     assert not directory.exists()
+
+
+def test_a_snapshot_that_cannot_be_read_is_refused_and_the_holder_skipped() -> None:
+    # The agent's own snapshot whose file fails to read: the fetcher is told why (a plain
+    # ReplicationError: the next holder, not gRPC against the same unreadable file).
+    def lookup(request: pb.FetchRequest) -> bulk.Source:
+        raise OSError("the slot's file is unreadable")
+
+    server = bulk.BulkServer(lookup, "127.0.0.1")
+    try:
+        for _ in range(2):  # the server goes on serving
+            with pytest.raises(ReplicationError, match="unreadable") as info:
+                bulk.fetch("127.0.0.1", server.port, pb.FetchRequest(job_id=JOB,
+                                                                      worker_id="n0/0"))
+            assert type(info.value) is ReplicationError
+    finally:
+        server.close()
