@@ -507,12 +507,20 @@ class SnapshotRing:
         return {path: s for (path, _), s in zip(_tensors(slot.tree), self._recorded(slot),
                                                 strict=True)}
 
-    def verify(self, step: int) -> None:
+    def verify(self, step: int, keep: Callable[[str], bool] | None = None) -> None:
         """Check the held snapshot of `step` in place, e.g. before sending it to a peer;
-        SnapshotCorrupt (and the snapshot forgotten) if any tensor changed."""
+        SnapshotCorrupt (and the snapshot forgotten) if any tensor changed. With `keep`,
+        only the tensors whose dotted path it accepts."""
         slot = self._slot(step)
         recorded = self._recorded(slot)
         assert slot.layout is not None
+        if keep is not None:
+            kept = [(i, t) for i, (path, t) in enumerate(_tensors(slot.tree)) if keep(path)]
+            now = list(recorded)
+            for (i, _), value in zip(kept, checksums_of([t for _, t in kept]), strict=True):
+                now[i] = value
+            self._check(slot, recorded, now)
+            return
         now = slot.layout.sums()
         for i, value in zip(slot.others, checksums_of(list(slot.others.values())),
                             strict=True):

@@ -121,3 +121,22 @@ def test_a_partial_restore_copies_and_checks_only_what_it_keeps() -> None:
     assert torch.equal(ring.restore(1, keep=lambda path: path == "b")["b"], torch.ones(4))
     with pytest.raises(SnapshotCorrupt, match="a "):
         ring.restore(1, keep=lambda path: path == "a")
+
+
+def test_a_load_copies_the_models_tensors_from_the_ring_once_checked() -> None:
+    s = _session()
+    try:
+        for _ in range(2):
+            assert s.run_step() is not None
+        held = s._snapshots.buffers(1)
+        snap = s._snapshot_to_load(1)
+        # The model's tensors are the ring's own (load_state_dict copies them into the
+        # model), the optimizer's private (the optimizer keeps what it is given).
+        assert snap["model"]["0.weight"].data_ptr() == held["model.0.weight"].data_ptr()
+        state = snap["optimizer"]["state"][0]["exp_avg"]
+        assert state.data_ptr() != held["optimizer.state.0.exp_avg"].data_ptr()
+        held["model.0.weight"].view(torch.int32)[5] ^= 1 << 3  # damaged at rest
+        with pytest.raises(SnapshotCorrupt, match="model.0.weight"):
+            s._snapshot_to_load(1)
+    finally:
+        s.close()

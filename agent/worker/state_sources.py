@@ -131,7 +131,7 @@ class StateSources:
         assert self._pending_state is not None
         t0 = time.perf_counter()
         try:
-            snap = self._snapshots.restore(step)
+            snap = self._snapshot_to_load(step)
         except SnapshotCorrupt as e:
             raise RecoveryFailed(f"the adopted snapshot of step {step} is corrupt: {e}") from e
         self._load(snap)
