@@ -84,6 +84,13 @@ def read_reply(conn: socket.socket) -> pb.BulkReply:
     return pb.BulkReply.FromString(recv_exact(conn, n))
 
 
+def read_request(conn: socket.socket) -> tuple[bytes, pb.FetchRequest]:
+    """What a fake server reads of a fetch: the magic and the request."""
+    magic = recv_exact(conn, 4)
+    (n,) = U32.unpack(recv_exact(conn, 4))
+    return magic, pb.FetchRequest.FromString(recv_exact(conn, n))
+
+
 def drain(conn: socket.socket) -> int:
     """Read until the peer ends the stream (EOF or reset); the bytes read."""
     total = 0
@@ -235,9 +242,7 @@ def fake_server(reply: bytes) -> Iterator[tuple[int, list[tuple[bytes, pb.FetchR
         with conn:
             try:
                 conn.settimeout(DEADLINE_S)
-                magic = recv_exact(conn, 4)
-                (n,) = U32.unpack(recv_exact(conn, 4))
-                seen.append((magic, pb.FetchRequest.FromString(recv_exact(conn, n))))
+                seen.append(read_request(conn))
                 conn.sendall(reply)
                 conn.shutdown(socket.SHUT_WR)
                 drain(conn)  # until the client hangs up, so no reset cuts the reply short
@@ -725,9 +730,7 @@ def fake_peer(act: Callable[[socket.socket, threading.Event], object]) -> Iterat
         with conn:
             try:
                 conn.settimeout(DEADLINE_S)
-                recv_exact(conn, 4)
-                (n,) = U32.unpack(recv_exact(conn, 4))
-                recv_exact(conn, n)
+                read_request(conn)
                 act(conn, done)
             except (OSError, EOFError):
                 pass  # the client went away
