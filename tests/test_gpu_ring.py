@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -192,15 +193,11 @@ def test_a_flipped_bit_in_a_landed_gpu_snapshot_is_caught(shm_dir: str) -> None:
     ring.close()
 
 
-@cuda
-def test_a_session_on_the_gpu_snapshots_the_state_before_each_step() -> None:
+def _gpu_session(model: torch.nn.Module, ddp: bool = False) -> Any:
+    """A one-rank session (no agent) training `model` (on the GPU) with AdamW on 64 random
+    samples, 16 a step."""
     import splice
 
-    torch.manual_seed(0)
-    # BatchNorm: buffers the forward pass updates in place, which the session's capture
-    # (built only once the backward pass is queued) must take as they were at the start.
-    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.BatchNorm1d(32),
-                                torch.nn.ReLU(), torch.nn.Linear(32, 1)).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     data = [(torch.randn(8), torch.randn(1)) for _ in range(64)]
 
@@ -210,7 +207,18 @@ def test_a_session_on_the_gpu_snapshots_the_state_before_each_step() -> None:
 
     session = splice.init()
     session.register(model=model, optimizer=opt, dataset=data, loss_fn=loss_fn,
-                     global_batch_size=16, micro_batch_size=8)
+                     global_batch_size=16, micro_batch_size=8, ddp=ddp)
+    return session
+
+
+@cuda
+def test_a_session_on_the_gpu_snapshots_the_state_before_each_step() -> None:
+    torch.manual_seed(0)
+    # BatchNorm: buffers the forward pass updates in place, which the session's capture
+    # (built only once the backward pass is queued) must take as they were at the start.
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.BatchNorm1d(32),
+                                torch.nn.ReLU(), torch.nn.Linear(32, 1)).cuda()
+    session = _gpu_session(model)
     losses = []
     for _ in range(2):
         losses.append(session.run_step().loss)  # type: ignore[union-attr]
@@ -224,22 +232,11 @@ def test_a_session_on_the_gpu_snapshots_the_state_before_each_step() -> None:
 
 
 def _gpu_losses(ddp: bool, steps: int = 4) -> list[float]:
-    import splice
-
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(),
                                 torch.nn.Linear(32, 1)).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    data = [(torch.randn(8), torch.randn(1)) for _ in range(64)]
-
-    def loss_fn(m: torch.nn.Module, batch: object) -> torch.Tensor:
-        x, y = batch  # type: ignore[misc]
-        return (m(x.cuda()) - y.cuda()).square().mean()
-
-    session = splice.init()
+    session = _gpu_session(model, ddp=ddp)
     try:
-        session.register(model=model, optimizer=opt, dataset=data, loss_fn=loss_fn,
-                         global_batch_size=16, micro_batch_size=8, ddp=ddp)
         return [session.run_step().loss for _ in range(steps)]  # type: ignore[union-attr]
     finally:
         session.close()
