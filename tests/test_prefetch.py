@@ -543,7 +543,7 @@ def test_a_newcomer_whose_state_comes_over_the_group_drops_its_prefetch(
     assert session._snapshots.steps() == []
 
 
-def test_a_worker_with_a_snapshot_of_its_own_does_not_prefetch(
+def test_a_replacement_holding_the_resume_step_adopts_it_and_its_prefetch_is_dropped(
         tmp_path: Path, holder_dir: Path, holders: Callable[..., Holder],
         joining: Callable[[ScriptedLink], Session]) -> None:
     holder = holders(holder_dir)
@@ -552,8 +552,35 @@ def test_a_worker_with_a_snapshot_of_its_own_does_not_prefetch(
     session = joining(link)
     assert session._join_newest("node-2/0 restarted", float("inf"))
     assert link.ready == [(3, [6, 7])]
-    assert holder.requests == []
+    _prefetch_threads_end()
+    # It asked for the step after its predecessor's (held by nobody), or was dropped first.
+    assert holder.requests in ([], [("node-0/0", 8)])
     assert session._pending_state == (3, 7, ADOPTED, "")
+    assert session._snapshots.steps() == [6, 7]
+    assert not list(tmp_path.glob("newcomer.prefetch*"))
+
+
+def test_a_replacement_whose_predecessor_died_taking_the_resume_step_prefetches_it(
+        tmp_path: Path, holder_dir: Path, holders: Callable[..., Holder],
+        joining: Callable[[ScriptedLink], Session], caplog: pytest.LogCaptureFixture) -> None:
+    holder = holders(holder_dir)
+    mine = tmp_path / "newcomer"
+    shutil.copytree(holder_dir, mine)
+    for index in (0, 1):  # its predecessor died before it committed step 7
+        rec = slotmeta.read(str(mine), index)
+        if rec is not None and rec.step == 7:
+            os.remove(mine / f"slot{index}.meta")
+    hold = [pb.SnapshotHolder(worker_id="node-0/0", address=holder.address)]
+    link = ScriptedLink(_recovery(3, ["node-0/0", ME], holder.address),
+                        {3: _resume(3, holders=hold)})
+    session = joining(link)
+    with caplog.at_level(logging.INFO, logger="splice.worker"):
+        assert session._join_newest("node-2/0 restarted", float("inf"))
+    assert link.ready == [(3, [6])]
+    assert holder.requests == [("node-0/0", 7)]  # the step after its own, once
+    assert any(PREFETCHED in r.getMessage() for r in caplog.records)
+    assert session._snapshots.steps() == [7]
+    _assert_holds(session._snapshots, 7)
 
 
 def test_a_worker_that_has_joined_before_does_not_prefetch(

@@ -25,14 +25,14 @@ log = logging.getLogger("splice.worker")
 
 
 class _Prefetch:
-    """The newest snapshot of the first of `candidates` ((worker, agent address), in
-    order) whose agent serves one, fetched on a thread into the slot files of `directory`
-    (slotmeta.IncomingSlot), a directory of its own. Cancelling ends the transfer under
-    way; the thread removes what it fetched when it ends."""
+    """The snapshot of `want` (0: the newest) of the first of `candidates` ((worker, agent
+    address), in order) whose agent serves one, fetched on a thread into the slot files of
+    `directory` (slotmeta.IncomingSlot), a directory of its own. Cancelling ends the
+    transfer under way; the thread removes what it fetched when it ends."""
 
     def __init__(self, session: Any, candidates: list[tuple[str, str]],
-                 directory: str) -> None:
-        self._session, self._candidates = session, candidates
+                 directory: str, want: int = 0) -> None:
+        self._session, self._candidates, self._want = session, candidates, want
         self.directory = directory
         self._got: tuple[str, str, Any, float] | None = None
         self._lock = threading.Lock()
@@ -79,7 +79,7 @@ class _Prefetch:
                 return view
 
             try:
-                fetched = replication.fetch([address], s.config.job_id, worker, 0,
+                fetched = replication.fetch([address], s.config.job_id, worker, self._want,
                                             timeout_s=s.config.recovery_timeout_s,
                                             connect_timeout_s=2.0,
                                             credentials=s._peer_credentials(),
@@ -121,13 +121,16 @@ class _Prefetch:
 
 class PeerFetch:
     # ---- state from a member's memory ------------------------------------------------
-    def _start_prefetch(self, m: Any) -> None:
-        """A joining worker with no state of its own starts fetching a member's newest
-        snapshot as soon as its membership is announced, while the survivors are still
-        interrupted and the controller decides the resume step (a few tenths of a second
-        on a node loss). The resume step is almost always that newest snapshot; any
-        member's does (their states are equal at a step), so `_fetch_state` takes it when
-        its step is the one decided, and fetches as planned otherwise."""
+    def _start_prefetch(self, m: Any, want: int = 0) -> None:
+        """A joining worker starts fetching a member's snapshot of `want` (0: its newest) as
+        soon as its membership is announced, while the survivors are still interrupted and
+        the controller decides the resume step (a few tenths of a second on a node loss).
+        A worker with no state of its own wants the newest: the resume step is almost
+        always that; a replacement that adopted its predecessor's snapshots wants the step
+        after them, which the members hold when the predecessor died taking it (then the
+        resume step). Any member's snapshot does (their states are equal at a step), so
+        `_fetch_state` takes it when its step is the one decided, and fetches as planned
+        otherwise."""
         from splice.controller.membership import node_of
 
         members = list(m.members)
@@ -144,7 +147,7 @@ class PeerFetch:
         self._drop_prefetch()
         if candidates:
             self._prefetch = _Prefetch(self, candidates,
-                                       f"{self._fetch_dir()}.prefetch-{m.epoch}")
+                                       f"{self._fetch_dir()}.prefetch-{m.epoch}", want)
 
     def _drop_prefetch(self) -> None:
         """The state comes another way, or a newer epoch is being joined: what the

@@ -217,8 +217,8 @@ class Session(StateSources, PeerFetch, GradientWork):
                 worker_id=self.worker_id, epoch=epoch,
                 snapshot_steps=intact, has_persisted=persisted is not None,
                 persisted_step=persisted or 0)))
-            if not self.joined_once and not intact:  # joining with no state of its own
-                self._start_prefetch(m)
+            if not self.joined_once:  # joining: with no state, or its predecessor's
+                self._start_prefetch(m, max(intact) + 1 if intact else 0)
 
         def superseded() -> bool:
             return link.membership_newer_than(epoch) is not None
