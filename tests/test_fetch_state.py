@@ -33,14 +33,20 @@ def _state(step: int) -> dict[str, Any]:
             "step": step}
 
 
-@pytest.fixture()
-def holder_dir(tmp_path: Path) -> Path:
+def holder_snapshots(tmp_path: Path) -> Path:
+    """node-0/0's snapshots of steps 6 and 7 (the newest), as its agent holds them, in
+    `tmp_path`/holder."""
     d = tmp_path / "holder"
     ring = SnapshotRing(directory=str(d), owner="node-0/0")
     for step in (6, 7):
         ring.capture(step, _state(step))
     ring.close()
     return d
+
+
+@pytest.fixture()
+def holder_dir(tmp_path: Path) -> Path:
+    return holder_snapshots(tmp_path)
 
 
 def _server(provider: Any) -> replication.PeerServer:
