@@ -66,6 +66,7 @@ class _Prefetch:
 
         s = self._session
         t0 = time.perf_counter()
+        credentials, bulk_tls = s._peer_credentials(), s._peer_bulk_tls()
         for worker, address in self._candidates:
             if self._cancelled.is_set():
                 return None
@@ -82,8 +83,8 @@ class _Prefetch:
                 fetched = replication.fetch([address], s.config.job_id, worker, self._want,
                                             timeout_s=s.config.recovery_timeout_s,
                                             connect_timeout_s=2.0,
-                                            credentials=s._peer_credentials(),
-                                            bulk_tls=s._peer_bulk_tls(), into=into,
+                                            credentials=credentials,
+                                            bulk_tls=bulk_tls, into=into,
                                             cancelled=self._cancelled)
                 incoming.finish()
             except (replication.ReplicationError, slotmeta.SlotUnreadable, OSError,
@@ -261,29 +262,32 @@ class PeerFetch:
         return list(holders) + [SimpleNamespace(worker_id=h.worker_id, address=a, replica=True)
                                 for h in holders for a in others]
 
-    def _peer_credentials(self) -> Any:
-        """Mutual TLS to other nodes' agents (the agent's certificates), None without."""
+    def _peer_tls(self) -> Any:
+        """The agent's certificates, for mutual TLS to other nodes' agents; None without."""
         if not self.config.tls_ca:
             return None
-        from splice.security import TLSConfig, channel_credentials
+        from splice.security import TLSConfig
 
+        return TLSConfig(ca_file=self.config.tls_ca, cert_file=self.config.tls_cert,
+                         key_file=self.config.tls_key)
+
+    def _peer_credentials(self) -> Any:
+        """gRPC credentials to other nodes' agents' snapshot services; None without TLS."""
+        from splice.security import channel_credentials
+
+        tls = self._peer_tls()
         try:
-            return channel_credentials(TLSConfig(ca_file=self.config.tls_ca,
-                                                 cert_file=self.config.tls_cert,
-                                                 key_file=self.config.tls_key))
+            return None if tls is None else channel_credentials(tls)
         except ValueError as e:
             raise RecoveryFailed(f"cannot reach other nodes' agents: {e}") from e
 
     def _peer_bulk_tls(self) -> Any:
-        """The same certificates for other agents' bulk snapshot ports (agent/bulk.py)."""
-        if not self.config.tls_ca:
-            return None
-        from splice.security import TLSConfig, ssl_client_context
+        """The same for other agents' bulk snapshot ports (agent/bulk.py)."""
+        from splice.security import ssl_client_context
 
+        tls = self._peer_tls()
         try:
-            return ssl_client_context(TLSConfig(ca_file=self.config.tls_ca,
-                                                cert_file=self.config.tls_cert,
-                                                key_file=self.config.tls_key))
+            return None if tls is None else ssl_client_context(tls)
         except (ValueError, OSError) as e:
             raise RecoveryFailed(f"cannot reach other nodes' agents: {e}") from e
 

@@ -1,6 +1,7 @@
-"""Where a worker's state comes from when it cannot restore its own snapshot: a peer's
-memory (a joining worker: sent over the group here, fetched from the peer's agent in
-agent/worker/peer_fetch.py), the persistent checkpoint (a cold start, or every in-memory
+"""Where a worker's state comes from: its own snapshots (restored whole, or only what an
+interrupted step changed, and loaded into the model and optimizer); when it holds none of
+the step, a peer's memory (a joining worker: sent over the group here, fetched from the
+peer's agent in agent/worker/peer_fetch.py), the persistent checkpoint (a cold start, or every in-memory
 copy lost), and, for a sharded optimizer, the shards other ranks hold (resharding after a
 membership change). Also which of its own snapshots a worker may still offer.
 
@@ -14,6 +15,7 @@ group, link, snapshots, model and optimizer.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -49,6 +51,66 @@ def replica_shift(members: Sequence[str]) -> int:
 
 
 class StateSources:
+    # ---- its own snapshots, loaded ----------------------------------------------------
+    def _restore(self, step: int) -> None:
+        if step == self._live_at and not self._zero:
+            # Interrupted in this very step before its optimizer step: the parameters and
+            # the optimizer's state are still the snapshot's. Only what the step changed
+            # goes back (buffers such as BatchNorm's statistics, the RNG states), which
+            # spares copying and checking the bulk of the state on the way back.
+            live = self._parameter_keys()
+            self._load(self._snapshots.restore(step, keep=lambda path: not (
+                path.startswith("optimizer.") or path in live)), rewind=True)
+        else:
+            self._load(self._snapshot_to_load(step))
+        self._snapshots.discard_after(step)
+
+    def _snapshot_to_load(self, step: int) -> dict[str, Any]:
+        """The snapshot of `step`, checked, for `_load`: the model's tensors are the ring's
+        own (loading copies them into the model's), the rest private copies (the optimizer
+        keeps the tensors it is given). One copy of the model's bytes fewer than
+        `restore`."""
+        ring = self._snapshots
+        snap = ring.restore(step, keep=lambda path: not path.startswith("model."))
+        ring.verify(step, keep=lambda path: path.startswith("model."))
+        held = ring.buffers(step)
+        snap["model"] = {k: held[f"model.{k}"] if v is None else v
+                         for k, v in snap["model"].items()}
+        return snap
+
+    def _parameter_keys(self) -> set[str]:
+        """The snapshot paths ("model.<key>") of the model's state-dict entries that are
+        parameters (tied ones under each of their names)."""
+        ptrs = {p.data_ptr() for p in self.model.parameters()}
+        return {f"model.{k}" for k, v in self.model.state_dict().items()
+                if isinstance(v, torch.Tensor) and v.data_ptr() in ptrs}
+
+    def _load(self, snap: dict[str, Any], rewind: bool = False) -> None:
+        """Load a snapshot; `rewind`: a partial one (`_restore`), whose parameters and
+        optimizer state (None in it) the live ones still equal."""
+        self._snapshots.synchronize()  # no GPU copy may still be reading what is loaded
+        step = snap["step"]
+        if rewind:
+            self.model.load_state_dict({k: v for k, v in snap["model"].items()
+                                        if v is not None}, strict=False)
+        else:
+            self._stable = None  # loading may replace the optimizer's state tensors
+            self.model.load_state_dict(snap["model"])
+            if self._zero:  # the shard layout may have changed: _zero_reshard loads it
+                self._zero_held = (snap["optimizer"], snap["zero"])
+            else:
+                self.optimizer.load_state_dict(snap["optimizer"])
+            self._live_at = step
+        # A private contiguous copy: set_rng_state crashes on a view with a storage offset
+        # (a received snapshot's tensors are views of one flat buffer).
+        torch.set_rng_state(snap["rng"]["torch"].clone())
+        random.setstate(snap["rng"]["python"].value)
+        self.step = step
+        if self.ddp is not None:
+            from splice.agent.worker.ddp import reset_ddp
+            reset_ddp(self.ddp, self.group)
+        self._needs_sync = step == 0
+
     # ---- state for joining members ------------------------------------------------------
     def _send_state(self, dst: int, to_worker: str) -> bool:
         """Send this rank's state (just restored: the snapshot of the resume step) to a
