@@ -42,6 +42,38 @@ def _seed(seed: int) -> None:
         torch.default_generator.manual_seed(seed)
 
 
+_CHUNK = 1 << 18  # float64 elements: a 2 MiB staging buffer that stays in cache
+
+
+def _accumulate(acc: torch.Tensor, params: list[nn.Parameter],
+                scratch: torch.Tensor | None) -> None:
+    """Add each parameter's gradient into its place in the float64 accumulator `acc` (in
+    parameter order), then zero the gradient. On the CPU each gradient is widened to
+    float64 through `scratch` a cache-sized chunk at a time and added from there: a
+    mixed-dtype `add_` (or a flattened copy of all gradients first) runs 4-5x slower
+    (88 ms against 19 ms for 12.5 M parameters on these CPUs). The widening is exact, so
+    the sums are those of widening everything first, bit for bit."""
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            n = p.numel()
+            g = p.grad
+            if g is not None:
+                dst = acc.narrow(0, offset, n)
+                src = g.reshape(-1)
+                if scratch is None:
+                    dst.add_(src)
+                else:
+                    size = scratch.numel()
+                    for start in range(0, n, size):
+                        m = min(size, n - start)
+                        part = scratch[:m]
+                        part.copy_(src.narrow(0, start, m))
+                        dst.narrow(0, start, m).add_(part)
+                g.zero_()
+            offset += n
+
+
 class GradientWork:
     """The step's compute and gradient exchange (see the module docstring)."""
 
@@ -88,7 +120,29 @@ class GradientWork:
             # Wait for the membership without the culprits; this step runs again there.
             raise CollectiveAborted(f"silent data corruption: {reason}")
 
+    def _accumulator(self, numel: int, device: torch.device) -> torch.Tensor:
+        """The exact reduction's float64 accumulator, zeroed. One is kept from step to
+        step: allocating a fresh one costs its page faults every step (~70 ms for 100 MB
+        on these CPUs, against ~10 ms to zero it). It is dropped when a step fails
+        (`_forward_backward`), since an aborted all-reduce may still write into it."""
+        acc = self._grad_acc
+        if acc is None or acc.numel() != numel or acc.device != device:
+            self._grad_acc = None  # the old one is freed before the new one is made
+            acc = self._grad_acc = torch.zeros(numel, dtype=torch.float64, device=device)
+        else:
+            acc.zero_()
+        return acc
+
     def _forward_backward(self) -> tuple[float, int]:
+        try:
+            return self._forward_backward_once()
+        except BaseException:
+            # An aborted epoch's collective may still land in the accumulator later
+            # (gloo's threads run out on their own timeout): the next step gets a new one.
+            self._grad_acc = None
+            raise
+
+    def _forward_backward_once(self) -> tuple[float, int]:
         g = self.batch.global_batch_size
         mine = self.my_micro_batches()
         module: nn.Module = self.ddp if self.ddp is not None else self.model
@@ -100,10 +154,11 @@ class GradientWork:
         # uninterrupted run's loss curve to the last bit.
         exact = self.exact_reduction and self.ddp is None and bool(params)
         device = params[0].device if params else torch.device("cpu")
-        acc = None
+        acc = scratch = None
         if exact:
-            acc = torch.zeros(sum(p.numel() for p in params) + 2, dtype=torch.float64,
-                              device=device)
+            acc = self._accumulator(sum(p.numel() for p in params) + 2, device)
+            if device.type == "cpu":
+                scratch = torch.empty(min(_CHUNK, acc.numel()), dtype=torch.float64)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         num_samples = 0
         for j in mine:
@@ -119,11 +174,7 @@ class GradientWork:
                 loss = self.loss_fn(module, batch)
                 (loss * (len(positions) / g)).backward()
             if acc is not None:
-                acc[:-2] += torch._utils._flatten_dense_tensors(
-                    [p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.zero_()
+                _accumulate(acc, params, scratch)
             loss_sum += loss.detach().double() * len(positions)
             num_samples += len(positions)
             self.group.check()

@@ -146,6 +146,8 @@ class Session(StateSources, PeerFetch, GradientWork):
         self._persisted_at = -1
         self._zero = False
         self._check_next = False  # every rank agreed (in a reduce) to check replicas next
+        # The exact reduction's float64 accumulator, kept between steps (gradients.py).
+        self._grad_acc: torch.Tensor | None = None
         self._members: tuple[str, ...] = ()
         self._zero_replica: dict[str, Any] | None = None
         self._zero_held: tuple[dict[str, Any], dict[str, Any]] | None = None
