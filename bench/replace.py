@@ -22,7 +22,13 @@ momentum) is about --state-mb, waits for some steps, SIGKILLs a non-zero rank an
                    once the first step at full size completes
   state_mb         the snapshot bytes the newcomer received
 
+With --damage-snapshots (crash only) the bench flips a byte in each of the dead worker's
+snapshots in its agent's shared memory right after the kill, before the spare adopts them:
+the spare finds them corrupt and fetches a survivor's instead (the path a replacement
+takes when its predecessor's memory cannot be trusted, and its prefetch's).
+
     python -m bench.replace [--state-mb 100] [--runs 3] [--fault crash|node-loss]
+                            [--damage-snapshots]
 
 Prints one JSON object per run, then a summary object (the DESIGN target: full strength
 within 1 s with 100 MB of state per rank).
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import math
 import os
@@ -39,6 +46,7 @@ import platform
 import random
 import re
 import sys
+import tempfile
 import time
 
 from bench.torchrun_baseline import percentile
@@ -56,8 +64,35 @@ def hidden_for(state_mb: float) -> int:
     return max(64, int(math.sqrt(state_mb * 1e6 / 16)))
 
 
+def damage_snapshots(agent_pid: int, worker_id: str) -> int:
+    """Flip the first byte of every snapshot slot `worker_id` left in the shared memory of
+    the agent whose pid is `agent_pid`; returns how many slots were damaged."""
+    from splice.agent.agent import OWNER_FILE, SHM_PREFIX
+
+    root = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    damaged = 0
+    for name in os.listdir(root):
+        base = os.path.join(root, name)
+        try:
+            with open(os.path.join(base, OWNER_FILE)) as f:
+                owner = int(f.read())
+        except (OSError, ValueError):
+            continue
+        if not name.startswith(SHM_PREFIX) or owner != agent_pid:
+            continue
+        slots = os.path.join(base, "snapshots", worker_id.replace("/", "_"))
+        for data in sorted(glob.glob(os.path.join(slots, "slot*.data"))):
+            with open(data, "r+b") as f:
+                first = f.read(1)
+                if first:
+                    f.seek(0)
+                    f.write(bytes([first[0] ^ 0x40]))
+                    damaged += 1
+    return damaged
+
+
 def one_run(state_mb: float, run: int, timeout_s: float,
-            fault: str = "crash") -> dict[str, object]:
+            fault: str = "crash", damage: bool = False) -> dict[str, object]:
     node_loss = fault == "node-loss"
     cfg = LocalJobConfig(
         worker_command=worker_argv("splice.examples.train_mlp",
@@ -88,6 +123,12 @@ def one_run(state_mb: float, run: int, timeout_s: float,
         # it ended, when the next step's snapshot is being taken.
         time.sleep(random.Random(run).uniform(0.0, step_s))
         t_kill = job.kill_node(1) if node_loss else job.kill_worker(victim)
+        damaged = 0
+        if damage:
+            node = int(victim.split("/")[0].removeprefix("node-"))
+            damaged = damage_snapshots(job.agents[node].pid, victim)
+            if not damaged:
+                raise RuntimeError(f"no snapshot of {victim} found to damage")
         status = job.wait_until(lambda s: full_strength_at(s, 4, t_kill) is not None,
                                 timeout_s, "full strength")
         at = full_strength_at(status, 4, t_kill)
@@ -110,6 +151,7 @@ def one_run(state_mb: float, run: int, timeout_s: float,
         "transfer_s": float(loaded.group(5)) if loaded else None,
         "state_mb": float(loaded.group(2)) if loaded else None,
         "restored_from": f"{loaded.group(4)} memory, step {loaded.group(3)}" if loaded else None,
+        **({"snapshots_damaged": damaged} if damage else {}),
     }
 
 
@@ -122,10 +164,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="crash: SIGKILL a worker, a warm spare replaces it; node-loss: "
                         "SIGKILL node-1's agent and workers, a standby node's workers "
                         "take their places")
+    p.add_argument("--damage-snapshots", action="store_true",
+                   help="crash only: damage the dead worker's snapshots as it dies, so that "
+                        "the spare fetches a survivor's")
     args = p.parse_args(argv)
+    if args.damage_snapshots and args.fault != "crash":
+        p.error("--damage-snapshots goes with --fault crash")
     runs = []
     for run in range(args.runs):
-        r = one_run(args.state_mb, run, args.timeout_s, args.fault)
+        r = one_run(args.state_mb, run, args.timeout_s, args.fault, args.damage_snapshots)
         print(json.dumps(r), flush=True)
         runs.append(r)
     full = sorted(float(r["full_strength_s"]) for r in runs)  # type: ignore[arg-type]
@@ -138,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                                                           else sys.argv[1:]),
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "fault": args.fault,
+        "fault": args.fault, "damage_snapshots": args.damage_snapshots,
         "world": 4, "state_mb_per_rank": runs[0]["state_mb"], "runs": len(runs),
         "full_strength_p50_s": percentile(full, 50), "full_strength_max_s": full[-1],
         "transfer_p50_s": percentile(transfer, 50) if transfer else None,
