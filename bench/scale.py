@@ -39,17 +39,19 @@ when N / 8 agents would exceed --max-agents, and reported.
     python -m bench.scale [--ranks 1000,3000,10000,30000,100000] [--profile]
 
 Prints one JSON object per N and a summary, each with the machine, the date and the command.
+
+The scenario and the load generator live in bench/scale_agents.py, the generator's wire
+encoders in bench/scale_encoding.py; this module runs the controller it measures, drives
+one run per N and reports.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import dataclasses
 import datetime
 import json
-import math
 import multiprocessing as mp
 import os
 import platform
@@ -62,52 +64,25 @@ import threading
 import time
 from typing import Any
 
-JOB = "scale"
-COMPUTE_FRACTION = 0.6   # median compute per step; the rest of the step is the all_reduce
-TRANSFER_FRACTION = 0.05
-JITTER_SIGMA = 0.05     # lognormal jitter on compute time
-STRAGGLER_FACTOR = 1.5
+from bench.scale_agents import (
+    COMPUTE_FRACTION,
+    JITTER_SIGMA,
+    JOB,
+    STRAGGLER_FACTOR,
+    TRANSFER_FRACTION,
+    Scenario,
+    generator_main,
+    node_id,
+    pin,
+    worker,
+)
+from bench.scale_encoding import ColumnTelemetryEncoder, TelemetryEncoder
 
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Scenario:
-    num_ranks: int
-    ranks_per_agent: int
-    preform: bool
-    period_s: float = 1.0          # one step per second (the smoke test goes faster)
-    straggler_step: int = 4        # the straggler's compute is x1.5 from this step on
-    hang_step: int = 18            # the hang happens 0.1 s into this step
-    hang_wait_s: float = 10.0      # telemetry keeps flowing this long after the hang
-    measure_steps: tuple[int, int] = (2, 17)   # steady window for throughput
-    encoding: str = "columns"      # or "records" (older agents' one message per record)
-
-    @property
-    def num_agents(self) -> int:
-        return self.num_ranks // self.ranks_per_agent
-
-    @property
-    def straggler_rank(self) -> int:
-        return self.num_ranks // 2 + 3
-
-    @property
-    def hang_rank(self) -> int:
-        return self.num_ranks // 4 + 1
-
-
-def node_id(agent: int) -> str:
-    return f"n{agent:05d}"   # zero-padded: rank order (node, local rank) = agent order
-
-
-def worker(agent: int, local: int) -> str:
-    return f"{node_id(agent)}/{local}"
-
-
-def pin(cpu: int) -> bool:
-    try:
-        os.sched_setaffinity(0, {cpu})
-        return True
-    except (AttributeError, OSError):
-        return False
+# Names that tests and other callers import from bench.scale, wherever they now live.
+__all__ = ["COMPUTE_FRACTION", "JITTER_SIGMA", "JOB", "STRAGGLER_FACTOR", "TRANSFER_FRACTION",
+           "ColumnTelemetryEncoder", "Scenario", "TelemetryEncoder", "controller_main",
+           "generator_main", "main", "node_id", "percentile", "pin", "plan_agents",
+           "run_scale", "worker"]
 
 
 # ---- the controller process ---------------------------------------------------------------
@@ -197,361 +172,6 @@ def controller_main(conn: Any, sc: Scenario, cpu: int) -> None:
                        "verdicts": [(v.detector, v.worker_id, v.at_s) for v in status.verdicts]})
     c.stop(grace_s=0.5)
     conn.send("stopped")
-
-
-# ---- the generator's encoder -----------------------------------------------------------------
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-class TelemetryEncoder:
-    """One agent's Telemetry message in the per-record form (older agents; `--encoding
-    records`), serialized straight into a byte template.
-
-    Building K StepReports and K WorkerProgress with protobuf setters costs the generator
-    microseconds per rank, too much for 100,000 ranks on one core; here every field is
-    written explicitly with a fixed width (doubles; one-byte varints for steps and
-    sequence numbers, so < 128), and each step only overwrites the variable fields, one
-    numpy assignment per field over the agent's ranks. It parses to the same message the
-    setters would build (test: tests/test_scale_sim.py).
-    """
-
-    def __init__(self, wids: list[str], *, epoch: int, num_samples: int, collective_bytes: int,
-                 op: str, op_bytes: int) -> None:
-        import numpy as np
-        self._np = np
-        self.k = len(wids)
-        self._templates: dict[bool, tuple[Any, dict[str, Any]]] = {}
-        for with_steps in (True, False):
-            buf = bytearray()
-            offs: dict[str, list[int]] = collections.defaultdict(list)
-
-            def sub(field: int, body: bytes, where: dict[str, int], buf: bytearray = buf,
-                    offs: dict[str, list[int]] = offs) -> None:
-                head = _varint(field << 3 | 2) + _varint(len(body))
-                for name, at in where.items():
-                    offs[name].append(len(buf) + len(head) + at)
-                buf.extend(head + body)
-
-            for w in wids:   # field 1: WorkerProgress
-                b, where = self._fields(w, epoch, (
-                    ("p_step", 3, "v"), ("p_seq_entered", 4, "v"), ("p_seq_exited", 5, "v"),
-                    ("p_in_collective_since_s", 6, "d"), ("p_last_progress_s", 7, "d"),
-                    ("op", 8, op), ("op_bytes", 9, op_bytes), ("p_heartbeat_s", 10, "d")))
-                sub(1, b, where)
-            if with_steps:
-                for w in wids:   # field 2: StepReport
-                    b, where = self._fields(w, epoch, (
-                        ("s_step", 3, "v"), ("s_loss", 4, "d"), ("s_step_time_s", 5, "d"),
-                        ("s_completed_at_s", 6, "d"), ("num_samples", 7, num_samples),
-                        ("s_compute_s", 8, "d"), ("s_wait_s", 9, "d"),
-                        ("collective_bytes", 10, collective_bytes)))
-                    sub(2, b, where)
-            buf.extend(_varint(3 << 3 | 1))   # sent_at_s
-            offs["sent_at_s"].append(len(buf))
-            buf.extend(bytes(8))
-            arr = np.frombuffer(buf, dtype=np.uint8).copy()
-            self._templates[with_steps] = (arr, {n: np.asarray(v, dtype=np.int64)
-                                                 for n, v in offs.items()})
-
-    @staticmethod
-    def _fields(wid: str, epoch: int, spec: tuple[tuple[str, int, Any], ...]
-                ) -> tuple[bytes, dict[str, int]]:
-        raw = wid.encode()
-        body = bytearray(_varint(1 << 3 | 2) + _varint(len(raw)) + raw)
-        body += _varint(2 << 3) + _varint(epoch)
-        where = {}
-        for name, field, kind in spec:
-            if kind == "d":
-                body += _varint(field << 3 | 1)
-                where[name] = len(body)
-                body += bytes(8)
-            elif kind == "v":
-                body += _varint(field << 3)
-                where[name] = len(body)
-                body += b"\0"
-            elif isinstance(kind, str):
-                body += _varint(field << 3 | 2) + _varint(len(kind.encode())) + kind.encode()
-            else:
-                body += _varint(field << 3) + _varint(kind)
-        return bytes(body), where
-
-    def encode(self, with_steps: bool, values: dict[str, Any]) -> bytes:
-        """Serialized Telemetry; `values`: field name -> scalar or array over the ranks."""
-        np = self._np
-        arr, offs = self._templates[with_steps]
-        for name, v in values.items():
-            at = offs[name]
-            if name[2:] in ("step", "seq_entered", "seq_exited"):
-                v = np.broadcast_to(np.asarray(v, dtype=np.int64), at.shape)
-                assert 0 <= v.min() and v.max() < 128, name
-                arr[at] = v.astype(np.uint8)
-            else:
-                v = np.broadcast_to(np.asarray(v, dtype="<f8"), at.shape)
-                arr[at[:, None] + np.arange(8)] = np.ascontiguousarray(v).view(
-                    np.uint8).reshape(-1, 8)
-        return arr.tobytes()
-
-
-def _field(number: int, body: bytes) -> bytes:
-    """A length-delimited field: a string, a sub-message or a packed column."""
-    return _varint(number << 3 | 2) + _varint(len(body)) + body
-
-
-def _varints(values: Any) -> bytes:
-    """Unsigned integers as back-to-back varints (a packed integer column's body)."""
-    import numpy as np
-    v = np.asarray(values, dtype=np.uint64)
-    if not len(v):
-        return b""
-    groups = []
-    rest = v
-    while True:
-        low = (rest & np.uint64(0x7F)).astype(np.uint8)
-        rest = rest >> np.uint64(7)
-        more = rest != 0
-        groups.append((low | (more.astype(np.uint8) << 7), more))
-        if not more.any():
-            break
-    data = np.stack([g for g, _ in groups], axis=1)
-    # Byte j of a value is written if j == 0 or byte j - 1 had its continuation bit.
-    used = np.ones(data.shape, dtype=bool)
-    for j in range(1, len(groups)):
-        used[:, j] = used[:, j - 1] & groups[j - 1][1]
-    return data[used].tobytes()
-
-
-def _doubles(values: Any) -> bytes:
-    import numpy as np
-    return np.ascontiguousarray(values, dtype="<f8").tobytes()
-
-
-class ColumnTelemetryEncoder:
-    """One agent's Telemetry in the columnar form (what agent.py sends), serialized from
-    numpy arrays.
-
-    A packed column is a tag, a length and the values back to back (doubles as 8
-    little-endian bytes, integers as varints), so each column is one numpy conversion, not
-    one setter call per rank. Columns that do not change (worker index, epoch, op bytes)
-    are encoded once; the op column (all 0: `ops` names one collective) is left empty, as
-    an all-default column may be. The worker table goes with the agent's first batch. It
-    parses to the message the setters build (test: tests/test_scale_sim.py).
-    """
-
-    def __init__(self, wids: list[str], *, epoch: int, num_samples: int, collective_bytes: int,
-                 op: str, op_bytes: int) -> None:
-        import numpy as np
-        self._np = np
-        self.k = k = len(wids)
-        self._table = _field(7, b"".join(_field(1, w.encode()) for w in wids))
-        self._table_sent = False
-        worker = _field(1, _varints(np.arange(k))) + _field(2, _varints(np.full(k, epoch)))
-        self._progress = worker + _field(9, _varints(np.full(k, op_bytes))) + _field(
-            11, op.encode())
-        self._steps = worker + _field(7, _varints(np.full(k, num_samples))) + _field(
-            10, _varints(np.full(k, collective_bytes)))
-
-    def encode(self, with_steps: bool, values: dict[str, Any]) -> bytes:
-        """Serialized Telemetry; `values`: field name (p_: progress, s_: step) -> scalar or
-        array over the ranks, and sent_at_s."""
-        np = self._np
-
-        def col(name: str) -> Any:
-            return np.broadcast_to(values[name], (self.k,))
-
-        out = [_varint(3 << 3 | 1), _doubles([values["sent_at_s"]])]
-        if not self._table_sent:
-            out.append(self._table)
-            self._table_sent = True
-        out.append(_field(8, b"".join((
-            self._progress,
-            _field(3, _varints(col("p_step"))), _field(4, _varints(col("p_seq_entered"))),
-            _field(5, _varints(col("p_seq_exited"))),
-            _field(6, _doubles(col("p_in_collective_since_s"))),
-            _field(7, _doubles(col("p_last_progress_s"))),
-            _field(10, _doubles(col("p_heartbeat_s")))))))
-        if with_steps:
-            out.append(_field(9, b"".join((
-                self._steps, _field(3, _varints(col("s_step"))),
-                _field(4, _doubles(col("s_loss"))), _field(5, _doubles(col("s_step_time_s"))),
-                _field(6, _doubles(col("s_completed_at_s"))),
-                _field(8, _doubles(col("s_compute_s"))), _field(9, _doubles(col("s_wait_s")))
-            ))))
-        return b"".join(out)
-
-
-# ---- the load generator process ------------------------------------------------------------
-
-def generator_main(conn: Any, sc: Scenario, port: int, cpu: int, t_form_deadline: float
-                   ) -> None:
-    pinned = pin(cpu)
-    result = asyncio.run(_generate(conn, sc, port, t_form_deadline, pinned))
-    if not result.get("formed"):
-        conn.send(result)
-
-
-async def _generate(conn: Any, sc: Scenario, port: int, form_deadline_s: float,
-                    pinned: bool) -> dict[str, Any]:
-    import grpc
-    import numpy as np
-
-    from splice.controller.service import PROTOCOL_VERSION
-    from splice.proto import controller_pb2 as pb
-
-    K, A, P = sc.ranks_per_agent, sc.num_agents, sc.period_s
-    # Several connections: one HTTP/2 connection per 8 streams (flow control is per
-    # connection too: with 500 ranks an agent's message is ~100 KB).
-    channels = [grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1),
-                                      ("grpc.max_send_message_length", 64 << 20)])
-        for _ in range(math.ceil(A / 8))]
-    # The Attach method with a serializer that passes pre-encoded messages through.
-    stubs = [ch.stream_stream(
-        "/splice.v1.Controller/Attach",
-        request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
-        response_deserializer=pb.ControllerMessage.FromString) for ch in channels]
-    formed = asyncio.Event()
-    kills: list[tuple[float, str]] = []
-    t_form0 = time.time()
-    t_formed = [0.0]
-    member_msgs = [0]
-
-    async def read(call: Any) -> None:
-        try:
-            while True:
-                msg = await call.read()
-                if msg is grpc.aio.EOF:
-                    return
-                kind = msg.WhichOneof("kind")
-                if kind == "membership":
-                    member_msgs[0] += 1
-                    if len(msg.membership.members) == sc.num_ranks and not formed.is_set():
-                        t_formed[0] = time.time()
-                        formed.set()
-                elif kind == "kill":
-                    kills.append((time.time(), msg.kill.worker_id))
-        except grpc.aio.AioRpcError:
-            pass
-
-    calls = []
-    readers = []
-    for a in range(A):
-        call = stubs[a % len(stubs)]()
-        await call.write(pb.AgentMessage(hello=pb.AgentHello(
-            protocol_version=PROTOCOL_VERSION, job_id=JOB, node_id=node_id(a),
-            num_workers=K, hostname=node_id(a))))
-        first = await call.read()
-        assert first.WhichOneof("kind") == "welcome", first
-        calls.append(call)
-        readers.append(asyncio.ensure_future(read(call)))
-    t_attached = time.time()
-    for a, call in enumerate(calls):
-        locals_ = range(K)
-        if sc.preform:
-            locals_ = range(K - 1, K) if a == A - 1 else range(0)
-        for w in locals_:
-            await call.write(pb.AgentMessage(worker_event=pb.WorkerEvent(
-                worker_id=worker(a, w), kind=pb.WorkerEvent.Kind.READY, pid=1000 + w)))
-    try:
-        await asyncio.wait_for(formed.wait(), timeout=form_deadline_s)
-    except asyncio.TimeoutError:
-        return {"formed": False, "attach_s": t_attached - t_form0,
-                "forming_s": None}
-    result: dict[str, Any] = {"formed": True, "generator_pinned": pinned,
-                              "attach_s": round(t_attached - t_form0, 2),
-                              "forming_s": round(t_formed[0] - t_attached, 2)}
-
-    # Step s runs in [t0 + s, t0 + s + 1); agent a sends at t0 + s + 1 + offset(a).
-    t0 = math.ceil(time.time()) + 1.0
-    conn.send({"t0": t0})
-    gen_lag: list[float] = []
-    s_rank, h_rank = sc.straggler_rank, sc.hang_rank
-    end_step = sc.hang_step + int(sc.hang_wait_s / P) + 1
-    # Compute time of every rank at every step, drawn up front (step hang_step never ends).
-    rng = np.random.default_rng(7)
-    comp = COMPUTE_FRACTION * P * rng.lognormal(0.0, JITTER_SIGMA, size=(sc.hang_step + 1, sc.num_ranks))
-    comp[sc.straggler_step:, s_rank] *= STRAGGLER_FACTOR
-    slowest_of = comp.max(axis=1).tolist()
-
-    async def agent(a: int) -> None:
-        call = calls[a]
-        offset = (a + 0.5) / A * P * 0.9
-        encoder = ColumnTelemetryEncoder if sc.encoding == "columns" else TelemetryEncoder
-        enc = encoder([worker(a, w) for w in range(K)], epoch=1, num_samples=32,
-                      collective_bytes=1 << 26, op="all_reduce", op_bytes=1 << 26)
-        head = _varint(6 << 3 | 2)   # AgentMessage.telemetry
-        local_hang = h_rank - a * K if a * K <= h_rank < (a + 1) * K else None
-        for done in range(0, end_step):          # `done`: the step that just ended
-            at = t0 + (done + 1) * P + offset
-            delay = at - time.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            now = time.time()
-            gen_lag.append(now - at)
-            cur = done + 1                       # the step in flight at `now`
-            into = now - (t0 + cur * P)
-            hung = done >= sc.hang_step          # step `hang_step` never completes
-            lo, hi = a * K, (a + 1) * K
-            step_c = comp[min(done, sc.hang_step), lo:hi]
-            cur_c = comp[min(cur, sc.hang_step), lo:hi]
-            slowest = slowest_of[min(done, sc.hang_step)]
-            v: dict[str, Any] = {}
-            if not hung:
-                step_time = slowest + TRANSFER_FRACTION * P
-                v.update(s_step=done, s_compute_s=step_c,
-                         s_wait_s=slowest - step_c + TRANSFER_FRACTION * P,
-                         s_step_time_s=step_time, s_completed_at_s=t0 + done * P + step_time,
-                         s_loss=2.0 / (1 + done))
-            if cur >= sc.hang_step:              # the hang: nobody gets past hang_step
-                h0 = t0 + sc.hang_step * P
-                entered = h0 + cur_c
-                inside = now >= entered          # waits in the all_reduce forever
-                seq_in = np.where(inside, sc.hang_step + 1, sc.hang_step)
-                since = np.where(inside, entered, 0.0)
-                last = np.where(inside, entered, h0)
-                beat = np.full(K, now)
-                if local_hang is not None:       # stopped 0.1 s into its compute
-                    seq_in[local_hang], since[local_hang] = sc.hang_step, 0.0
-                    last[local_hang], beat[local_hang] = h0, h0 + 0.1 * P
-                v.update(p_step=sc.hang_step, p_seq_entered=seq_in,
-                         p_seq_exited=sc.hang_step, p_in_collective_since_s=since,
-                         p_last_progress_s=last, p_heartbeat_s=beat)
-            else:
-                computing = into < cur_c
-                start = t0 + cur * P
-                v.update(p_step=cur, p_seq_entered=np.where(computing, cur, cur + 1),
-                         p_seq_exited=cur,
-                         p_in_collective_since_s=np.where(computing, 0.0, start + cur_c),
-                         p_last_progress_s=np.where(computing, start, start + cur_c),
-                         p_heartbeat_s=now)
-            v["sent_at_s"] = time.time()
-            body = enc.encode(not hung, v)
-            await call.write(head + _varint(len(body)) + body)
-
-    injected = {"straggler": t0 + sc.straggler_step * P, "hang": t0 + (sc.hang_step + 0.1) * P}
-    result.update(t0=t0, injected=injected)
-    await asyncio.gather(*(agent(a) for a in range(A)))
-    gen_lag.sort()
-    result.update(generator_lag_p50_s=round(gen_lag[len(gen_lag) // 2], 3),
-                  generator_lag_p99_s=round(gen_lag[int(len(gen_lag) * 0.99)], 3),
-                  kills=kills[:3], membership_messages=member_msgs[0])
-    # Keep the streams open (a closed stream is a lost node) until the orchestrator has
-    # read the verdicts and the status.
-    conn.send(result)
-    await asyncio.get_running_loop().run_in_executor(None, conn.recv)
-    for call in calls:
-        await call.done_writing()
-    for ch in channels:
-        await ch.close(grace=None)
-    for r in readers:
-        r.cancel()
-    return result
 
 
 # ---- the orchestrator ---------------------------------------------------------------------
