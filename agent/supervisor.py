@@ -45,15 +45,16 @@ def exiting_status(stat: bytes) -> int | None:
     in its flags, field 9; the status in exit_code, field 52, Linux >= 3.5), or None while
     it is not exiting or its status is not set yet (or is 0: a clean exit is left to
     wait())."""
-    text = stat.decode("ascii", "replace")
-    fields = text[text.rfind(")") + 2:].split()  # the name, in parentheses, may hold spaces
-    if len(fields) < 50:
-        return None
+    rest = stat[stat.rfind(b")") + 2:]  # the name, in parentheses, may hold spaces
+    head = rest.split(maxsplit=7)  # the flags first: most reads stop there
     try:
-        flags, status = int(fields[6]), int(fields[49])
+        if len(head) < 8 or not int(head[6]) & _PF_EXITING:
+            return None
+        fields = rest.split()
+        status = int(fields[49]) if len(fields) >= 50 else 0
     except ValueError:
         return None
-    return status if flags & _PF_EXITING and status else None
+    return status or None
 
 
 def decode_status(status: int) -> tuple[int, int]:
