@@ -160,10 +160,13 @@ class ResilientGroup:
         """Why this epoch can no longer make progress, or None while it can."""
         return self._abort_reason or self._failure
 
-    def _record_failure(self, error: BaseException) -> str:
+    def _record_failure(self, error: BaseException, epoch: int | None = None) -> str:
+        """The failure of a collective of `epoch` (None: the current one) fails the current
+        epoch only if it is that epoch: an aborted epoch's parked work fails late (when the
+        dead peer's sockets close) and must not fail the epoch that replaced it."""
         reason = f"collective failed: {error}"
         with self._lock:
-            if self._failure is None:
+            if self._failure is None and (epoch is None or epoch == self.epoch):
                 self._failure = reason
         return reason
 
@@ -182,14 +185,18 @@ class ResilientGroup:
             if self.progress is not None:
                 self.progress.enter(op, num_bytes)
             t0 = time.perf_counter()
+            epoch = self.epoch
             fut = start(self._pg).get_future()
-        fut.add_done_callback(lambda _f: self._exited(t0, num_bytes))
+        fut.add_done_callback(lambda _f: self._exited(t0, num_bytes, epoch))
         return fut
 
-    def _exited(self, t0: float, num_bytes: int) -> None:
-        """A collective completed (or failed): count it for telemetry."""
+    def _exited(self, t0: float, num_bytes: int, epoch: int) -> None:
+        """A collective of `epoch` completed (or failed): count it for telemetry. One of
+        an aborted epoch, failing late, counts for nothing in the epoch that replaced it."""
         elapsed = time.perf_counter() - t0
         with self._lock:
+            if epoch != self.epoch:
+                return
             self._wait_s += elapsed
             self._bytes += num_bytes
         if self.progress is not None:
@@ -249,6 +256,9 @@ class ResilientGroup:
         raises: wrappers such as DDP's reducer wait on it from C++."""
         out: torch.futures.Future[Any] = torch.futures.Future()
         work = tensor.detach().clone()
+        # Epochs are installed by the thread that runs the step (and its backward pass),
+        # so the collective issued next is of this epoch.
+        epoch = self.epoch
         try:
             fut = self.all_reduce_async(work)
         except CollectiveAborted as e:
@@ -266,7 +276,7 @@ class ResilientGroup:
             try:
                 f.wait()
             except Exception as e:
-                _settle(out, error=CollectiveAborted(self._record_failure(e)))
+                _settle(out, error=CollectiveAborted(self._record_failure(e, epoch)))
                 return
             _settle(out, result=work)
 
