@@ -22,8 +22,8 @@ momentum) is about --state-mb, waits for some steps, SIGKILLs a non-zero rank an
                    once the first step at full size completes
   state_mb         the snapshot bytes the newcomer received
 
-With --damage-snapshots (crash only) the bench flips a byte in each of the dead worker's
-snapshots in its agent's shared memory right after the kill, before the spare adopts them:
+With --damage-snapshots (crash only) the bench stops the victim (SIGSTOP), flips a byte in
+each of its snapshots in its agent's shared memory, then kills it:
 the spare finds them corrupt and fetches a survivor's instead (the path a replacement
 takes when its predecessor's memory cannot be trusted, and its prefetch's).
 
@@ -45,6 +45,7 @@ import os
 import platform
 import random
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -122,13 +123,16 @@ def one_run(state_mb: float, run: int, timeout_s: float,
         # A fault strikes at a random point of a step: the status shows a step just after
         # it ended, when the next step's snapshot is being taken.
         time.sleep(random.Random(run).uniform(0.0, step_s))
-        t_kill = job.kill_node(1) if node_loss else job.kill_worker(victim)
         damaged = 0
         if damage:
+            # Stopped first, so that it takes no new snapshot over the damaged ones; its
+            # agent hands them over (renamed) as soon as it sees the death.
+            job.kill_worker(victim, signal.SIGSTOP)
             node = int(victim.split("/")[0].removeprefix("node-"))
             damaged = damage_snapshots(job.agents[node].pid, victim)
             if not damaged:
                 raise RuntimeError(f"no snapshot of {victim} found to damage")
+        t_kill = job.kill_node(1) if node_loss else job.kill_worker(victim)
         status = job.wait_until(lambda s: full_strength_at(s, 4, t_kill) is not None,
                                 timeout_s, "full strength")
         at = full_strength_at(status, 4, t_kill)
