@@ -459,10 +459,15 @@ class Session(StateSources, PeerFetch, GradientWork):
         t0 = time.perf_counter()
         self.group.take_stats()  # what an aborted step left behind does not count
         try:
-            self.group.check()
             if self._needs_sync:
+                self.group.check()
                 self._sync_from_rank0()
+            # The snapshot first: the state is that of the step's start even when a fault
+            # was announced since the last step ended, and a member interrupted here then
+            # still holds the newest step its peers hold (no rollback, and a newcomer's
+            # prefetch of the newest is of the resume step).
             self._capture(self.step)
+            self.group.check()
             self._live_at = self.step  # the live state is that snapshot's until the update
             self._snapshot_at_s = time.time()
             self._check_budget()

@@ -43,8 +43,8 @@ def main() -> int:
                    help="extra time per step (stands in for compute), so that faults of the "
                         "control plane happen while training is under way")
     p.add_argument("--corrupt-snapshots", default="",
-                   help="WORKER_ID:STEP - in step STEP, before its all-reduce, that worker "
-                        "flips a byte in every in-memory snapshot it holds")
+                   help="WORKER_ID:STEP - in step STEP, right after taking its snapshot, "
+                        "that worker flips a byte in every in-memory snapshot it holds")
     p.add_argument("--zero", action="store_true",
                    help="ZeRO-1: AdamW with its state sharded across the ranks")
     p.add_argument("--hold-at", default="",
@@ -99,15 +99,24 @@ def main() -> int:
     if args.corrupt_snapshots and args.corrupt_snapshots.rsplit(":", 1)[0] == me:
         corrupt_at = int(args.corrupt_snapshots.rsplit(":", 1)[1])
 
-    def issue_hook(tensor: torch.Tensor):  # type: ignore[no-untyped-def]
+    capture = session._capture
+
+    def capture_hook(step: int) -> None:
+        # Right after the step's snapshot is taken (the first thing a step does), so the
+        # damage is done however soon a fault elsewhere interrupts the step.
         nonlocal corrupt_at
-        if session.step == corrupt_at:
+        capture(step)
+        if step == corrupt_at:
             corrupt_at = -1
             ring = session._snapshots
             for held in ring.steps():
                 ring.checksums(held)  # the background checksum of the slot is complete
                 victim = next(iter(ring.buffers(held).values()))
                 victim.view(-1).view(torch.uint8)[0] ^= 0x40
+
+    session._capture = capture_hook  # type: ignore[method-assign]
+
+    def issue_hook(tensor: torch.Tensor):  # type: ignore[no-untyped-def]
         if at("before"):
             _die()
         fut = issue(tensor)
