@@ -88,7 +88,11 @@ class Supervisor:
             self._alive.add(worker_id)
             self._reported.discard(worker_id)
             if self._exit_poll_s > 0:
-                self._stats[worker_id] = None
+                try:  # now, while the pid is surely this worker's (not reaped yet)
+                    self._stats[worker_id] = os.open(f"{self._proc_root}/{proc.pid}/stat",
+                                                     os.O_RDONLY)
+                except OSError:
+                    self._stats[worker_id] = None  # the poller tries again
                 if self._poller is None:
                     self._poller = threading.Thread(target=self._poll, daemon=True,
                                                     name="splice-exit-poll")
@@ -104,7 +108,10 @@ class Supervisor:
                 return
             self._reported.add(worker_id)
         code, sig = decode_status(status)
-        self._on_exit(Exit(worker_id, pid, code, sig))
+        try:
+            self._on_exit(Exit(worker_id, pid, code, sig))
+        except Exception:  # the poller must outlive one failed report
+            log.exception("handling the exit of %s (pid %d) failed", worker_id, pid)
 
     def _poll(self) -> None:
         """The poller thread: live workers whose teardown has begun are reported now.

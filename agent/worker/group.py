@@ -194,13 +194,13 @@ class ResilientGroup:
         """A collective of `epoch` completed (or failed): count it for telemetry. One of
         an aborted epoch, failing late, counts for nothing in the epoch that replaced it."""
         elapsed = time.perf_counter() - t0
-        with self._lock:
+        with self._lock:  # `adopt` begins the next epoch's counters under it too
             if epoch != self.epoch:
                 return
             self._wait_s += elapsed
             self._bytes += num_bytes
-        if self.progress is not None:
-            self.progress.exit()
+            if self.progress is not None:
+                self.progress.exit()
 
     def take_stats(self) -> tuple[float, int]:
         """Seconds spent in collectives and bytes reduced since the last call."""
@@ -310,9 +310,11 @@ class ResilientGroup:
         Not counted as a collective in the progress counters: only two ranks take part,
         and the hang detector compares all ranks' counters."""
         with self._lock:
-            if self._abort_reason is not None:
-                raise CollectiveAborted(self._abort_reason)
+            reason = self._abort_reason or self._failure
+            if reason is not None:
+                raise CollectiveAborted(reason)
             t0 = time.perf_counter()
+            epoch = self.epoch
             work = start(self._pg)
         fut: torch.futures.Future[Any] = torch.futures.Future()
 
@@ -325,11 +327,13 @@ class ResilientGroup:
             _settle(fut, result=None)
 
         threading.Thread(target=finish, daemon=True, name="splice-p2p").start()
-        fut.add_done_callback(lambda _f: self._exited_p2p(t0, num_bytes))
+        fut.add_done_callback(lambda _f: self._exited_p2p(t0, num_bytes, epoch))
         return fut
 
-    def _exited_p2p(self, t0: float, num_bytes: int) -> None:
+    def _exited_p2p(self, t0: float, num_bytes: int, epoch: int) -> None:
         with self._lock:
+            if epoch != self.epoch:  # a parked epoch's transfer, ending late
+                return
             self._wait_s += time.perf_counter() - t0
             self._bytes += num_bytes
 
