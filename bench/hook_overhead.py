@@ -4,28 +4,30 @@ Measures, on this machine, with one torch thread (as workers run):
   telemetry_us_per_step  the hook's per-step telemetry work: progress counters around one
                          collective and at the step's end, and one step report framed and
                          sent over a Unix socket (what a worker does per step under an agent)
-  snapshot_us_per_step   the per-step snapshot inside the demo job's real step loop
-                         (train_mlp's model, one process): `Session.run_step` builds the
-                         state (`_state()`) and captures it into the ring (copy, then the
-                         checksums) at the start of every step. The median, per step, of
-                         the wall time of both on the training thread, between optimizer
-                         steps that leave the caches as training does, not back-to-back
-                         captures in a hot loop (which read ~2.5x faster).
+  snapshot_us_per_step   the per-step snapshot's time on the training thread, inside the
+                         demo job's real step loop (train_mlp's model, one process): at
+                         the step's start `Session._capture` takes what the step changes
+                         before its optimizer step (RNG states, buffer clones) and hands
+                         the rest to the ring's helper thread; before the optimizer step
+                         `wait_copied` waits for that thread if it is not done. The
+                         median, per step, of the wall time of both.
+  helper_cpu_us_per_step the helper thread's CPU time per step: building the state, the
+                         walk, the copy, the checksums and the commit. It runs beside the
+                         forward and backward passes, so it costs the step nothing while
+                         a core is spare; where workers fill every core it costs about
+                         its CPU time (`no_spare_core_*`)
   checksum_us_per_step   of which the checksums (`_record`), CPU time
   step_ms                the median step without snapshots (capture a no-op)
-and the fractions of that step. Rounds of --round steps rotate between three rings, so a
+and the fractions of that step. Rounds of --round steps rotate between the rings, so a
 shared machine's load hits them alike:
   off          no snapshot: the baseline step
-  inline       the ring in private memory: checksums at the end of `capture`
-               (hook_fraction; what a session without an agent runs)
-  shm          the ring splice runs under an agent: the same, in shared-memory files, plus
-               the commit record written each step (checkpoint/shm.py) (shm.hook_fraction)
-  background   checksums on a helper thread (`checksum_in_background=True`): the
-               training thread's time plus the helper's CPU time, which a step pays too
-               when no core is spare (workers usually fill the cores)
+  private      the ring in private memory (what a session without an agent runs)
+  shm          the ring splice runs under an agent: in shared-memory files, plus the commit
+               record written each step (checkpoint/shm.py); the headline figures
+  inline       the shm ring captured on the training thread, as before the helper thread
+               (`capture` at the step's start: the whole snapshot's time is the step's)
 `step_delta_us` (the median step with a ring minus without) is a cross-check: noisy on a
-shared machine, and it can come out below the snapshot's own time (the copy's reads may
-warm the caches for the step that follows).
+shared machine.
 
     python -m bench.hook_overhead [--steps 400] [--round 25]    (~20-40 s)
     python -m bench.hook_overhead --model gpt --steps 100 --round 10   (~3 min)
@@ -117,6 +119,9 @@ class _Off:
     def capture(self, step: int, state: Any, stable: Any = None, defer: bool = False) -> None:
         pass
 
+    def capture_in_background(self, step: int, state: Any) -> None:
+        pass
+
     def flush(self) -> None:
         pass
 
@@ -130,7 +135,15 @@ class _Off:
         pass
 
 
-MODES = ("off", "inline", "shm", "background")
+class _Inline(SnapshotRing):
+    """The ring, captured on the calling thread (as the session did before it handed CPU
+    captures to the helper thread)."""
+
+    def capture_in_background(self, step: int, state: Callable[[], Any]) -> None:
+        self.capture(step, state())
+
+
+MODES = ("off", "private", "shm", "inline")
 
 
 def _register(session: Any, model_kind: str) -> None:
@@ -155,7 +168,8 @@ def _register(session: Any, model_kind: str) -> None:
 def snapshot_in_step_loop(steps: int = 400, round_steps: int = 25,
                           model_kind: str = "mlp") -> dict[str, Any]:
     """Per mode, from `steps` measured steps: the steps' times, the snapshot's time on the
-    training thread (`_state()` + `capture`) and the checksum's CPU time, per step (s)."""
+    training thread (`_capture` + `wait_copied`), the helper thread's CPU time and the
+    checksum's CPU time, per step (s)."""
     import splice
 
     torch.set_num_threads(1)
@@ -163,17 +177,22 @@ def snapshot_in_step_loop(steps: int = 400, round_steps: int = 25,
     _register(session, model_kind)
     shm = tempfile.mkdtemp(prefix="splice-bench-",
                            dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    rings: dict[str, Any] = {"off": _Off(), "inline": SnapshotRing(),
-                             "shm": SnapshotRing(directory=os.path.join(shm, "w"),
-                                                 owner="node-0/0"),
-                             "background": SnapshotRing(checksum_in_background=True)}
+    rings: dict[str, Any] = {
+        "off": _Off(), "private": SnapshotRing(),
+        "shm": SnapshotRing(directory=os.path.join(shm, "w"), owner="node-0/0"),
+        "inline": _Inline(directory=os.path.join(shm, "i"), owner="node-0/0")}
     snap = {m: _Timed() for m in MODES}  # on the training thread
+    helper = {m: _Timed() for m in MODES}  # on the ring's helper thread
     checksum = {m: _Timed() for m in MODES}  # wherever `_record` runs
     times: dict[str, list[float]] = {m: [] for m in MODES}
-    state_fn = session._state
+    capture_fn = session._capture
     record = snapshot_module._record
     mode = "off"
     snapshot_module._record = lambda *a: checksum[mode].wrap(record)(*a)  # type: ignore
+    for m, ring in rings.items():
+        if m != "off":
+            ring.wait_copied = snap[m].wrap(ring.wait_copied)
+            ring._capture_off_thread = helper[m].wrap(ring._capture_off_thread)
     try:
         for measured in (False, True):
             # Rounds rotate the modes, so that a shared machine's load hits them alike;
@@ -181,32 +200,28 @@ def snapshot_in_step_loop(steps: int = 400, round_steps: int = 25,
             for _ in range(-(-steps // round_steps) if measured else 2):
                 for mode in MODES:
                     session._snapshots = rings[mode]
-                    session._state = snap[mode].wrap(state_fn)  # type: ignore[method-assign]
-                    if mode != "off":
-                        rings[mode].capture = snap[mode].wrap(  # type: ignore[method-assign]
-                            type(rings[mode]).capture.__get__(rings[mode]))
+                    session._capture = snap[mode].wrap(capture_fn)  # type: ignore[method-assign]
                     for _ in range(round_steps):
                         r = session.run_step()
                         assert r is not None
-                        if mode == "background":  # its checksum is done by the next step
-                            rings[mode].checksums(max(rings[mode].steps()))
-                        snap[mode].take()
-                        checksum[mode].take()
+                        for t in (snap[mode], helper[mode], checksum[mode]):
+                            t.take()
                         times[mode].append(r.step_time_s)
             if not measured:
-                for t in (*snap.values(), *checksum.values()):
+                for t in (*snap.values(), *helper.values(), *checksum.values()):
                     t.walls.clear()
                     t.cpus.clear()
                 for k in MODES:
                     times[k].clear()
     finally:
         snapshot_module._record = record
-        session._state = state_fn  # type: ignore[method-assign]
-        rings["shm"].close()
+        session._capture = capture_fn  # type: ignore[method-assign]
+        for m in ("private", "shm", "inline"):
+            rings[m].close()
         shutil.rmtree(shm, ignore_errors=True)
     return {m: {"step_s": times[m], "snapshot_wall_s": snap[m].walls,
-                "snapshot_cpu_s": snap[m].cpus, "checksum_cpu_s": checksum[m].cpus}
-            for m in MODES} | {"snapshot_bytes": rings["inline"].num_bytes // 2}
+                "helper_cpu_s": helper[m].cpus, "checksum_cpu_s": checksum[m].cpus}
+            for m in MODES} | {"snapshot_bytes": rings["private"].num_bytes // 2}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,15 +237,22 @@ def main(argv: list[str] | None = None) -> int:
     m = snapshot_in_step_loop(args.steps, args.round, args.model)
     med, mean = statistics.median, statistics.mean
     step_us = med(m["off"]["step_s"]) * 1e6
-    inline_us = med(m["inline"]["snapshot_wall_s"]) * 1e6
-    shm_us = med(m["shm"]["snapshot_wall_s"]) * 1e6
-    checksum_us = mean(m["inline"]["checksum_cpu_s"]) * 1e6
-    bg_thread_us = med(m["background"]["snapshot_wall_s"]) * 1e6
-    bg_checksum_us = mean(m["background"]["checksum_cpu_s"]) * 1e6
 
     def r1(x: float) -> float:
         return round(x, 1)
 
+    def ring(k: str) -> dict[str, Any]:
+        thread_us = med(m[k]["snapshot_wall_s"]) * 1e6
+        helper_us = mean(m[k]["helper_cpu_s"]) * 1e6
+        return {"snapshot_us_per_step": r1(thread_us),
+                "helper_cpu_us_per_step": r1(helper_us),
+                "checksum_us_per_step": r1(mean(m[k]["checksum_cpu_s"]) * 1e6),
+                "step_delta_us": r1((med(m[k]["step_s"]) - med(m["off"]["step_s"])) * 1e6),
+                "snapshot_fraction": round(thread_us / step_us, 5),
+                "hook_fraction": round((tel + thread_us) / step_us, 5),
+                "no_spare_core_fraction": round((tel + thread_us + helper_us) / step_us, 5)}
+
+    shm = ring("shm")
     print(json.dumps({
         "benchmark": "hook_overhead",
         "command": " ".join(["python -m bench.hook_overhead",
@@ -242,24 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         "steps_per_mode": len(m["off"]["step_s"]), "snapshot_bytes": m["snapshot_bytes"],
         "telemetry_us_per_step": round(tel, 2),
         "step_ms": round(step_us / 1e3, 3),
-        "snapshot_us_per_step": r1(inline_us),
-        "snapshot_cpu_us_per_step": r1(mean(m["inline"]["snapshot_cpu_s"]) * 1e6),
-        "checksum_us_per_step": r1(checksum_us),
-        "snapshot_without_checksum_us": r1(inline_us - checksum_us),
-        "background": {"training_thread_us": r1(bg_thread_us),
-                       "checksum_cpu_us": r1(bg_checksum_us),
-                       "no_spare_core_us": r1(bg_thread_us + bg_checksum_us)},
-        "shm": {"snapshot_us_per_step": r1(shm_us),
-                "checksum_us_per_step": r1(mean(m["shm"]["checksum_cpu_s"]) * 1e6),
-                "snapshot_fraction": round(shm_us / step_us, 5),
-                "hook_fraction": round((tel + shm_us) / step_us, 5)},
-        "step_delta_us": {k: r1((med(m[k]["step_s"]) - med(m["off"]["step_s"])) * 1e6)
-                          for k in ("inline", "shm", "background")},
+        **shm,
+        "private": ring("private"),
+        "inline": ring("inline"),
         "telemetry_fraction": round(tel / step_us, 5),
-        "checksum_fraction": round(checksum_us / step_us, 5),
-        "snapshot_fraction": round(inline_us / step_us, 5),
-        "background_fraction_no_spare_core": round((bg_thread_us + bg_checksum_us) / step_us, 5),
-        "hook_fraction": round((tel + inline_us) / step_us, 5),
         "targets": "telemetry <= 1 % of step time; telemetry + snapshot <= 2 %",
         "wall_s": round(time.perf_counter() - t_start, 1),
     }))

@@ -239,13 +239,25 @@ class SnapshotRing:
             = None  # a capture to run at the flush (`capture` with a function)
         self._background = checksum_in_background
         self._checksummer: cf.ThreadPoolExecutor | None = None
+        # `capture_in_background`: the capture running on the helper thread, if any.
+        self._helper: cf.ThreadPoolExecutor | None = None
+        self._async: cf.Future[None] | None = None
         self._files: SlotFiles | None = None
         if directory:
             if checksum_in_background:
                 raise ValueError("a ring in shared memory takes its checksums inline")
             self._files = SlotFiles(directory, owner)
         self.adopted_from = ""  # the worker whose snapshots `adopt` took over
-        self.epoch = 0  # recorded with each commit in shared memory (what replicas order by)
+        self._epoch = 0  # recorded with each commit in shared memory (what replicas order by)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self._wait_background()  # a capture in flight commits under the epoch it began in
+        self._epoch = epoch
 
     def adopt(self) -> list[int]:
         """Take over the committed snapshots in this ring's directory (a dead worker's,
@@ -277,6 +289,9 @@ class SnapshotRing:
         """Finish the copies in flight (committing their snapshots) and release the slot
         files' descriptors (the snapshots stay where they are)."""
         self.synchronize()
+        if self._helper is not None:
+            self._helper.shutdown()
+            self._helper = None
         for slot in self._slots:
             if slot.layout is not None:
                 slot.layout.release()
@@ -309,7 +324,7 @@ class SnapshotRing:
         if self._files is not None and slot.shared and not slot.others:  # off-CPU: private
             assert slot.layout is not None
             self._files.commit(self._slots.index(slot), slot.step, slot.layout.signature,
-                               slot.layout.views, slot.tree, self.epoch)
+                               slot.layout.views, slot.tree, self._epoch)
 
     def synchronize(self) -> None:
         """Block until every capture's GPU copies are complete (and committed)."""
@@ -319,6 +334,8 @@ class SnapshotRing:
 
     def flush(self) -> None:
         """Launch the GPU copies a deferred capture prepared (nothing to do otherwise)."""
+        if self._async is not None:
+            return  # a capture of CPU state, already under way
         self._run_later()
         for slot in self._slots:
             if slot.pending is not None:
@@ -327,7 +344,8 @@ class SnapshotRing:
     def wait_copied(self) -> None:
         """Make the current CUDA stream wait, on the GPU, until the captures so far have
         read their sources: call before anything overwrites captured CUDA tensors (the
-        optimizer step). Does not block the host; nothing to do without GPU state."""
+        optimizer step). Does not block the host for GPU state; a capture in background
+        (CPU state) it waits for."""
         self._run_later()
         for slot in self._slots:
             if slot.pending is not None:
@@ -385,8 +403,34 @@ class SnapshotRing:
                 return
         self._capture_now(step, state, stable, defer)
 
+    def capture_in_background(self, step: int,
+                              state: Callable[[], Mapping[str, Any]]) -> None:
+        """`capture` of CPU state on a helper thread: `state()` is called there, and the
+        walk, the copies, the checksums and the commit run beside the caller's next work
+        (a training step's forward and backward passes), off its thread. Until
+        `wait_copied()` (or any other call on this ring) returns, nothing may change what
+        `state()` reads or returns: take what changes before then (the RNG states, buffers
+        a forward pass updates) now, and have `state()` return that. The snapshot is
+        complete once the helper is done; an error it met is raised by the next call."""
+        self._run_later()
+        if self._helper is None:
+            self._helper = cf.ThreadPoolExecutor(max_workers=1,
+                                                 thread_name_prefix="splice-snapshot")
+        self._async = self._helper.submit(self._capture_off_thread, step, state)
+
+    def _capture_off_thread(self, step: int, state: Callable[[], Mapping[str, Any]]) -> None:
+        with torch.no_grad():  # grad mode is per thread: the helper's is on
+            self._capture_now(step, state(), frozenset(), False)
+
+    def _wait_background(self) -> None:
+        if self._async is not None:
+            pending, self._async = self._async, None
+            pending.result()
+
     def _run_later(self) -> None:
-        """Run a capture whose state was to be built at the flush."""
+        """Finish a capture in background; run a capture whose state was to be built at
+        the flush."""
+        self._wait_background()
         if self._later is not None:
             step, fn, stable, start = self._later
             self._later = None
@@ -396,7 +440,7 @@ class SnapshotRing:
                      defer: bool, start: Any = None) -> None:
         for s in sorted(self._slots, key=lambda s: s.step):
             self._settle(s)  # the newer slot's commit comes before the older is reused
-        held = self.steps()
+        held = sorted(s.step for s in self._slots if s.step >= 0)  # (may be off-thread)
         assert not held or step >= max(held), (step, held)
         if step in held:
             # Only after a rollback to `step`: the state equals that snapshot already, and
@@ -541,6 +585,7 @@ class SnapshotRing:
 
     @property
     def num_bytes(self) -> int:
+        self._wait_background()
         return sum(s.num_bytes for s in self._slots if s.step >= 0)
 
     def _slot(self, step: int) -> _Slot:

@@ -181,7 +181,6 @@ class GradientWork:
         # Launched now, the snapshot's GPU copies (if any) run beside the backward pass
         # still queued, and their host time hides behind it.
         self._snapshots.flush()
-        self._check_budget()  # a deferred capture's size is known only now
         # One more element rides along: whether any rank was asked for a replica check,
         # so that all of them run it at the start of the next step.
         asked = self._link is not None and self._link.check_requested

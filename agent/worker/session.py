@@ -373,44 +373,62 @@ class Session(StateSources, PeerFetch, GradientWork):
         self._capture(0)
 
     def _state(self) -> dict[str, Any]:
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+        """The state now, its tensors the live ones."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                **self._volatile_state(self.step)}
+
+    def _volatile_state(self, step: int) -> dict[str, Any]:
+        """The part of the state a step changes before its optimizer step."""
+        volatile: dict[str, Any] = {
             "rng": {"torch": torch.get_rng_state(), "python": Frozen(random.getstate())},
-            "step": self.step,
-            "samples_seen": self.step * self.batch.global_batch_size,
-        }
+            "step": step, "samples_seen": step * self.batch.global_batch_size}
         if self._zero:
-            state["zero"] = {"world": self.world_size, "rank": self.rank,
-                             "replica": self._zero_replica, "members": list(self._members)}
-        return state
+            volatile["zero"] = {"world": self.world_size, "rank": self.rank,
+                                "replica": self._zero_replica,
+                                "members": list(self._members)}
+        return volatile
 
     def _capture(self, step: int) -> None:
         if self._zero and step not in self._snapshots.steps():
             self._zero_replica = self._ring_replica()
         self._snapshots.epoch = self.epoch
-        if self._on_gpu and not self._zero:
+        if not self._on_gpu:
+            # The state is walked, copied, checksummed and committed on the ring's helper
+            # thread, beside this step's forward and backward passes; the optimizer step
+            # (and anything else that changes the state) waits for it (`wait_copied`).
+            self._snapshots.capture_in_background(step, self._state_later(step, False)[0])
+            return
+        if not self._zero:
             # Only the state's start is marked now: building it, committing the previous
             # slot and launching the copies wait until the backward pass is queued
-            # (`flush`), hidden behind GPU work. What the forward pass changes in place is
-            # kept now: GPU buffers cloned on the GPU, the RNG states.
-            clones = {name: b.clone() for name, b in self.model.named_buffers() if b.is_cuda}
-            rng = {"torch": torch.get_rng_state(), "python": Frozen(random.getstate())}
-
-            def state() -> dict[str, Any]:
-                st = self._state()
-                for name, c in clones.items():
-                    if name in st["model"]:
-                        st["model"][name] = c
-                st.update(rng=rng, step=step,
-                          samples_seen=step * self.batch.global_batch_size)
-                return st
-
+            # (`flush`), hidden behind GPU work.
+            state, clones = self._state_later(step, True)
             stable = self._stable_on_gpu() | {c.data_ptr() for c in clones.values()}
             self._snapshots.capture(step, state, stable, defer=True)
             return
         # GPU state (a sharded optimizer's): the copies launch after the backward pass.
         self._snapshots.capture(step, self._state(), self._stable_on_gpu(), defer=True)
+
+    def _state_later(self, step: int, cuda: bool
+                     ) -> tuple[Callable[[], dict[str, Any]], dict[str, torch.Tensor]]:
+        """The state of `step`'s start, built when the function is called (later, or on
+        another thread). What may change before the optimizer step is taken now: the RNG
+        states, the sharded optimizer's membership, and the model's buffers (a forward
+        pass may update them in place), cloned (`cuda`: only the CUDA ones, on the GPU;
+        the others are read at the call); the function, and those clones."""
+        clones = {name: b.clone() for name, b in self.model.named_buffers()
+                  if b.is_cuda or not cuda}
+        volatile = self._volatile_state(step)
+
+        def state() -> dict[str, Any]:
+            st = {"model": self.model.state_dict(),
+                  "optimizer": self.optimizer.state_dict(), **volatile}
+            for name, c in clones.items():
+                if name in st["model"]:
+                    st["model"][name] = c
+            return st
+
+        return state, clones
 
     def _stable_on_gpu(self) -> frozenset[int]:
         """CUDA tensors of the state that nothing writes between a capture and the
@@ -470,7 +488,6 @@ class Session(StateSources, PeerFetch, GradientWork):
             self.group.check()
             self._live_at = self.step  # the live state is that snapshot's until the update
             self._snapshot_at_s = time.time()
-            self._check_budget()
             if (self._persist is not None and self.config.persist_every
                     and (self.rank == 0 or self._zero) and self.step > 0
                     and self.step % self.config.persist_every == 0
@@ -489,7 +506,10 @@ class Session(StateSources, PeerFetch, GradientWork):
                 self._check_next = False
                 self._check_replicas()
             loss, num_samples = self._forward_backward()
-            self._snapshots.wait_copied()  # GPU state: the snapshot has read it (on the GPU)
+            # The snapshot has read the state: on the GPU for GPU state, here for CPU
+            # state (the helper thread is done); its size is known.
+            self._snapshots.wait_copied()
+            self._check_budget()
             self._live_at = None
             self.optimizer.step()
         except Exception as e:
