@@ -26,8 +26,11 @@ shared machine's load hits them alike:
                record written each step (checkpoint/shm.py); the headline figures
   inline       the shm ring captured on the training thread, as before the helper thread
                (`capture` at the step's start: the whole snapshot's time is the step's)
-`step_delta_us` (the median step with a ring minus without) is a cross-check: noisy on a
-shared machine.
+`step_delta_us` (the median step with a ring minus without) is what the step pays in all
+while a core is spare: the helper's Python work (building and walking the state, the
+commit record) still takes turns with the training thread's on the GIL, so for a small
+model whose step is mostly Python it is close to the inline capture's. Noisy on a shared
+machine.
 
     python -m bench.hook_overhead [--steps 400] [--round 25]    (~20-40 s)
     python -m bench.hook_overhead --model gpt --steps 100 --round 10   (~3 min)
@@ -249,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
                 "checksum_us_per_step": r1(mean(m[k]["checksum_cpu_s"]) * 1e6),
                 "step_delta_us": r1((med(m[k]["step_s"]) - med(m["off"]["step_s"])) * 1e6),
                 "snapshot_fraction": round(thread_us / step_us, 5),
+                # What the step pays in all, while a core is spare (the helper's Python
+                # work still takes turns with the training thread's on the GIL).
+                "step_delta_fraction": round(
+                    (med(m[k]["step_s"]) - med(m["off"]["step_s"])) / med(m["off"]["step_s"]),
+                    5),
                 "hook_fraction": round((tel + thread_us) / step_us, 5),
                 "no_spare_core_fraction": round((tel + thread_us + helper_us) / step_us, 5)}
 
