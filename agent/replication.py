@@ -510,7 +510,8 @@ def fetch(addresses: Sequence[str], job_id: str, worker_id: str, step: int = 0, 
           timeout_s: float = 300.0, connect_timeout_s: float = 2.0,
           chunk_bytes: int = 0, credentials: grpc.ChannelCredentials | None = None,
           bulk_tls: ssl.SSLContext | None = None, into: bulk.Into | None = None,
-          cancelled: threading.Event | None = None) -> Fetched:
+          cancelled: threading.Event | None = None,
+          checked_by_fetcher: bool = False) -> Fetched:
     """A worker's snapshot from the first holder that supplies it intact, trying
     `addresses` in order. A holder that lacks it, cannot be reached within
     `connect_timeout_s`, fails or breaks the stream, or sends bytes that fail a chunk CRC
@@ -521,10 +522,12 @@ def fetch(addresses: Sequence[str], job_id: str, worker_id: str, step: int = 0, 
     `credentials` (mutual TLS) the bulk port is used only with `bulk_tls`
     (security.ssl_client_context). With `into`, the data lands in the buffer it gives
     (straight from the socket over the bulk port; copied there after a gRPC fetch). Once
-    `cancelled` is set, the transfer under way ends with bulk.FetchCancelled."""
+    `cancelled` is set, the transfer under way ends with bulk.FetchCancelled. With
+    `checked_by_fetcher` (the caller checks the snapshot's own checksums once it is in),
+    the bulk port's whole-stream CRC-32 is skipped on both sides."""
     reasons: list[str] = []
     request = pb.FetchRequest(job_id=job_id, worker_id=worker_id, step=step,
-                              chunk_bytes=chunk_bytes)
+                              chunk_bytes=chunk_bytes, checked_by_fetcher=checked_by_fetcher)
     for address in addresses:
         channel = channel_to(address, credentials)
         stub = pb_grpc.SnapshotPeerStub(channel)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17splice/proto/peer.proto\x12\tsplice.v1\"\x8a\x01\n\x0eSnapshotHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x12\n\nmeta_bytes\x18\x05 \x01(\x04\x12\x12\n\ndata_bytes\x18\x06 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\r\"g\n\rSnapshotChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.splice.v1.SnapshotHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"5\n\x07PushAck\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x12\n\nbytes_held\x18\x02 \x01(\x04\"T\n\x0c\x46\x65tchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\"\x1d\n\x0bListRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"i\n\x07Holding\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\x12\x0f\n\x07replica\x18\x06 \x01(\x08\"\x87\x01\n\x08Holdings\x12$\n\x08holdings\x18\x01 \x03(\x0b\x32\x12.splice.v1.Holding\x12\x12\n\nbytes_held\x18\x02 \x01(\x04\x12\x18\n\x10\x62ytes_in_transit\x18\x03 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x04 \x01(\x04\x12\x11\n\tbulk_port\x18\x05 \x01(\r\"V\n\tBulkReply\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.splice.v1.SnapshotHeader\x12\x0f\n\x07refusal\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t2\xb9\x01\n\x0cSnapshotPeer\x12\x36\n\x04Push\x12\x18.splice.v1.SnapshotChunk\x1a\x12.splice.v1.PushAck(\x01\x12<\n\x05\x46\x65tch\x12\x17.splice.v1.FetchRequest\x1a\x18.splice.v1.SnapshotChunk0\x01\x12\x33\n\x04List\x12\x16.splice.v1.ListRequest\x1a\x13.splice.v1.Holdingsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17splice/proto/peer.proto\x12\tsplice.v1\"\x8a\x01\n\x0eSnapshotHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x12\n\nmeta_bytes\x18\x05 \x01(\x04\x12\x12\n\ndata_bytes\x18\x06 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\r\"g\n\rSnapshotChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.splice.v1.SnapshotHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"5\n\x07PushAck\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x12\n\nbytes_held\x18\x02 \x01(\x04\"p\n\x0c\x46\x65tchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\x12\x1a\n\x12\x63hecked_by_fetcher\x18\x05 \x01(\x08\"\x1d\n\x0bListRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"i\n\x07Holding\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\x12\x0f\n\x07replica\x18\x06 \x01(\x08\"\x87\x01\n\x08Holdings\x12$\n\x08holdings\x18\x01 \x03(\x0b\x32\x12.splice.v1.Holding\x12\x12\n\nbytes_held\x18\x02 \x01(\x04\x12\x18\n\x10\x62ytes_in_transit\x18\x03 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x04 \x01(\x04\x12\x11\n\tbulk_port\x18\x05 \x01(\r\"V\n\tBulkReply\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.splice.v1.SnapshotHeader\x12\x0f\n\x07refusal\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t2\xb9\x01\n\x0cSnapshotPeer\x12\x36\n\x04Push\x12\x18.splice.v1.SnapshotChunk\x1a\x12.splice.v1.PushAck(\x01\x12<\n\x05\x46\x65tch\x12\x17.splice.v1.FetchRequest\x1a\x18.splice.v1.SnapshotChunk0\x01\x12\x33\n\x04List\x12\x16.splice.v1.ListRequest\x1a\x13.splice.v1.Holdingsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,15 +38,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUSHACK']._serialized_start=284
   _globals['_PUSHACK']._serialized_end=337
   _globals['_FETCHREQUEST']._serialized_start=339
-  _globals['_FETCHREQUEST']._serialized_end=423
-  _globals['_LISTREQUEST']._serialized_start=425
-  _globals['_LISTREQUEST']._serialized_end=454
-  _globals['_HOLDING']._serialized_start=456
-  _globals['_HOLDING']._serialized_end=561
-  _globals['_HOLDINGS']._serialized_start=564
-  _globals['_HOLDINGS']._serialized_end=699
-  _globals['_BULKREPLY']._serialized_start=701
-  _globals['_BULKREPLY']._serialized_end=787
-  _globals['_SNAPSHOTPEER']._serialized_start=790
-  _globals['_SNAPSHOTPEER']._serialized_end=975
+  _globals['_FETCHREQUEST']._serialized_end=451
+  _globals['_LISTREQUEST']._serialized_start=453
+  _globals['_LISTREQUEST']._serialized_end=482
+  _globals['_HOLDING']._serialized_start=484
+  _globals['_HOLDING']._serialized_end=589
+  _globals['_HOLDINGS']._serialized_start=592
+  _globals['_HOLDINGS']._serialized_end=727
+  _globals['_BULKREPLY']._serialized_start=729
+  _globals['_BULKREPLY']._serialized_end=815
+  _globals['_SNAPSHOTPEER']._serialized_start=818
+  _globals['_SNAPSHOTPEER']._serialized_end=1003
 # @@protoc_insertion_point(module_scope)

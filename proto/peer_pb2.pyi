@@ -45,16 +45,18 @@ class PushAck(_message.Message):
     def __init__(self, bytes_received: _Optional[int] = ..., bytes_held: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("job_id", "worker_id", "step", "chunk_bytes")
+    __slots__ = ("job_id", "worker_id", "step", "chunk_bytes", "checked_by_fetcher")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_BY_FETCHER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     worker_id: str
     step: int
     chunk_bytes: int
-    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., step: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    checked_by_fetcher: bool
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., step: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., checked_by_fetcher: _Optional[bool] = ...) -> None: ...
 
 class ListRequest(_message.Message):
     __slots__ = ("job_id",)

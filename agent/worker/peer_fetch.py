@@ -85,7 +85,9 @@ class _Prefetch:
                                             connect_timeout_s=2.0,
                                             credentials=credentials,
                                             bulk_tls=bulk_tls, into=into,
-                                            cancelled=self._cancelled)
+                                            cancelled=self._cancelled,
+                                            # verified in _fetch_state before any use
+                                            checked_by_fetcher=True)
                 incoming.finish()
             except (replication.ReplicationError, slotmeta.SlotUnreadable, OSError,
                     RecoveryFailed):
@@ -199,7 +201,8 @@ class PeerFetch:
             attempts.append((h, lambda h=h: replication.fetch(
                 [h.address], self.config.job_id, h.worker_id, step,
                 timeout_s=self.config.recovery_timeout_s, connect_timeout_s=5.0,
-                credentials=credentials, bulk_tls=bulk_tls, into=incoming.into)))
+                credentials=credentials, bulk_tls=bulk_tls, into=incoming.into,
+                checked_by_fetcher=True)))  # verified below, before any use
         for h, get in attempts:
             t0 = time.perf_counter()
             try:
