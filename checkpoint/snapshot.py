@@ -216,6 +216,7 @@ class _Slot:
     others: dict[int, torch.Tensor] = field(default_factory=dict)  # walk index: off-CPU
     recorded: dict[int, int] | cf.Future[dict[int, int]] | None = None  # others' checksums
     shared: bool = False  # its layout's buffer is a file in the ring's directory
+    verified: bool = False  # passed a whole `verify` since it was taken or adopted
     pending: Any = None  # device_copy.PendingCopy: GPU copies still in flight
 
 
@@ -281,7 +282,7 @@ class SnapshotRing:
             slot = self._slots[found.index]
             slot.step, slot.tree, slot.layout = found.step, tree, layout
             slot.num_bytes, slot.others, slot.recorded = tensor_bytes(tree), {}, {}
-            slot.shared = True
+            slot.shared, slot.verified = True, False
             self.adopted_from = found.owner
         return self.steps()
 
@@ -300,6 +301,7 @@ class SnapshotRing:
 
     def _forget(self, slot: _Slot) -> None:
         slot.step = -1
+        slot.verified = False
         if slot.pending is not None:  # let the copy land before the slot is reused
             slot.pending.wait()
             slot.pending = None
@@ -551,11 +553,16 @@ class SnapshotRing:
         return {path: s for (path, _), s in zip(_tensors(slot.tree), self._recorded(slot),
                                                 strict=True)}
 
-    def verify(self, step: int, keep: Callable[[str], bool] | None = None) -> None:
+    def verify(self, step: int, keep: Callable[[str], bool] | None = None, *,
+               again: bool = True) -> None:
         """Check the held snapshot of `step` in place, e.g. before sending it to a peer;
         SnapshotCorrupt (and the snapshot forgotten) if any tensor changed. With `keep`,
-        only the tensors whose dotted path it accepts."""
+        only the tensors whose dotted path it accepts. `again=False`: nothing to do if the
+        whole snapshot passed a check since it was taken or adopted (a snapshot fetched or
+        offered moments ago, about to be loaded)."""
         slot = self._slot(step)
+        if slot.verified and not again:
+            return
         recorded = self._recorded(slot)
         assert slot.layout is not None
         if keep is not None:
@@ -570,6 +577,7 @@ class SnapshotRing:
                             strict=True):
             now[i] = value
         self._check(slot, recorded, now)
+        slot.verified = True
 
     def buffers(self, step: int) -> dict[str, torch.Tensor]:
         """The ring's own tensors of the snapshot of `step`, by path, not copies: to send

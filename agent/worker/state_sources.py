@@ -69,10 +69,11 @@ class StateSources:
         """The snapshot of `step`, checked, for `_load`: the model's tensors are the ring's
         own (loading copies them into the model's), the rest private copies (the optimizer
         keeps the tensors it is given). One copy of the model's bytes fewer than
-        `restore`."""
+        `restore`. The model's tensors are not checked again if the whole snapshot was
+        since it was taken or adopted (a fetched one, or one offered to the recovery)."""
         ring = self._snapshots
         snap = ring.restore(step, keep=lambda path: not path.startswith("model."))
-        ring.verify(step, keep=lambda path: path.startswith("model."))
+        ring.verify(step, keep=lambda path: path.startswith("model."), again=False)
         held = ring.buffers(step)
         snap["model"] = {k: held[f"model.{k}"] if v is None else v
                          for k, v in snap["model"].items()}
