@@ -289,15 +289,17 @@ class SnapshotRing:
     def close(self) -> None:
         """Finish the copies in flight (committing their snapshots) and release the slot
         files' descriptors (the snapshots stay where they are)."""
-        self.synchronize()
-        if self._helper is not None:
-            self._helper.shutdown()
-            self._helper = None
-        for slot in self._slots:
-            if slot.layout is not None:
-                slot.layout.release()
-        if self._files is not None:
-            self._files.close()
+        try:
+            self.synchronize()
+        finally:
+            if self._helper is not None:
+                self._helper.shutdown()
+                self._helper = None
+            for slot in self._slots:
+                if slot.layout is not None:
+                    slot.layout.release()
+            if self._files is not None:
+                self._files.close()
 
     def _forget(self, slot: _Slot) -> None:
         slot.step = -1
@@ -425,9 +427,13 @@ class SnapshotRing:
             self._capture_now(step, state(), frozenset(), False)
 
     def _wait_background(self) -> None:
-        if self._async is not None:
-            pending, self._async = self._async, None
-            pending.result()
+        pending = self._async
+        if pending is not None:
+            try:
+                pending.result()  # raises what the capture raised, once
+            finally:
+                if pending.done():  # not when the wait itself was interrupted
+                    self._async = None
 
     def _run_later(self) -> None:
         """Finish a capture in background; run a capture whose state was to be built at

@@ -118,12 +118,16 @@ def test_the_commit_carries_the_epoch_the_capture_began_in(tmp_path: Path) -> No
         ring.close()
 
 
-def _session() -> Any:
+def _session(shared_norm: bool = False, before_register: Any = None) -> Any:
     torch.manual_seed(0)
     # BatchNorm's statistics change in the forward pass, dropout draws from the RNG: both
-    # happen while the helper thread builds the snapshot of the step's start.
-    model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.Dropout(0.2), nn.ReLU(),
-                          nn.Linear(32, 1))
+    # happen while the helper thread builds the snapshot of the step's start. With
+    # `shared_norm` one BatchNorm is used at two places (its buffers under two names).
+    norm = nn.BatchNorm1d(32)
+    layers = [nn.Linear(8, 32), norm, nn.Dropout(0.2), nn.ReLU()]
+    if shared_norm:
+        layers += [nn.Linear(32, 32), norm]
+    model = nn.Sequential(*layers, nn.Linear(32, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     data = [(torch.randn(8), torch.randn(1)) for _ in range(64)]
 
@@ -132,24 +136,53 @@ def _session() -> Any:
         return (m(x) - y).square().mean()
 
     session = splice.init()
+    if before_register is not None:
+        before_register(session)
     session.register(model=model, optimizer=opt, dataset=data, loss_fn=loss_fn,
                      global_batch_size=16, micro_batch_size=8, seed=3)
     return session
 
 
-def test_the_session_snapshots_the_state_at_the_steps_start() -> None:
-    session = _session()
+@pytest.mark.parametrize("shared_norm", [False, True], ids=["plain", "shared-batchnorm"])
+def test_the_session_snapshots_the_state_at_the_steps_start(shared_norm: bool) -> None:
+    session = _session(shared_norm)
     helper: list[int] = []
     ring = session._snapshots
     off_thread = ring._capture_off_thread
+    forward_done = threading.Event()
+    optimizer_called = threading.Event()
+    finished: list[bool] = []
 
     def spy(*args: Any) -> None:
         helper.append(threading.get_ident())
+        # Held until the step's forward and backward passes are done (the overlap, made
+        # certain), then given the chance to be overtaken by the optimizer step.
+        assert forward_done.wait(JOIN_S)
+        optimizer_called.wait(0.3)
         off_thread(*args)
+        finished.append(True)
+
+    forward_backward = session._forward_backward
+    step_fn = session.optimizer.step
+
+    def forward_then_release() -> Any:
+        out = forward_backward()
+        forward_done.set()
+        return out
+
+    def optimizer_step(*args: Any, **kwargs: Any) -> Any:
+        optimizer_called.set()
+        assert finished, "the optimizer step ran before the snapshot had read the state"
+        return step_fn(*args, **kwargs)
 
     ring._capture_off_thread = spy  # type: ignore[method-assign]
+    session._forward_backward = forward_then_release  # type: ignore[method-assign]
+    session.optimizer.step = optimizer_step  # type: ignore[method-assign]
     try:
-        for _ in range(4):
+        for _ in range(3):
+            forward_done.clear()
+            optimizer_called.clear()
+            finished.clear()
             step = session.step
             model = {k: v.clone() for k, v in session.model.state_dict().items()}
             opt = session.optimizer.state_dict()["state"]
@@ -166,8 +199,41 @@ def test_the_session_snapshots_the_state_at_the_steps_start() -> None:
             assert snap["rng"]["python"].value == py_rng
             assert snap["step"] == step and snap["samples_seen"] == step * 16
             # The step changed what the snapshot kept: the buffers, the parameters.
-            assert not torch.equal(session.model.state_dict()["1.running_mean"],
-                                   snap["model"]["1.running_mean"])
-        assert len(helper) == 4 and threading.get_ident() not in helper
+            for name in ["1.running_mean"] + (["5.running_mean"] if shared_norm else []):
+                assert not torch.equal(session.model.state_dict()[name],
+                                       snap["model"][name]), name
+        assert len(helper) == 3 and threading.get_ident() not in helper
     finally:
+        forward_done.set()
+        session.close()
+
+
+def test_register_returns_once_the_first_snapshot_has_read_the_state() -> None:
+    """What the caller does right after `register()` (load weights, build a scheduler)
+    is not in the snapshot of step 0."""
+    changed = threading.Event()
+    at_register: dict[str, torch.Tensor] = {}
+
+    def hold_the_helper(session: Any) -> None:
+        ring = session._snapshots
+        off_thread = ring._capture_off_thread
+
+        def held(*args: Any) -> None:
+            changed.wait(0.3)  # a register() that did not wait: the change lands first
+            off_thread(*args)
+
+        ring._capture_off_thread = held
+
+    session = _session(before_register=hold_the_helper)
+    try:
+        at_register.update({k: v.clone() for k, v in session.model.state_dict().items()})
+        with torch.no_grad():
+            for p in session.model.parameters():
+                p.add_(1.0)
+        changed.set()
+        snap = session._snapshots.restore(0)
+        for k, v in at_register.items():
+            assert torch.equal(snap["model"][k], v), k
+    finally:
+        changed.set()
         session.close()

@@ -367,10 +367,12 @@ class Session(StateSources, PeerFetch, GradientWork):
                            time.monotonic() + self.config.recovery_timeout_s)
                 if self._pending_state is None:
                     break
-            return
-        # Snapshot of step 0 exists before any collective, so a fault during the first
-        # step still leaves every member a common step to resume from.
-        self._capture(0)
+        else:
+            # Snapshot of step 0 exists before any collective, so a fault during the first
+            # step still leaves every member a common step to resume from.
+            self._capture(0)
+        # The capture has read the state before the caller's code can change it.
+        self._snapshots.wait_copied()
 
     def _state(self) -> dict[str, Any]:
         """The state now, its tensors the live ones."""
@@ -416,8 +418,14 @@ class Session(StateSources, PeerFetch, GradientWork):
         states, the sharded optimizer's membership, and the model's buffers (a forward
         pass may update them in place), cloned (`cuda`: only the CUDA ones, on the GPU;
         the others are read at the call); the function, and those clones."""
-        clones = {name: b.clone() for name, b in self.model.named_buffers()
-                  if b.is_cuda or not cuda}
+        clones: dict[str, torch.Tensor] = {}
+        by_tensor: dict[int, torch.Tensor] = {}  # a module used twice: one clone, two names
+        for name, b in self.model.named_buffers(remove_duplicate=False):
+            if b.is_cuda or not cuda:
+                clone = by_tensor.get(id(b))
+                if clone is None:
+                    clone = by_tensor[id(b)] = b.clone()
+                clones[name] = clone
         volatile = self._volatile_state(step)
 
         def state() -> dict[str, Any]:
@@ -539,6 +547,8 @@ class Session(StateSources, PeerFetch, GradientWork):
         log.warning("worker %s: step %d interrupted (%s); recovering", self.worker_id,
                     self.step, why)
         self._join(why, time.monotonic() + self.config.recovery_timeout_s)
+        # A capture the recovery began has read the state before the caller's code runs.
+        self._snapshots.wait_copied()
         self.recoveries += 1
         log.info("worker %s: recovered in %.3f s", self.worker_id, time.monotonic() - t0)
 
@@ -569,7 +579,10 @@ class Session(StateSources, PeerFetch, GradientWork):
 
     def close(self) -> None:
         """Tell the agent this worker finished training (not a fault) and disconnect."""
-        self._snapshots.synchronize()  # the last GPU snapshot lands in shared memory
+        try:
+            self._snapshots.synchronize()  # the last GPU snapshot lands in shared memory
+        except Exception as e:  # a failed capture must not keep the agent from knowing
+            log.error("worker %s: the last snapshot failed: %s", self.worker_id, e)
         link, self._link = self._link, None
         if link is not None:
             try:

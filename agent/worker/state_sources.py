@@ -372,8 +372,13 @@ class StateSources:
         worker holds intact, or has a peer send it one."""
         from splice.checkpoint.snapshot import SnapshotCorrupt
 
+        try:
+            held = self._snapshots.steps()
+        except Exception as e:  # the interrupted step's capture failed: it is not held
+            log.error("worker %s: the last snapshot failed: %s", self.worker_id, e)
+            held = self._snapshots.steps()
         intact = []
-        for step in self._snapshots.steps():
+        for step in held:
             try:
                 self._snapshots.verify(step)
             except SnapshotCorrupt as e:
