@@ -151,6 +151,14 @@ class Session(StateSources, PeerFetch, GradientWork):
         self._members: tuple[str, ...] = ()
         self._zero_replica: dict[str, Any] | None = None
         self._zero_held: tuple[dict[str, Any], dict[str, Any]] | None = None
+        if link is not None:
+            # What fetching a peer's snapshot needs, imported now rather than in the
+            # middle of a recovery (gRPC and the peer protocol: ~0.15 s on an idle core,
+            # which delayed a replacement's prefetch by as much).
+            import splice.agent.replication  # noqa: F401
+            import splice.checkpoint.slotmeta  # noqa: F401
+            import splice.controller.membership  # noqa: F401
+            import splice.security  # noqa: F401
 
     # ---- membership ---------------------------------------------------------------------
     @property
