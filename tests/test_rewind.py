@@ -19,11 +19,16 @@ from splice.agent.worker.session import Session
 from splice.checkpoint.snapshot import SnapshotCorrupt, SnapshotRing
 
 
-def _session() -> Session:
+def _session(shared_norm: bool = False, before_register: Any = None) -> Session:
     torch.manual_seed(0)
-    # BatchNorm's statistics change in the forward pass, dropout draws from the RNG.
-    model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.Dropout(0.2), nn.ReLU(),
-                          nn.Linear(32, 1))
+    # BatchNorm's statistics change in the forward pass, dropout draws from the RNG. With
+    # `shared_norm` one BatchNorm is used at two places (its buffers under two names);
+    # `before_register(session)` runs between init() and register().
+    norm = nn.BatchNorm1d(32)
+    layers = [nn.Linear(8, 32), norm, nn.Dropout(0.2), nn.ReLU()]
+    if shared_norm:
+        layers += [nn.Linear(32, 32), norm]
+    model = nn.Sequential(*layers, nn.Linear(32, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     data = [(torch.randn(8), torch.randn(1)) for _ in range(64)]
 
@@ -32,6 +37,8 @@ def _session() -> Session:
         return (m(x) - y).square().mean()
 
     session = splice.init()
+    if before_register is not None:
+        before_register(session)
     session.register(model=model, optimizer=opt, dataset=data, loss_fn=loss_fn,
                      global_batch_size=16, micro_batch_size=8, seed=3)
     return session

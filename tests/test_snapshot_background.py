@@ -14,12 +14,11 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
-import splice
 from splice.checkpoint import slotmeta
 from splice.checkpoint.snapshot import SnapshotRing
 
+from .test_rewind import _session
 from .test_snapshot import assert_same, make_state, tensors
 
 JOIN_S = 10.0
@@ -116,31 +115,6 @@ def test_the_commit_carries_the_epoch_the_capture_began_in(tmp_path: Path) -> No
     finally:
         release.set()
         ring.close()
-
-
-def _session(shared_norm: bool = False, before_register: Any = None) -> Any:
-    torch.manual_seed(0)
-    # BatchNorm's statistics change in the forward pass, dropout draws from the RNG: both
-    # happen while the helper thread builds the snapshot of the step's start. With
-    # `shared_norm` one BatchNorm is used at two places (its buffers under two names).
-    norm = nn.BatchNorm1d(32)
-    layers = [nn.Linear(8, 32), norm, nn.Dropout(0.2), nn.ReLU()]
-    if shared_norm:
-        layers += [nn.Linear(32, 32), norm]
-    model = nn.Sequential(*layers, nn.Linear(32, 1))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    data = [(torch.randn(8), torch.randn(1)) for _ in range(64)]
-
-    def loss_fn(m: nn.Module, batch: Any) -> torch.Tensor:
-        x, y = batch
-        return (m(x) - y).square().mean()
-
-    session = splice.init()
-    if before_register is not None:
-        before_register(session)
-    session.register(model=model, optimizer=opt, dataset=data, loss_fn=loss_fn,
-                     global_batch_size=16, micro_batch_size=8, seed=3)
-    return session
 
 
 @pytest.mark.parametrize("shared_norm", [False, True], ids=["plain", "shared-batchnorm"])
