@@ -440,6 +440,12 @@ class SnapshotRing:
         self._check(slot, recorded, now)
         slot.verified = True
 
+    def forget_checks(self) -> None:
+        """Have the next `verify(..., again=False)` check for real: the snapshots were
+        checked a while ago (e.g. before the caller built its model)."""
+        for slot in self._slots:
+            slot.verified = False
+
     def buffers(self, step: int) -> dict[str, torch.Tensor]:
         """The ring's own tensors of the snapshot of `step`, by path, not copies: to send
         without copying (after `verify`). Writing to them corrupts the snapshot."""

@@ -92,3 +92,19 @@ def test_loading_a_verified_snapshot_reads_the_models_bytes_once(
     assert summed == [4]  # the optimizer's copy only
     assert torch.equal(snap["model"]["w"], torch.arange(8.0))
     assert torch.equal(snap["optimizer"]["m"], torch.ones(4))
+
+
+def test_forgetting_the_checks_makes_the_next_one_real() -> None:
+    """A joining worker's state, checked on arrival, is checked again at load once the
+    model has been built (`register()`), however long that took."""
+    ring = SnapshotRing()
+    try:
+        ring.capture(0, make_state(0))
+        ring.verify(0)
+        flip(ring, 0)
+        ring.verify(0, again=False)  # trusted: checked since it was taken
+        ring.forget_checks()
+        with pytest.raises(SnapshotCorrupt):
+            ring.verify(0, again=False)
+    finally:
+        ring.close()

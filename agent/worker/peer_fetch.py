@@ -210,6 +210,7 @@ class PeerFetch:
                 checked_by_fetcher=True)))  # verified below, before any use
         for h, get in attempts:
             t0 = time.perf_counter()
+            ring = None
             try:
                 got = get()
                 staged = getattr(h, "staged", None)
@@ -228,6 +229,9 @@ class PeerFetch:
             except (replication.ReplicationError, slotmeta.SlotUnreadable,
                     SnapshotCorrupt, OSError) as e:
                 incoming.close()
+                if ring is not None:  # renamed in, and refused: nothing of it is kept
+                    ring.close()
+                    shutil.rmtree(directory, ignore_errors=True)
                 if getattr(h, "staged", None):  # the prefetched one: not renamed in
                     shutil.rmtree(h.staged, ignore_errors=True)
                 log.warning("worker %s: fetching the step-%d snapshot of %s from %s failed "
@@ -239,9 +243,10 @@ class PeerFetch:
             old.close()
             # Unmapping its slots (a predecessor's, ~50 ms for 200 MB on busy cores) is
             # left to a thread of its own, beside the load that follows.
-            threading.Thread(target=_drop, args=(old,), name="splice-retire-ring",
-                             daemon=True).start()
-            del old
+            retire = threading.Thread(target=_drop, args=(old,), name="splice-retire-ring",
+                                      daemon=True)
+            del old  # before the start: the thread must hold the last reference
+            retire.start()
             replica = getattr(h, "replica", False)
             self._state_source = (f"{h.worker_id}'s replica at {h.address}" if replica
                                   else f"{h.worker_id} memory")

@@ -365,7 +365,9 @@ class Session(StateCapture, StateSources, PeerFetch, GradientWork):
             self.ddp = wrap_ddp(model, self.group)
         self._registered = True
         if self._pending_state is not None:
-            # Joined a running job: the state comes from a peer's memory.
+            # Joined a running job: the state comes from a peer's memory. Checked when it
+            # arrived, it is checked again: building the model may have taken a while.
+            self._snapshots.forget_checks()
             while not self._receive_state():
                 self._join("receiving the joining state failed",
                            time.monotonic() + self.config.recovery_timeout_s)
